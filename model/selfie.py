@@ -1,0 +1,132 @@
+"""Selfie (Trinh, Luong, Le 2019): patch network P, attention pooling A, positional embeddings, the loss.
+
+Forward, for a group-major patch tensor (see `pipeline.patches`):
+  h = P(all patches)                      one call, (B * N, D)
+  u = A(h_context + pos(context))         (B, D); the position term can be switched off
+  v_j = u + pos(j)                        for every masked position j of the image
+  logits[b, j, k] = v_j . h_k             over the masked patches k of the *same* image
+  loss = cross-entropy(logits, k = j), averaged over all masked positions of the batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention_pool import AttentionPooling
+from model.resnet_v2 import ResNetV2, resnet36_v2
+from pipeline.patches import split_context_masked
+
+POSITION_KINDS = ("auto", "full", "rowcol")
+# Grids up to this side learn one vector per position (4x4 on 32x32 images, paper §2.2); larger
+# grids learn row + column vectors (7 + 7 on 224x224 instead of 49).
+FULL_POSITION_MAX_GRID = 4
+
+
+class PositionEmbedding(nn.Module):
+    """Learned embeddings of row-major grid positions: (...) int64 -> (..., D)."""
+
+    def __init__(self, grid: int, dim: int, kind: str = "auto") -> None:
+        super().__init__()
+        if kind not in POSITION_KINDS:
+            raise ValueError(f"position embedding kind must be one of {POSITION_KINDS}, got {kind!r}")
+        if kind == "auto":
+            kind = "full" if grid <= FULL_POSITION_MAX_GRID else "rowcol"
+        self.grid = grid
+        self.kind = kind
+        if kind == "full":
+            self.table = nn.Parameter(torch.empty(grid * grid, dim))
+        else:
+            self.rows = nn.Parameter(torch.empty(grid, dim))
+            self.cols = nn.Parameter(torch.empty(grid, dim))
+        for param in self.parameters():
+            nn.init.trunc_normal_(param, std=0.02)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        if self.kind == "full":
+            return self.table[positions]
+        return self.rows[positions // self.grid] + self.cols[positions % self.grid]
+
+
+class SelfieOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, mean cross-entropy over all masked positions of the batch
+    accuracy: torch.Tensor  # scalar, fraction of masked positions whose own patch scores highest
+    logits: torch.Tensor  # (B, Nm, Nm) fp32: row j = query of masked slot j, column k = candidate patch k
+
+
+def patch_selection_loss(queries: torch.Tensor, candidates: torch.Tensor) -> SelfieOutput:
+    """queries v (B, Nm, D), candidates h (B, Nm, D), both in masked-slot order -> loss and accuracy.
+
+    Computed in fp32 whatever the autocast state: the logits are a tiny batched matmul, and
+    full-precision softmax keeps the loss exact under bf16/fp16 training.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        logits = torch.bmm(queries.float(), candidates.float().transpose(1, 2))
+    batch, num_masked, _ = logits.shape
+    targets = torch.arange(num_masked, device=logits.device).expand(batch, num_masked)
+    loss = F.cross_entropy(logits.reshape(-1, num_masked), targets.reshape(-1))
+    accuracy = (logits.argmax(dim=-1) == targets).float().mean()
+    return SelfieOutput(loss, accuracy, logits)
+
+
+class Selfie(nn.Module):
+    def __init__(
+        self,
+        patch_net: ResNetV2,
+        grid: int,
+        attn_layers: int = 3,
+        attn_intermediate: int = 640,
+        attn_heads: int = 32,
+        attn_dropout: float = 0.1,
+        position_kind: str = "auto",
+        position_on_context: bool = True,
+    ) -> None:
+        super().__init__()
+        self.patch_net = patch_net
+        dim = patch_net.num_features
+        self.position = PositionEmbedding(grid, dim, position_kind)
+        self.pool = AttentionPooling(dim, attn_layers, attn_intermediate, attn_heads, attn_dropout)
+        self.position_on_context = position_on_context
+
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(M, C, p, p) -> (M, D): P, then spatial average pooling."""
+        return self.patch_net.forward_features(patches).mean(dim=(2, 3))
+
+    def forward(
+        self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor
+    ) -> SelfieOutput:
+        """patches (B * N, C, p, p) group-major; context_pos (B, Nc) and masked_pos (B, Nm) int64."""
+        batch, num_context = context_pos.shape
+        context, masked = split_context_masked(self.embed_patches(patches), batch, num_context)
+        if self.position_on_context:
+            context = context + self.position(context_pos).to(context.dtype)
+        u = self.pool(context)
+        queries = u.unsqueeze(1) + self.position(masked_pos).to(u.dtype)
+        return patch_selection_loss(queries, masked)
+
+
+def build_selfie(
+    width: float = 1.0,
+    stem: str = "small",
+    grid: int = 4,
+    attn_layers: int = 3,
+    attn_intermediate: int = 640,
+    attn_heads: int = 32,
+    attn_dropout: float = 0.1,
+    position_kind: str = "auto",
+    position_on_context: bool = True,
+) -> Selfie:
+    """Selfie with P = ResNet-36 v2 (paper: width 1, 1024-d patch vectors, A of 3 blocks, 32 heads)."""
+    return Selfie(
+        resnet36_v2(width=width, stem=stem),
+        grid,
+        attn_layers,
+        attn_intermediate,
+        attn_heads,
+        attn_dropout,
+        position_kind,
+        position_on_context,
+    )

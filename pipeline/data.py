@@ -1,0 +1,304 @@
+"""Data sources and the torch `DataLoader` backend.
+
+The batch contract, shared by every loader backend: an iterator of `Batch` whose `images` are uint8
+(B, 3, S, S), contiguous NCHW, already augmented (crop, flip) and at the training resolution S, with
+int64 `labels` and dataset `indices` (B,), on the training device. Normalisation, gridding and masking
+happen after, in `pipeline.patches` (or a fused op that equals it).
+
+Sharding: each optimizer step consumes one *global* batch of B * world images, drawn without
+replacement from a per-epoch permutation; rank r takes the r-th contiguous B of them. An epoch is
+floor(len / (B * world)) steps (the remainder is dropped so every rank sees equally many batches), and
+step s of the run always reads the same images whatever the worker count, so a resumed run continues
+on exactly the images it would have read.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.augment import pad_crop_flip, random_resized_crop_box
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_FILE = "test_batch"
+SPLITS = ("train", "test")
+AUGMENTS = ("pad_crop_flip", "random_resized_crop", "none")
+DECODE_ERRORS = (OSError, ValueError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
+# Give up on a batch after this many unreadable files in a row: the data set is broken, not noisy.
+MAX_CONSECUTIVE_BAD_FILES = 32
+
+
+class DataError(ValueError):
+    """A data set that cannot be read as asked; the message names the path and what was expected."""
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # uint8 (B, 3, S, S)
+    labels: torch.Tensor  # int64 (B,)
+    indices: torch.Tensor  # int64 (B,) positions in the source, for identity checks and pictures
+    skipped: tuple[str, ...] = ()  # unreadable files replaced in this batch: "path: error"
+
+
+class FolderSource:
+    """ImageNet layout: one sub-folder per class holding image files; classes sorted by name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        files: list[str] = []
+        labels: list[int] = []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, filenames in os.walk(root / name):
+                for filename in sorted(filenames):
+                    if filename.lower().endswith(IMAGE_EXTENSIONS):
+                        files.append(os.path.join(dirpath, filename))
+                        labels.append(label)
+        if not files:
+            raise DataError(
+                f"{root}: no image files found; expected class sub-folders holding "
+                f"{'/'.join(e.lstrip('.') for e in IMAGE_EXTENSIONS[:3])} files (ImageNet layout) "
+                "or CIFAR-10 python batches"
+            )
+        self.files = files
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def name(self, index: int) -> str:
+        return self.files[index]
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as image:
+            return image.convert("RGB")
+
+
+class CifarSource:
+    """CIFAR-10 "python version": pickled batches of 10,000 rows of 3072 uint8 (R, G, B planes)."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        self.root = root
+        names = CIFAR_TRAIN_FILES if split == "train" else (CIFAR_TEST_FILE,)
+        missing = [name for name in names if not (root / name).is_file()]
+        if missing:
+            raise DataError(f"{root}: CIFAR-10 folder lacks {', '.join(missing)} (needed for split {split!r})")
+        images, labels = [], []
+        for name in names:
+            try:
+                with open(root / name, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.extend(batch[b"labels"])
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
+                raise DataError(f"{root / name}: not a readable CIFAR-10 python batch ({error})") from error
+        self.images = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # NHWC
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        return f"{self.root}[{index}]"
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+Source = FolderSource | CifarSource
+
+
+def open_source(path: str | os.PathLike, split: str = "train") -> Source:
+    """A CIFAR-10 python folder, or an ImageNet-layout folder (its `train/` or `val/` when present)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    root = Path(path)
+    if not root.exists():
+        raise DataError(f"--data {root}: no such file or folder")
+    if not root.is_dir():
+        raise DataError(f"--data {root}: expected a folder (ImageNet layout or CIFAR-10 python batches)")
+    if (root / CIFAR_TRAIN_FILES[0]).exists() or (root / CIFAR_TEST_FILE).exists():
+        return CifarSource(root, split)
+    if split == "train":
+        return FolderSource(root / "train" if (root / "train").is_dir() else root)
+    for name in ("val", "test"):
+        if (root / name).is_dir():
+            return FolderSource(root / name)
+    raise DataError(f"--data {root}: no test split; expected a val/ or test/ folder beside train/")
+
+
+def check_readable(source: Source, probes: int = 16) -> None:
+    """Fail fast when a folder holds image-named files none of which decode."""
+    if isinstance(source, CifarSource):
+        return
+    picks = np.linspace(0, len(source) - 1, num=min(probes, len(source))).round().astype(int)
+    errors = []
+    for index in picks:
+        try:
+            source.load(int(index))
+            return
+        except DECODE_ERRORS as error:
+            errors.append(f"{source.name(int(index))}: {error}")
+    raise DataError(f"{source.root}: no readable image among {len(picks)} probed files; first: {errors[0]}")
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    step: int
+    indices: tuple[int, ...]
+    seed: int  # drives this batch's augmentation, whichever worker builds it
+
+
+# Streams of derived seeds; a seed is derive_seed(run seed, stream, ...) so no two uses collide.
+EPOCH_ORDER_STREAM, AUGMENT_STREAM, MASK_STREAM = 1, 2, 3
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed that depends on every key (non-negative ints); stable across runs and machines."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
+class ShardedBatchSampler:
+    """Endless `BatchSpec`s for one rank, from `start_step` on; see the module docstring."""
+
+    def __init__(
+        self, num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, start_step: int = 0
+    ) -> None:
+        global_batch = batch_size * world_size
+        if num_samples < global_batch:
+            raise DataError(
+                f"the data set has {num_samples} images, fewer than one global batch of {global_batch} "
+                f"({batch_size} per process x {world_size} processes); lower --batch-size"
+            )
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_step = start_step
+        self.steps_per_epoch = num_samples // global_batch
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, EPOCH_ORDER_STREAM, epoch))
+        return torch.randperm(self.num_samples, generator=generator)
+
+    def __iter__(self) -> Iterator[BatchSpec]:
+        step = self.start_step
+        epoch, order = -1, None
+        while True:
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                order = self.epoch_order(epoch)
+            start = (step % self.steps_per_epoch) * self.batch_size * self.world_size
+            start += self.rank * self.batch_size
+            indices = tuple(order[start : start + self.batch_size].tolist())
+            yield BatchSpec(step, indices, derive_seed(self.seed, AUGMENT_STREAM, step, self.rank))
+            step += 1
+
+
+class BatchAssembler(torch.utils.data.Dataset):
+    """Builds one whole `Batch` from a `BatchSpec` inside a loader worker. The ops, in order:
+
+    1. decode each file to RGB (an unreadable one is replaced by the next readable index and reported);
+    2. per image: random resized crop + flip to S (`random_resized_crop`), or resize to S x S if needed;
+    3. stack into uint8 (B, 3, S, S);
+    4. batched zero-pad + random crop + flip (`pad_crop_flip`).
+    """
+
+    def __init__(self, source: Source, image_size: int, augment: str, pad: int = 4,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), fail_on_corrupt: bool = False) -> None:
+        if augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
+        self.source = source
+        self.image_size = image_size
+        self.augment = augment
+        self.pad = pad
+        self.crop_scale = crop_scale
+        self.fail_on_corrupt = fail_on_corrupt
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, index: int, skipped: list[str]) -> tuple[Image.Image, int]:
+        for attempt in range(MAX_CONSECUTIVE_BAD_FILES):
+            candidate = (index + attempt) % len(self.source)
+            try:
+                return self.source.load(candidate), candidate
+            except DECODE_ERRORS as error:
+                if self.fail_on_corrupt:
+                    raise DataError(f"{self.source.name(candidate)}: unreadable image ({error})") from error
+                skipped.append(f"{self.source.name(candidate)}: {error}")
+        raise DataError(f"{self.source.name(index)} and the next {MAX_CONSECUTIVE_BAD_FILES - 1} files are unreadable")
+
+    def _resize(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        size = self.image_size
+        if self.augment == "random_resized_crop":
+            top, left, height, width = random_resized_crop_box(image.height, image.width, rng, self.crop_scale)
+            image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + width, top + height))
+            return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return image
+
+    def __getitem__(self, spec: BatchSpec) -> Batch:
+        rng = np.random.default_rng(spec.seed)
+        skipped: list[str] = []
+        arrays, indices = [], []
+        for index in spec.indices:
+            image, used = self._load(index, skipped)
+            arrays.append(np.asarray(self._resize(image, rng)))
+            indices.append(used)
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        if self.augment == "pad_crop_flip":
+            images = pad_crop_flip(images, self.pad, torch.Generator().manual_seed(spec.seed))
+        index_tensor = torch.tensor(indices, dtype=torch.int64)
+        labels = torch.from_numpy(self.source.labels[index_tensor.numpy()])
+        return Batch(images, labels, index_tensor, tuple(skipped))
+
+
+def torch_loader(
+    source: Source,
+    image_size: int,
+    augment: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int = 0,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    pad: int = 4,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    fail_on_corrupt: bool = False,
+) -> Iterator[Batch]:
+    """The torch `DataLoader` backend: worker processes assemble whole batches (see `BatchAssembler`)."""
+    device = torch.device(device)
+    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
+    loader = torch.utils.data.DataLoader(
+        BatchAssembler(source, image_size, augment, pad, crop_scale, fail_on_corrupt),
+        sampler=sampler,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    for batch in loader:
+        yield Batch(
+            batch.images.to(device, non_blocking=True),
+            batch.labels.to(device, non_blocking=True),
+            batch.indices.to(device, non_blocking=True),
+            batch.skipped,
+        )
+
+
+LOADERS = {"torch": torch_loader}

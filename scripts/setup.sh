@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up: Debian packages FFCV builds against, a virtual environment at .venv,
+# PyTorch and this project (editable) with its dev tools. Re-running it is cheap: each step is skipped
+# when its result is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+debian_packages=(pkg-config libturbojpeg0-dev libopencv-dev)
+missing=()
+for pkg in "${debian_packages[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    sudo_cmd=()
+    [ "$(id -u)" -ne 0 ] && sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+# The stamp records the inputs of the Python install; when they change the install runs again.
+stamp=.venv/.selfie-setup-stamp
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing Python packages into .venv"
+    # An exact pin: a bare 'torch' pulls a multi-GB CUDA build where only the CPU one is wanted.
+    .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+    echo "$want" > "$stamp"
+fi

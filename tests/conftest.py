@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.demo import demo_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+# A Selfie small enough that a few steps take a second on one CPU core.
+TINY = [
+    "--model.width=0.125",
+    "--model.attn_heads=4",
+    "--model.attn_intermediate=32",
+    "--model.attn_layers=1",
+    "--data.workers=0",
+    "--batch-size=8",
+    "--train.log_every=1",
+    "--train.cpu_threads=1",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return demo_dataset(tmp_path_factory.mktemp("cache"))
+
+
+def run_script(args: list[str], cwd: Path, timeout: float = 300, launcher: list[str] | None = None
+               ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    command = (launcher or [sys.executable]) + args
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return run_script([str(ROOT / "train" / "pretrain.py"), *args], cwd, **kwargs)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,55 @@
+from pathlib import Path
+
+import pytest
+
+from train.config import CONFIG_DIR, ConfigError, PretrainConfig, load_config, parse_args, to_dict
+from train.pretrain import STABLE_FLAGS
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_builtin_configs_load(name: str) -> None:
+    config = load_config(PretrainConfig, name)
+    assert config.data.image_size % config.selfie.patch_size == 0
+
+
+def test_paper_settings_in_builtin_configs() -> None:
+    cifar, imagenet = load_config(PretrainConfig, "cifar10"), load_config(PretrainConfig, "imagenet224")
+    assert (cifar.data.image_size, cifar.selfie.patch_size, cifar.train.batch_size) == (32, 8, 512)
+    assert (imagenet.data.image_size, imagenet.selfie.patch_size, imagenet.train.batch_size) == (224, 32, 1024)
+    for config in (cifar, imagenet):
+        assert config.model.width == 1.0 and config.model.attn_heads == 32
+        assert config.model.attn_intermediate == 640 and config.model.attn_layers == 3
+        assert config.optim.momentum == 0.9 and config.optim.nesterov and config.optim.weight_decay == 1e-4
+        assert config.optim.warmup_steps == 100 and config.train.steps == 120_000
+    assert imagenet.data.augment == "random_resized_crop" and imagenet.model.stem == "imagenet"
+
+
+def test_flags_and_dotted_overrides() -> None:
+    argv = ["--config", "demo", "--lr", "0.3", "--steps", "7", "--model.position_on_context=false",
+            "--data.crop_scale", "[0.2, 1.0]", "--resume", "--out", "x"]
+    config, name = parse_args(argv, PretrainConfig, STABLE_FLAGS, "test")
+    assert name == "demo"
+    assert config.optim.lr == 0.3 and config.train.steps == 7 and config.train.resume
+    assert config.model.position_on_context is False and config.data.crop_scale == (0.2, 1.0)
+
+
+def test_unknown_and_mistyped_keys_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'model.depth'"):
+        parse_args(["--model.depth=3"], PretrainConfig, STABLE_FLAGS, "test")
+    with pytest.raises(ConfigError, match="unknown config key 'nosection'"):
+        parse_args(["--nosection.x=3"], PretrainConfig, STABLE_FLAGS, "test")
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        parse_args(["--train.steps=many"], PretrainConfig, STABLE_FLAGS, "test")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*optim.learning_rate"):
+        load_config(PretrainConfig, str(bad))
+    with pytest.raises(ConfigError, match="built-in config"):
+        load_config(PretrainConfig, "nonesuch")
+    with pytest.raises(SystemExit):
+        parse_args(["stray"], PretrainConfig, STABLE_FLAGS, "test")
+
+
+def test_to_dict_round_trips() -> None:
+    config = load_config(PretrainConfig, "imagenet224")
+    assert to_dict(config)["data"]["crop_scale"] == [0.08, 1.0]

@@ -1,0 +1,155 @@
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data import (
+    BatchAssembler,
+    BatchSpec,
+    CifarSource,
+    DataError,
+    FolderSource,
+    ShardedBatchSampler,
+    check_readable,
+    open_source,
+    torch_loader,
+)
+from pipeline.demo import DEMO_IMAGE_SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS, demo_dataset
+
+
+def make_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size + 6, 3), dtype=np.uint8)).save(
+                root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def make_cifar(root: Path, per_batch: int = 10) -> Path:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, per_batch).tolist()}
+        with open(root / name, "wb") as f:
+            pickle.dump(batch, f)
+    return root
+
+
+def test_folder_source_layout_and_splits(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train")
+    make_folder(tmp_path / "val", per_class=2)
+    train, test = open_source(tmp_path, "train"), open_source(tmp_path, "test")
+    assert isinstance(train, FolderSource) and len(train) == 12 and len(test) == 6
+    assert train.classes == ["class0", "class1", "class2"]
+    assert train.labels.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    bare = open_source(make_folder(tmp_path / "bare"), "train")
+    assert len(bare) == 12
+    with pytest.raises(DataError, match="no test split"):
+        open_source(tmp_path / "bare", "test")
+
+
+def test_cifar_source_reads_python_batches(tmp_path: Path) -> None:
+    root = make_cifar(tmp_path / "cifar")
+    train, test = open_source(root, "train"), open_source(root, "test")
+    assert isinstance(train, CifarSource) and len(train) == 50 and len(test) == 10
+    with open(root / "data_batch_2", "rb") as f:
+        raw = pickle.load(f, encoding="bytes")
+    # Row 3 of batch 2: 1024 red, 1024 green, 1024 blue values, row-major.
+    expected = raw[b"data"][3].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert np.array_equal(np.asarray(train.load(13)), expected)
+    assert train.labels[13] == raw[b"labels"][3]
+    (root / "data_batch_4").unlink()
+    with pytest.raises(DataError, match="data_batch_4"):
+        open_source(root, "train")
+
+
+def test_bad_folders_are_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no such file"):
+        open_source(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        open_source(tmp_path / "empty")
+    (tmp_path / "junk" / "a").mkdir(parents=True)
+    (tmp_path / "junk" / "a" / "x.jpg").write_text("not an image")
+    source = open_source(tmp_path / "junk")
+    with pytest.raises(DataError, match="no readable image"):
+        check_readable(source)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sampler_shards_are_disjoint_and_cover_an_epoch(world: int) -> None:
+    samplers = [ShardedBatchSampler(50, 4, rank, world, seed=1) for rank in range(world)]
+    per_epoch = samplers[0].steps_per_epoch
+    assert per_epoch == 50 // (4 * world)
+    streams = [iter(s) for s in samplers]
+    for _epoch in range(2):
+        seen = []
+        for _ in range(per_epoch):
+            specs = [next(stream) for stream in streams]
+            assert len({s.step for s in specs}) == 1
+            seen.extend(i for s in specs for i in s.indices)
+        assert len(seen) == len(set(seen)) == per_epoch * 4 * world  # each image at most once per epoch
+
+
+def test_sampler_resumes_where_it_left_off() -> None:
+    full = iter(ShardedBatchSampler(30, 4, 1, 2, seed=7))
+    specs = [next(full) for _ in range(9)]
+    resumed = iter(ShardedBatchSampler(30, 4, 1, 2, seed=7, start_step=5))
+    assert [next(resumed) for _ in range(4)] == specs[5:]
+    other_epoch_order = ShardedBatchSampler(30, 4, 0, 1, seed=7)
+    assert not torch.equal(other_epoch_order.epoch_order(0), other_epoch_order.epoch_order(1))
+
+
+def test_sampler_rejects_a_data_set_smaller_than_a_batch() -> None:
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        ShardedBatchSampler(10, 8, 0, 2, seed=0)
+
+
+@pytest.mark.parametrize("augment", ["pad_crop_flip", "random_resized_crop", "none"])
+def test_batch_contract(tmp_path: Path, augment: str) -> None:
+    source = open_source(make_folder(tmp_path / "data"))
+    batch = BatchAssembler(source, 32, augment)[BatchSpec(0, (0, 5, 11), seed=3)]
+    assert batch.images.shape == (3, 3, 32, 32) and batch.images.dtype == torch.uint8
+    assert batch.images.is_contiguous()
+    assert batch.labels.tolist() == [0, 1, 2] and batch.indices.tolist() == [0, 5, 11]
+    again = BatchAssembler(source, 32, augment)[BatchSpec(0, (0, 5, 11), seed=3)]
+    assert torch.equal(batch.images, again.images)  # augmentation depends on the spec's seed only
+
+
+def test_corrupt_images_are_skipped_and_named_or_fatal(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data")
+    bad = root / "class1" / "1.png"
+    bad.write_bytes(b"garbage")
+    source = open_source(root)
+    batch = BatchAssembler(source, 32, "none")[BatchSpec(0, (4, 5, 6), seed=0)]
+    assert batch.indices.tolist() == [4, 6, 6] and batch.images.shape[0] == 3
+    assert len(batch.skipped) == 1 and str(bad) in batch.skipped[0]
+    with pytest.raises(DataError, match="1.png"):
+        BatchAssembler(source, 32, "none", fail_on_corrupt=True)[BatchSpec(0, (5,), seed=0)]
+
+
+def test_torch_loader_with_workers_matches_in_process(tmp_path: Path) -> None:
+    source = open_source(make_folder(tmp_path / "data", per_class=8))
+    args = (source, 32, "pad_crop_flip", 4, 0, 2, 11)
+    a = [b for _, b in zip(range(5), torch_loader(*args, workers=0), strict=False)]
+    b = [b for _, b in zip(range(5), torch_loader(*args, workers=2), strict=False)]
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x.images, y.images) and torch.equal(x.indices, y.indices)
+
+
+def test_demo_data_is_deterministic_and_labelled(tmp_path: Path, demo_root: Path) -> None:
+    train, val = open_source(demo_root, "train"), open_source(demo_root, "test")
+    assert len(train.classes) == 10
+    assert len(train) == 10 * TRAIN_PER_CLASS and len(val) == 10 * VAL_PER_CLASS
+    assert train.load(0).size == (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE)
+    again = demo_dataset(tmp_path / "other-cache")
+    for index in (0, 777, len(train) - 1):
+        name = Path(train.files[index]).relative_to(demo_root)
+        assert (again / name).read_bytes() == (demo_root / name).read_bytes()
+    assert demo_dataset(tmp_path / "other-cache") == again  # cached, not rebuilt

@@ -1,0 +1,104 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.selfie import PositionEmbedding, build_selfie, patch_selection_loss
+from pipeline.patches import patchify_and_mask, sample_context_permutation
+
+
+def naive_loss(u, pos_masked, h_masked):
+    """Per image, per masked slot j: logits v_j . h_k over the same image's masked patches, target j."""
+    losses, hits = [], []
+    for b in range(u.shape[0]):
+        for j in range(h_masked.shape[1]):
+            v = u[b] + pos_masked[b, j]
+            logits = torch.stack([v @ h_masked[b, k] for k in range(h_masked.shape[1])])
+            losses.append(F.cross_entropy(logits[None], torch.tensor([j])))
+            hits.append(float(logits.argmax() == j))
+    return torch.stack(losses).mean(), sum(hits) / len(hits)
+
+
+@pytest.mark.parametrize("batch,masked,dim", [(1, 4, 8), (5, 4, 16), (3, 12, 32)])
+def test_batched_loss_equals_naive_reference(batch: int, masked: int, dim: int) -> None:
+    generator = torch.Generator().manual_seed(batch)
+    u = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    pos = torch.randn(batch, masked, dim, generator=generator, dtype=torch.float64)
+    h = torch.randn(batch, masked, dim, generator=generator, dtype=torch.float64)
+    out = patch_selection_loss(u[:, None] + pos, h)
+    loss, accuracy = naive_loss(u, pos, h)
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-5, atol=1e-5)
+    assert out.accuracy.item() == pytest.approx(accuracy)
+    assert out.logits.shape == (batch, masked, masked)
+
+
+def test_model_loss_matches_naive_pipeline() -> None:
+    torch.manual_seed(0)
+    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    perm = sample_context_permutation(3, 16, torch.Generator().manual_seed(1))
+    patches = patchify_and_mask(images, perm, 8, 12)
+    out = model(patches, perm[:, :12], perm[:, 12:])
+    # Per sample: embed its own patches, pool its context, score its masked slots.
+    with torch.no_grad():
+        h = model.embed_patches(patches)
+    context, masked = h[:36].view(3, 12, -1), h[36:].view(3, 4, -1)
+    u = model.pool(context + model.position(perm[:, :12]))
+    loss, accuracy = naive_loss(u.double(), model.position(perm[:, 12:]).double(), masked.double())
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-4, atol=1e-4)
+    assert out.accuracy.item() == pytest.approx(accuracy)
+
+
+def test_position_embedding_counts() -> None:
+    small = PositionEmbedding(grid=4, dim=8)
+    large = PositionEmbedding(grid=7, dim=8)
+    assert small.kind == "full" and sum(p.shape[0] for p in small.parameters()) == 16
+    assert large.kind == "rowcol" and sum(p.shape[0] for p in large.parameters()) == 14
+    positions = torch.tensor([0, 8, 48])  # (0,0), (1,1), (6,6)
+    torch.testing.assert_close(large(positions)[1], large.rows[1] + large.cols[1])
+    torch.testing.assert_close(large(positions)[2], large.rows[6] + large.cols[6])
+    with pytest.raises(ValueError, match="position embedding kind"):
+        PositionEmbedding(grid=4, dim=8, kind="sinusoid")
+
+
+def test_position_on_context_switch_changes_the_encoder_input() -> None:
+    torch.manual_seed(0)
+    on = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4).eval()
+    off = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4,
+                       position_on_context=False).eval()
+    off.load_state_dict(on.state_dict())
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    perm = sample_context_permutation(2, 16)
+    patches = patchify_and_mask(images, perm, 8, 12)
+    with torch.no_grad():
+        assert not torch.allclose(on(patches, perm[:, :12], perm[:, 12:]).logits,
+                                  off(patches, perm[:, :12], perm[:, 12:]).logits)
+
+
+@pytest.mark.parametrize("stem,size,patch", [("small", 32, 8), ("imagenet", 224, 32)])
+def test_shapes_for_both_paper_grids(stem: str, size: int, patch: int) -> None:
+    grid = size // patch
+    model = build_selfie(width=0.125, stem=stem, grid=grid, attn_layers=1, attn_intermediate=16, attn_heads=4)
+    perm = sample_context_permutation(2, grid * grid)
+    num_context = round(0.75 * grid * grid)
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    out = model(patchify_and_mask(images, perm, patch, num_context), perm[:, :num_context], perm[:, num_context:])
+    masked = grid * grid - num_context
+    assert out.logits.shape == (2, masked, masked) and out.loss.ndim == 0
+
+
+def test_overfits_a_tiny_batch() -> None:
+    torch.manual_seed(0)
+    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=32, attn_heads=4, attn_dropout=0.0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    perm = sample_context_permutation(4, 16, torch.Generator().manual_seed(0))
+    patches = patchify_and_mask(images, perm, 8, 12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        out = model(patches, perm[:, :12], perm[:, 12:])
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        first = first if first is not None else out.loss.item()
+    assert out.loss.item() < 0.05 < first
+    assert out.accuracy.item() == 1.0
