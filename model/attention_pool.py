@@ -57,9 +57,7 @@ class AttentionPooling(nn.Module):
         super().__init__()
         self.u0 = nn.Parameter(torch.zeros(1, 1, hidden))
         nn.init.trunc_normal_(self.u0, std=0.02)
-        self.blocks = nn.Sequential(
-            *(TransformerBlock(hidden, intermediate, heads, dropout) for _ in range(layers))
-        )
+        self.blocks = nn.Sequential(*(TransformerBlock(hidden, intermediate, heads, dropout) for _ in range(layers)))
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)  # BERT's initializer range

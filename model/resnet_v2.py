@@ -37,9 +37,7 @@ class PreActBottleneck(nn.Module):
         out_ch = mid_ch * BOTTLENECK_EXPANSION
         self.preact = nn.Sequential(norm(in_ch), act())
         self.shortcut = (
-            nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
-            if stride != 1 or in_ch != out_ch
-            else None
+            nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False) if stride != 1 or in_ch != out_ch else None
         )
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 1, bias=False)
         self.norm_act1 = nn.Sequential(norm(mid_ch), act())

@@ -95,9 +95,7 @@ class Selfie(nn.Module):
         """(M, C, p, p) -> (M, D): P, then spatial average pooling."""
         return self.patch_net.forward_features(patches).mean(dim=(2, 3))
 
-    def forward(
-        self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor
-    ) -> SelfieOutput:
+    def forward(self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
         """patches (B * N, C, p, p) group-major; context_pos (B, Nc) and masked_pos (B, Nm) int64."""
         batch, num_context = context_pos.shape
         context, masked = split_context_masked(self.embed_patches(patches), batch, num_context)

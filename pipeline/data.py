@@ -214,8 +214,15 @@ class BatchAssembler(torch.utils.data.Dataset):
     4. batched zero-pad + random crop + flip (`pad_crop_flip`).
     """
 
-    def __init__(self, source: Source, image_size: int, augment: str, pad: int = 4,
-                 crop_scale: tuple[float, float] = (0.08, 1.0), fail_on_corrupt: bool = False) -> None:
+    def __init__(
+        self,
+        source: Source,
+        image_size: int,
+        augment: str,
+        pad: int = 4,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        fail_on_corrupt: bool = False,
+    ) -> None:
         if augment not in AUGMENTS:
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.source = source
@@ -291,6 +298,9 @@ def torch_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        # Its own generator: starting the iterator must not draw from the global RNG, whose state
+        # (dropout) a resumed run restores before the loader starts.
+        generator=torch.Generator().manual_seed(seed),
     )
     for batch in loader:
         yield Batch(

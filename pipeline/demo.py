@@ -24,7 +24,13 @@ DEMO_IMAGE_SIZE = 32
 DEMO_SEED = 20190607  # Selfie's arXiv date
 CROP_FRACTION = (0.16, 0.6)
 SKIMAGE_PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+    "astronaut",
+    "chelsea",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
     "camera",
 )
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
@@ -53,8 +59,9 @@ def _write_split(folder: Path, photos: dict[str, np.ndarray], per_class: int, rn
             side = int(short * rng.uniform(*CROP_FRACTION))
             left = int(rng.integers(0, image.width - side + 1))
             top = int(rng.integers(0, image.height - side + 1))
-            crop = image.resize((DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), Image.BILINEAR,
-                                box=(left, top, left + side, top + side))
+            crop = image.resize(
+                (DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), Image.BILINEAR, box=(left, top, left + side, top + side)
+            )
             crop.save(folder / name / f"{i:04d}.png")
 
 

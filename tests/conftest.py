@@ -29,8 +29,9 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_dataset(tmp_path_factory.mktemp("cache"))
 
 
-def run_script(args: list[str], cwd: Path, timeout: float = 300, launcher: list[str] | None = None
-               ) -> subprocess.CompletedProcess:
+def run_script(
+    args: list[str], cwd: Path, timeout: float = 300, launcher: list[str] | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = (launcher or [sys.executable]) + args
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -15,8 +15,8 @@ def test_pad_crop_flip_equals_per_sample_reference() -> None:
     flip = torch.rand(16, 1, generator=generator) < 0.5
     padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
     for b in range(16):
-        t, l = int(top[b]), int(left[b])
-        crop = padded[b, :, t : t + 32, l : l + 32]
+        row, col = int(top[b]), int(left[b])
+        crop = padded[b, :, row : row + 32, col : col + 32]
         assert torch.equal(out[b], crop.flip(-1) if flip[b] else crop)
     assert out.shape == images.shape and out.dtype == torch.uint8 and out.is_contiguous()
 

@@ -25,8 +25,20 @@ def test_paper_settings_in_builtin_configs() -> None:
 
 
 def test_flags_and_dotted_overrides() -> None:
-    argv = ["--config", "demo", "--lr", "0.3", "--steps", "7", "--model.position_on_context=false",
-            "--data.crop_scale", "[0.2, 1.0]", "--resume", "--out", "x"]
+    argv = [
+        "--config",
+        "demo",
+        "--lr",
+        "0.3",
+        "--steps",
+        "7",
+        "--model.position_on_context=false",
+        "--data.crop_scale",
+        "[0.2, 1.0]",
+        "--resume",
+        "--out",
+        "x",
+    ]
     config, name = parse_args(argv, PretrainConfig, STABLE_FLAGS, "test")
     assert name == "demo"
     assert config.optim.lr == 0.3 and config.train.steps == 7 and config.train.resume

@@ -26,7 +26,8 @@ def make_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40
         (root / f"class{c}").mkdir(parents=True)
         for i in range(per_class):
             Image.fromarray(rng.integers(0, 256, (size, size + 6, 3), dtype=np.uint8)).save(
-                root / f"class{c}" / f"{i}.png")
+                root / f"class{c}" / f"{i}.png"
+            )
     return root
 
 
@@ -34,8 +35,10 @@ def make_cifar(root: Path, per_batch: int = 10) -> Path:
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist()}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
         with open(root / name, "wb") as f:
             pickle.dump(batch, f)
     return root

@@ -63,15 +63,17 @@ def test_position_embedding_counts() -> None:
 def test_position_on_context_switch_changes_the_encoder_input() -> None:
     torch.manual_seed(0)
     on = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4).eval()
-    off = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4,
-                       position_on_context=False).eval()
+    off = build_selfie(
+        width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4, position_on_context=False
+    ).eval()
     off.load_state_dict(on.state_dict())
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     perm = sample_context_permutation(2, 16)
     patches = patchify_and_mask(images, perm, 8, 12)
     with torch.no_grad():
-        assert not torch.allclose(on(patches, perm[:, :12], perm[:, 12:]).logits,
-                                  off(patches, perm[:, :12], perm[:, 12:]).logits)
+        assert not torch.allclose(
+            on(patches, perm[:, :12], perm[:, 12:]).logits, off(patches, perm[:, :12], perm[:, 12:]).logits
+        )
 
 
 @pytest.mark.parametrize("stem,size,patch", [("small", 32, 8), ("imagenet", 224, 32)])

@@ -36,7 +36,8 @@ def make_accelerator(run: RunConfig) -> Accelerator:
         raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {run.precision!r}")
     if run.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or no on this machine")
-    accelerator = Accelerator(mixed_precision=run.precision)
+    # cpu=True on a machine without CUDA is what lets Accelerate form a gloo group under torchrun.
+    accelerator = Accelerator(mixed_precision=run.precision, cpu=not torch.cuda.is_available())
     if accelerator.device.type == "cpu":
         # `accelerate launch` pins OMP_NUM_THREADS=1 when not told otherwise, which halves CPU speed.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
@@ -87,8 +88,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_sgd(model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float
-              ) -> torch.optim.SGD:
+def build_sgd(
+    model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float
+) -> torch.optim.SGD:
     """Nesterov SGD; weight decay on conv/linear weights only (norm scales, biases, embeddings excluded)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():

@@ -108,7 +108,12 @@ def train_step(
         images.shape[0], grid_size(images.shape[-1], config.selfie.patch_size) ** 2, mask_generator
     )
     patches = patchify_and_mask(
-        images, perm, config.selfie.patch_size, num_context, config.data.mean, config.data.std,
+        images,
+        perm,
+        config.selfie.patch_size,
+        num_context,
+        config.data.mean,
+        config.data.std,
         channels_last=config.train.channels_last,
     )
     out = model(patches, perm[:, :num_context], perm[:, num_context:])
@@ -152,8 +157,10 @@ def restore(path: Path, model, optimizer, scheduler, accelerator) -> int:
     if state["world_size"] == accelerator.num_processes:
         set_rng_state(state["rng"][accelerator.process_index])
     else:
-        accelerator.print(f"note: checkpoint from {state['world_size']} processes, resuming on "
-                          f"{accelerator.num_processes}: dropout RNG streams restart")
+        accelerator.print(
+            f"note: checkpoint from {state['world_size']} processes, resuming on "
+            f"{accelerator.num_processes}: dropout RNG streams restart"
+        )
     return int(state["step"])
 
 
@@ -169,8 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     model = build_model(config)
-    optimizer = build_sgd(model, config.optim.lr, config.optim.momentum, config.optim.nesterov,
-                          config.optim.weight_decay)
+    optimizer = build_sgd(
+        model, config.optim.lr, config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.optim.warmup_steps, config.train.steps)
     )
@@ -198,10 +206,19 @@ def main(argv: list[str] | None = None) -> dict:
         return {"run_dir": str(run_dir), "step": start_step}
 
     loader = LOADERS[config.data.loader](
-        source, config.data.image_size, config.data.augment, batch_per_process,
-        accelerator.process_index, accelerator.num_processes, config.train.seed, start_step,
-        workers=config.data.workers, device=accelerator.device, pad=config.data.pad,
-        crop_scale=config.data.crop_scale, fail_on_corrupt=config.data.fail_on_corrupt,
+        source,
+        config.data.image_size,
+        config.data.augment,
+        batch_per_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+        config.train.seed,
+        start_step,
+        workers=config.data.workers,
+        device=accelerator.device,
+        pad=config.data.pad,
+        crop_scale=config.data.crop_scale,
+        fail_on_corrupt=config.data.fail_on_corrupt,
     )
     mask_generator = torch.Generator(device=accelerator.device)
     model.train()
@@ -210,28 +227,46 @@ def main(argv: list[str] | None = None) -> dict:
     window_steps, window_start = 0, time.perf_counter()
     skipped_total = 0
     last: dict = {}
-    progress = tqdm(total=config.train.steps, initial=start_step, disable=None if accelerator.is_main_process else True,
-                    dynamic_ncols=True, mininterval=1.0)
+    progress = tqdm(
+        total=config.train.steps,
+        initial=start_step,
+        disable=None if accelerator.is_main_process else True,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     for step, batch in zip(range(start_step, config.train.steps), loader, strict=False):
         for entry in batch.skipped:
             skipped_total += 1
-            logger.write({"event": "skipped_image", "step": step, "rank": accelerator.process_index,
-                          "image": entry, "skipped_total": skipped_total})
+            logger.write(
+                {
+                    "event": "skipped_image",
+                    "step": step,
+                    "rank": accelerator.process_index,
+                    "image": entry,
+                    "skipped_total": skipped_total,
+                }
+            )
         mask_generator.manual_seed(derive_seed(config.train.seed, MASK_STREAM, step, accelerator.process_index))
-        loss, accuracy = train_step(model, batch, mask_generator, config, num_context, optimizer, scheduler,
-                                    accelerator)
+        loss, accuracy = train_step(
+            model, batch, mask_generator, config, num_context, optimizer, scheduler, accelerator
+        )
         window_loss += loss
         window_acc += accuracy
         window_steps += 1
         done = step + 1
         progress.update(1)
-        if done % config.train.log_every == 0 or done % config.train.checkpoint_every == 0 \
-                or done == config.train.steps:
+        if (
+            done % config.train.log_every == 0
+            or done % config.train.checkpoint_every == 0
+            or done == config.train.steps
+        ):
             means = accelerator.reduce(torch.stack([window_loss, window_acc]) / window_steps, "mean")
             mean_loss, mean_acc = means.tolist()
             if not torch.isfinite(means).all():
-                raise NonFiniteLoss(f"non-finite loss at step {done} (mean {mean_loss}); the newest checkpoint "
-                                    f"in {checkpoints.folder} holds the last good state")
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {done} (mean {mean_loss}); the newest checkpoint "
+                    f"in {checkpoints.folder} holds the last good state"
+                )
             elapsed = time.perf_counter() - window_start
             last = {
                 "step": done,
@@ -251,8 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
         if done % config.train.checkpoint_every == 0 or done == config.train.steps:
             rng_states = all_rng_states(accelerator)
             if accelerator.is_main_process:
-                checkpoints.save(checkpoint_state(model, optimizer, scheduler, accelerator, done, config,
-                                                  rng_states), done)
+                checkpoints.save(
+                    checkpoint_state(model, optimizer, scheduler, accelerator, done, config, rng_states), done
+                )
             accelerator.wait_for_everyone()
     progress.close()
     accelerator.print(

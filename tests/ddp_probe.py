@@ -1,0 +1,35 @@
+"""Run by tests/test_pretrain.py under `torchrun --nproc_per_node 2`: trains through the real
+`train.pretrain.main`, recording which images each rank read and its final parameters."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+import train.pretrain as pretrain
+
+seen: list[list[int]] = []
+holder: dict = {}
+original_step = pretrain.train_step
+
+
+def recording_step(model, batch, *args, **kwargs):
+    seen.append(batch.indices.tolist())
+    holder["model"] = model
+    return original_step(model, batch, *args, **kwargs)
+
+
+pretrain.train_step = recording_step
+out = Path(sys.argv[1])
+result = pretrain.main(sys.argv[2:])
+rank = int(__import__("os").environ["RANK"])
+model = holder["model"]
+model = getattr(model, "module", model)
+torch.save(
+    {
+        "seen": seen,
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "world": int(__import__("os").environ["WORLD_SIZE"]),
+    },
+    out / f"rank{rank}.pt",
+)

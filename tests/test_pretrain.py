@@ -1,0 +1,218 @@
+"""End-to-end runs of train/pretrain.py as users launch it (subprocesses, tiny model, demo data)."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY, pretrain, run_script
+
+pytestmark = pytest.mark.slow
+
+
+def read_log(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root: Path) -> None:
+    run = tmp_path / "run"
+    result = pretrain(
+        [*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "4", "--train.checkpoint_every=2"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "patch-selection accuracy" in result.stdout and "chance 25.0%" in result.stdout
+    records = [r for r in read_log(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        assert {"step", "loss", "patch_acc", "lr", "images_per_s"} <= record.keys()
+    assert "batch_size: 8" in (run / "config.yaml").read_text()
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert names == ["step_00000002.pt", "step_00000004.pt"]  # atomic: no temporary files left
+    state = torch.load(run / "checkpoints" / "step_00000004.pt", weights_only=False)
+    assert {"model", "optimizer", "scheduler", "scaler", "step", "rng", "config"} <= state.keys()
+    assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
+
+
+def final_model(run: Path) -> dict:
+    checkpoint = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
+    return torch.load(checkpoint, weights_only=False)["model"]
+
+
+def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_path: Path, demo_root: Path) -> None:
+    common = [
+        *TINY,
+        "--data",
+        str(demo_root),
+        "--steps",
+        "24",
+        "--train.checkpoint_every=4",
+        "--train.keep_checkpoints=10",
+    ]
+    straight = tmp_path / "straight"
+    assert pretrain([*common, "--out", str(straight)], tmp_path).returncode == 0
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train" / "pretrain.py"), *common, "--out", str(killed)],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step_00000008.pt").exists():
+        assert process.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 8"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    kept = sorted(p.name for p in (killed / "checkpoints").glob("step_*.pt"))
+    resumed_from = int(kept[-1][5:13])
+    assert 8 <= resumed_from < 24
+
+    result = pretrain([*common, "--out", str(killed), "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    steps = [r["step"] for r in read_log(killed) if "loss" in r]
+    first_after_resume = steps[steps.index(resumed_from) + 1 :] if resumed_from in steps else steps
+    assert resumed_from + 1 in steps and steps[-1] == 24
+    assert first_after_resume[: 24 - resumed_from] == list(range(resumed_from + 1, 25))
+    a, b = final_model(straight), final_model(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, demo_root: Path) -> None:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    result = run_script(
+        [
+            str(ROOT / "tests" / "ddp_probe.py"),
+            str(tmp_path),
+            *TINY,
+            "--data",
+            str(demo_root),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "5",
+            "--batch-size",
+            "8",
+        ],
+        tmp_path,
+        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", "29517"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert rank0["world"] == 2
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), name
+    for a, b in zip(rank0["seen"], rank1["seen"], strict=True):
+        assert len(a) == len(b) == 4  # global batch 8 over 2 processes
+        assert not set(a) & set(b)
+    assert "2 process(es)" in result.stdout
+    # Rank 0 alone writes the log, once per step.
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4, 5]
+    # Training moved the weights away from their shared initialisation.
+    torch.manual_seed(0)
+    from train.config import PretrainConfig, load_config
+    from train.pretrain import build_model
+
+    config = load_config(
+        PretrainConfig,
+        "demo",
+        {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1},
+    )
+    initial = dict(build_model(config).named_parameters())
+    assert any(not torch.equal(initial[n], rank0["params"][n]) for n in initial)
+
+
+def test_unreadable_images_are_skipped_and_logged(tmp_path: Path, demo_root: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "train", data)
+    bad = sorted((data / "coffee").iterdir())[3]
+    bad.write_bytes(b"\x89PNG broken")
+    run = tmp_path / "run"
+    result = pretrain([*TINY, "--data", str(data), "--out", str(run), "--steps", "60", "--batch-size", "32"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    events = [r for r in read_log(run) if r.get("event") == "skipped_image"]
+    assert events and all(str(bad) in e["image"] for e in events)
+    fatal = pretrain(
+        [
+            *TINY,
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "run2"),
+            "--steps",
+            "60",
+            "--batch-size",
+            "32",
+            "--data.fail_on_corrupt=true",
+        ],
+        tmp_path,
+    )
+    assert fatal.returncode == 2 and str(bad) in fatal.stderr
+
+
+def test_a_diverging_run_stops_with_an_error(tmp_path: Path, demo_root: Path) -> None:
+    result = pretrain(
+        [
+            *TINY,
+            "--data",
+            str(demo_root),
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            "30",
+            "--lr",
+            "1e12",
+            "--optim.warmup_steps=1",
+        ],
+        tmp_path,
+    )
+    assert result.returncode == 1
+    assert "non-finite loss" in result.stderr
+
+
+def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
+    (tmp / "empty").mkdir()
+    (tmp / "junk" / "a").mkdir(parents=True)
+    (tmp / "junk" / "a" / "notes.jpg").write_text("not a picture")
+    (tmp / "fresh").mkdir()
+    return [
+        (["--data", str(tmp / "missing")], "no such file"),
+        (["--data", str(tmp / "empty")], "no image files found"),
+        (["--data", str(tmp / "junk")], "no readable image"),
+        (["--data.image_size=30"], "patch size 8 does not divide image size 30"),
+        (["--context-fraction", "1.5"], "context fraction must lie in (0, 1)"),
+        (["--context-fraction", "0"], "context fraction must lie in (0, 1)"),
+        (["--model.depth=3"], "unknown config key 'model.depth'"),
+        (["--resume", "--out", str(tmp / "fresh")], "no checkpoint"),
+        (["--resume"], "--resume needs --out"),
+        (["--config", "nonesuch"], "--config nonesuch"),
+        (["--loader", "magic"], "--loader magic"),
+        (["--batch-size", "0"], "--batch-size 0"),
+    ]
+
+
+def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(tmp_path: Path, demo_root: Path) -> None:
+    for args, message in bad_inputs(tmp_path):
+        result = pretrain(
+            [*TINY, *args] if "--data" in args else [*TINY, "--data", str(demo_root), *args], tmp_path, timeout=60
+        )
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+    assert not (tmp_path / "runs").exists()  # nothing half-made left behind
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path: Path, demo_root: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "2"]
+    assert pretrain(args, tmp_path).returncode == 0
+    again = pretrain(args, tmp_path)
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr
