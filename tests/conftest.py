@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pipeline.demo import demo_dataset
 
@@ -40,5 +39,3 @@ def run_script(
 def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return run_script([str(ROOT / "train" / "pretrain.py"), *args], cwd, **kwargs)
 
-
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -225,7 +225,8 @@ def parse_args(
         if kind == "store_true":
             parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=key, type=kind, default=None, help=help_text)
+            metavar = key.rsplit(".", 1)[-1].upper()
+            parser.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=help_text)
     args, rest = parser.parse_known_args(argv)
     overrides = {key: value for key, value in vars(args).items() if key != "config" and value is not None}
     i = 0

@@ -1,0 +1,31 @@
+"""GPU-only checks: skipped cleanly on a machine without CUDA."""
+
+import pytest
+import torch
+
+from model.selfie import build_selfie
+from pipeline.patches import patchify_and_mask, sample_context_permutation
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_bf16_channels_last_step_on_gpu_matches_fp32_loss_closely() -> None:
+    torch.manual_seed(0)
+    model = build_selfie(width=0.25, grid=4, attn_heads=8, attn_intermediate=160, attn_dropout=0.0).cuda().eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    perm = sample_context_permutation(16, 16, torch.Generator("cuda").manual_seed(0))
+    fp32 = model(patchify_and_mask(images, perm, 8, 12), perm[:, :12], perm[:, 12:])
+    model = model.to(memory_format=torch.channels_last)
+    patches = patchify_and_mask(images, perm, 8, 12, dtype=torch.bfloat16, channels_last=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = model(patches, perm[:, :12], perm[:, 12:])
+    assert bf16.logits.dtype == torch.float32  # the patch-selection logits stay fp32 under autocast
+    torch.testing.assert_close(bf16.loss, fp32.loss, rtol=0.05, atol=0.05)
+
+
+def test_patchify_on_gpu_equals_cpu() -> None:
+    images = torch.randint(0, 256, (5, 3, 224, 224), dtype=torch.uint8)
+    perm = sample_context_permutation(5, 49)
+    cpu = patchify_and_mask(images, perm, 32, 37)
+    gpu = patchify_and_mask(images.cuda(), perm.cuda(), 32, 37)
+    assert torch.equal(cpu, gpu.cpu())
