@@ -106,25 +106,9 @@ class Selfie(nn.Module):
         return patch_selection_loss(queries, masked)
 
 
-def build_selfie(
-    width: float = 1.0,
-    stem: str = "small",
-    grid: int = 4,
-    attn_layers: int = 3,
-    attn_intermediate: int = 640,
-    attn_heads: int = 32,
-    attn_dropout: float = 0.1,
-    position_kind: str = "auto",
-    position_on_context: bool = True,
-) -> Selfie:
-    """Selfie with P = ResNet-36 v2 (paper: width 1, 1024-d patch vectors, A of 3 blocks, 32 heads)."""
-    return Selfie(
-        resnet36_v2(width=width, stem=stem),
-        grid,
-        attn_layers,
-        attn_intermediate,
-        attn_heads,
-        attn_dropout,
-        position_kind,
-        position_on_context,
-    )
+def build_selfie(width: float = 1.0, stem: str = "small", grid: int = 4, **kwargs) -> Selfie:
+    """Selfie with P = ResNet-36 v2 (paper: width 1, 1024-d patch vectors, A of 3 blocks, 32 heads).
+
+    `kwargs` go to `Selfie` (attention sizes, position embedding kind and placement).
+    """
+    return Selfie(resnet36_v2(width=width, stem=stem), grid, **kwargs)

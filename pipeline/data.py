@@ -302,13 +302,26 @@ def torch_loader(
         # (dropout) a resumed run restores before the loader starts.
         generator=torch.Generator().manual_seed(seed),
     )
-    for batch in loader:
+    for batch in _worker_errors_as_one_line(loader):
         yield Batch(
             batch.images.to(device, non_blocking=True),
             batch.labels.to(device, non_blocking=True),
             batch.indices.to(device, non_blocking=True),
             batch.skipped,
         )
+
+
+def _worker_errors_as_one_line(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:
+    """A `DataError` raised in a worker arrives wrapped in the worker's traceback; keep its own message."""
+    iterator = iter(loader)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except DataError as error:
+            last_line = str(error).strip().splitlines()[-1]
+            raise DataError(last_line.split("DataError: ", 1)[-1]) from None
 
 
 LOADERS = {"torch": torch_loader}

@@ -38,4 +38,3 @@ def run_script(
 
 def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return run_script([str(ROOT / "train" / "pretrain.py"), *args], cwd, **kwargs)
-

@@ -33,10 +33,22 @@ def test_resnet36_is_the_first_three_stages_of_resnet50() -> None:
     assert not any(n.startswith("stages.3.") for n in p_names)
 
 
-def test_blocks_are_pre_activation() -> None:
-    block = resnet50_v2(width=0.25).stages[1][0]
-    assert isinstance(block.preact[0], torch.nn.BatchNorm2d)
-    assert block.shortcut is not None and block.conv2.stride == (2, 2)
+@pytest.mark.parametrize("stage,index", [(1, 0), (1, 1)])
+def test_blocks_are_pre_activation(stage: int, index: int) -> None:
+    block = resnet50_v2(width=0.25).stages[stage][index].eval()
+    for module in block.modules():  # non-trivial norms, so a misplaced one changes the result
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, block.conv1.in_channels, 8, 8)
+    relu = torch.nn.functional.relu
+    pre = relu(block.preact[0](x))
+    out = block.conv1(pre)
+    out = block.conv2(relu(block.norm_act1[0](out)))
+    out = block.conv3(relu(block.norm_act2[0](out)))
+    shortcut = x if block.shortcut is None else block.shortcut(pre)  # v2: the projection reads the pre-activation
+    torch.testing.assert_close(block(x), out + shortcut)
+    assert (block.shortcut is not None) == (index == 0) and block.conv2.stride == ((2, 2) if index == 0 else (1, 1))
 
 
 def test_norm_and_activation_are_injected() -> None:

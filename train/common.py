@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.data import DataError
-from train.config import PRECISIONS, ConfigError, RunConfig, to_dict
+from train.config import PRECISIONS, ConfigError, OptimConfig, RunConfig, to_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 CHECKPOINT_FORMAT = 1
@@ -68,15 +68,59 @@ def prepare_run_dir(config: Any, config_name: str, accelerator: Accelerator) -> 
     checkpoints = Checkpoints(folder / "checkpoints", run.keep_checkpoints)
     if run.resume and checkpoints.latest() is None:
         raise ConfigError(f"--resume: no checkpoint in {checkpoints.folder} to continue from")
+    if run.resume:
+        latest = checkpoints.latest()
+        check_resumable(load_checkpoint(latest)["config"], to_dict(config), latest)
     if not run.resume and checkpoints.latest() is not None:
         raise ConfigError(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"
         )
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
+        if not run.resume and (folder / "log.jsonl").exists():
+            # No checkpoint means nothing of that run can be continued; its log would only mislead.
+            print(f"note: {folder} holds a log but no checkpoint; starting a fresh log")
+            (folder / "log.jsonl").unlink()
         write_atomic(folder / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False).encode())
     accelerator.wait_for_everyone()
     return folder
+
+
+# Keys a resumed run may change: they affect speed, bookkeeping or the horizon, not what is learned
+# from which data. Any other difference from the checkpoint's config is refused.
+RESUMABLE_KEYS = {
+    "train.steps",
+    "train.out",
+    "train.resume",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.cpu_threads",
+    "data.workers",
+    "data.path",
+    "data.cache_dir",
+}
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path, prefix: str = "") -> None:
+    for key in sorted(saved.keys() | current.keys()):
+        dotted = f"{prefix}{key}"
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            check_resumable(old, new, path, dotted + ".")
+        elif old != new and dotted not in RESUMABLE_KEYS:
+            raise ConfigError(
+                f"--resume: {dotted} is {new!r} here but {old!r} in {path}; resume with the run's own config "
+                "or start a new run"
+            )
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Drop records after `step`: a resumed run writes them again, once."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    write_atomic(path, "".join(line + "\n" for line in kept).encode())
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -88,18 +132,19 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def build_sgd(
-    model: torch.nn.Module, lr: float, momentum: float, nesterov: bool, weight_decay: float
-) -> torch.optim.SGD:
-    """Nesterov SGD; weight decay on conv/linear weights only (norm scales, biases, embeddings excluded)."""
+NO_DECAY_NAMES = ("position", "u0")  # learned embeddings and the pooling token
+
+
+def build_sgd(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.SGD:
+    """Nesterov SGD. Weight decay on conv/linear weights only, unless `optim.decay_all` (L2 on everything)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        is_matrix_weight = param.ndim > 1 and "position" not in name
-        (decay if is_matrix_weight else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+        is_matrix_weight = param.ndim > 1 and not any(part in name for part in NO_DECAY_NAMES)
+        (decay if optim.decay_all or is_matrix_weight else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -47,7 +47,8 @@ class OptimConfig:
     lr: float = 0.1  # peak learning rate for the global batch (paper tunes it in 0.01 .. 0.4)
     momentum: float = 0.9  # Nesterov momentum (paper §3.2)
     nesterov: bool = True
-    weight_decay: float = 1e-4  # L2 on conv/linear weights; norms, biases, embeddings are not decayed
+    weight_decay: float = 1e-4  # L2 on conv/linear weights (paper: 1e-4)
+    decay_all: bool = False  # also decay norm scales, biases, embeddings and u0 (a literal "L2 on everything")
     warmup_steps: int = 100  # linear warm-up, then cosine decay to zero at train.steps
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (paper: none)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from model.selfie import Selfie, build_selfie
@@ -44,6 +45,7 @@ from train.common import (
     prepare_run_dir,
     run_cli,
     set_rng_state,
+    truncate_log,
     warmup_cosine,
 )
 from train.config import ConfigError, PretrainConfig, parse_args, to_dict
@@ -81,6 +83,8 @@ def validate(config: PretrainConfig) -> tuple[int, int]:
     """Check what can be checked before any work starts; returns (patches per image, context patches)."""
     if config.data.loader not in LOADERS:
         raise ConfigError(f"--loader {config.data.loader}: expected one of {', '.join(LOADERS)}")
+    if config.train.seed < 0:
+        raise ConfigError(f"--seed {config.train.seed}: expected a non-negative integer")
     if config.train.steps <= 0:
         raise ConfigError(f"--steps {config.train.steps}: expected a positive number of steps")
     if config.train.log_every <= 0 or config.train.checkpoint_every <= 0:
@@ -176,9 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank
     model = build_model(config)
-    optimizer = build_sgd(
-        model, config.optim.lr, config.optim.momentum, config.optim.nesterov, config.optim.weight_decay
-    )
+    optimizer = build_sgd(model, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.optim.warmup_steps, config.train.steps)
     )
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     if config.train.resume:
         start_step = restore(checkpoints.latest(), model, optimizer, scheduler, accelerator)
     logger = JsonlLogger(run_dir / "log.jsonl", accelerator.is_main_process)
+    if config.train.resume and accelerator.is_main_process:
+        truncate_log(logger.path, start_step)
     chance = 1.0 / (num_patches - num_context)
     accelerator.print(
         f"selfie: {len(source)} images from {data_path}; {config.data.image_size}px, "
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     window_loss = torch.zeros((), device=accelerator.device)
     window_acc = torch.zeros((), device=accelerator.device)
     window_steps, window_start = 0, time.perf_counter()
-    skipped_total = 0
+    skipped_total, pending_skipped = 0, []
     last: dict = {}
     progress = tqdm(
         total=config.train.steps,
@@ -235,17 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
         mininterval=1.0,
     )
     for step, batch in zip(range(start_step, config.train.steps), loader, strict=False):
-        for entry in batch.skipped:
-            skipped_total += 1
-            logger.write(
-                {
-                    "event": "skipped_image",
-                    "step": step,
-                    "rank": accelerator.process_index,
-                    "image": entry,
-                    "skipped_total": skipped_total,
-                }
-            )
+        pending_skipped.extend(f"rank {accelerator.process_index}: {entry}" for entry in batch.skipped)
+        step_lr = optimizer.param_groups[0]["lr"]
         mask_generator.manual_seed(derive_seed(config.train.seed, MASK_STREAM, step, accelerator.process_index))
         loss, accuracy = train_step(
             model, batch, mask_generator, config, num_context, optimizer, scheduler, accelerator
@@ -267,13 +262,19 @@ def main(argv: list[str] | None = None) -> dict:
                     f"non-finite loss at step {done} (mean {mean_loss}); the newest checkpoint "
                     f"in {checkpoints.folder} holds the last good state"
                 )
+            # Every rank's unreadable files reach the rank-0 log (a collective: all ranks are here).
+            skipped = gather_object(pending_skipped) if accelerator.num_processes > 1 else pending_skipped
+            for entry in skipped:
+                skipped_total += 1
+                logger.write({"event": "skipped_image", "step": done, "image": entry, "skipped_total": skipped_total})
+            pending_skipped = []
             elapsed = time.perf_counter() - window_start
             last = {
                 "step": done,
                 "loss": round(mean_loss, 5),
                 "patch_acc": round(mean_acc, 5),
                 "chance_acc": round(chance, 5),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": step_lr,
                 "images_per_s": round(window_steps * config.train.batch_size / elapsed, 2),
                 "epoch": round(done * config.train.batch_size / len(source), 4),
                 "time": round(time.time(), 3),
