@@ -50,7 +50,7 @@ def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_pa
         "--data",
         str(demo_root),
         "--steps",
-        "24",
+        "40",
         "--train.checkpoint_every=4",
         "--train.keep_checkpoints=10",
     ]
