@@ -66,12 +66,12 @@ def prepare_run_dir(config: Any, config_name: str, accelerator: Accelerator) -> 
         run.out = str(Path("runs") / f"{config_name}-{stamp[0]}")
     folder = Path(run.out)
     checkpoints = Checkpoints(folder / "checkpoints", run.keep_checkpoints)
-    if run.resume and checkpoints.latest() is None:
-        raise ConfigError(f"--resume: no checkpoint in {checkpoints.folder} to continue from")
+    latest = checkpoints.latest()
     if run.resume:
-        latest = checkpoints.latest()
+        if latest is None:
+            raise ConfigError(f"--resume: no checkpoint in {checkpoints.folder} to continue from")
         check_resumable(load_checkpoint(latest)["config"], to_dict(config), latest)
-    if not run.resume and checkpoints.latest() is not None:
+    elif latest is not None:
         raise ConfigError(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"
         )
@@ -86,8 +86,9 @@ def prepare_run_dir(config: Any, config_name: str, accelerator: Accelerator) -> 
     return folder
 
 
-# Keys a resumed run may change: they affect speed, bookkeeping or the horizon, not what is learned
-# from which data. Any other difference from the checkpoint's config is refused.
+# Keys a resumed run may change: speed, bookkeeping, the horizon, and where the data set lives (it may be
+# mounted elsewhere on another node; its contents are the user's responsibility). Any other difference
+# from the checkpoint's config is refused.
 RESUMABLE_KEYS = {
     "train.steps",
     "train.out",
