@@ -32,6 +32,7 @@ CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_FILE = "test_batch"
 SPLITS = ("train", "test")
 AUGMENTS = ("pad_crop_flip", "random_resized_crop", "none")
+EVAL_CROP_FRACTION = 0.875  # evaluation: resize the shorter side to S / 0.875, then center-crop S x S
 DECODE_ERRORS = (OSError, ValueError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
 # Give up on a batch after this many unreadable files in a row: the data set is broken, not noisy.
 MAX_CONSECUTIVE_BAD_FILES = 32
@@ -159,7 +160,7 @@ class BatchSpec:
 
 
 # Streams of derived seeds; a seed is derive_seed(run seed, stream, ...) so no two uses collide.
-EPOCH_ORDER_STREAM, AUGMENT_STREAM, MASK_STREAM = 1, 2, 3
+EPOCH_ORDER_STREAM, AUGMENT_STREAM, MASK_STREAM, SUBSET_STREAM, INIT_STREAM, PICTURE_STREAM = 1, 2, 3, 4, 5, 6
 
 
 def derive_seed(*keys: int) -> int:
@@ -208,8 +209,11 @@ class ShardedBatchSampler:
 class BatchAssembler(torch.utils.data.Dataset):
     """Builds one whole `Batch` from a `BatchSpec` inside a loader worker. The ops, in order:
 
-    1. decode each file to RGB (an unreadable one is replaced by the next readable index and reported);
-    2. per image: random resized crop + flip to S (`random_resized_crop`), or resize to S x S if needed;
+    1. decode each file to RGB (an unreadable one is replaced by the next readable index and reported;
+       in evaluation, `center_crop`, it is left out and reported, so no image is counted twice);
+    2. per image: random resized crop + flip to S (`random_resized_crop`); for evaluation
+       (`center_crop`) an image not already S x S has its shorter side resized to S / 0.875 and its
+       center S x S kept; otherwise resize to S x S if needed;
     3. stack into uint8 (B, 3, S, S);
     4. batched zero-pad + random crop + flip (`pad_crop_flip`).
     """
@@ -223,7 +227,7 @@ class BatchAssembler(torch.utils.data.Dataset):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         fail_on_corrupt: bool = False,
     ) -> None:
-        if augment not in AUGMENTS:
+        if augment not in (*AUGMENTS, "center_crop"):
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.source = source
         self.image_size = image_size
@@ -246,12 +250,27 @@ class BatchAssembler(torch.utils.data.Dataset):
                 skipped.append(f"{self.source.name(candidate)}: {error}")
         raise DataError(f"{self.source.name(index)} and the next {MAX_CONSECUTIVE_BAD_FILES - 1} files are unreadable")
 
+    def _load_or_skip(self, index: int, skipped: list[str]) -> Image.Image | None:
+        try:
+            return self.source.load(index)
+        except DECODE_ERRORS as error:
+            if self.fail_on_corrupt:
+                raise DataError(f"{self.source.name(index)}: unreadable image ({error})") from error
+            skipped.append(f"{self.source.name(index)}: {error}")
+            return None
+
     def _resize(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
         size = self.image_size
         if self.augment == "random_resized_crop":
             top, left, height, width = random_resized_crop_box(image.height, image.width, rng, self.crop_scale)
             image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + width, top + height))
             return image.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else image
+        if self.augment == "center_crop" and image.size != (size, size):
+            scale = size / EVAL_CROP_FRACTION / min(image.size)
+            width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+            image = image.resize((width, height), Image.BILINEAR)
+            left, top = (width - size) // 2, (height - size) // 2
+            return image.crop((left, top, left + size, top + size))
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         return image
@@ -261,10 +280,16 @@ class BatchAssembler(torch.utils.data.Dataset):
         skipped: list[str] = []
         arrays, indices = [], []
         for index in spec.indices:
-            image, used = self._load(index, skipped)
+            if self.augment == "center_crop":  # evaluation: leave an unreadable image out, never count another twice
+                image, used = self._load_or_skip(index, skipped), index
+                if image is None:
+                    continue
+            else:
+                image, used = self._load(index, skipped)
             arrays.append(np.asarray(self._resize(image, rng)))
             indices.append(used)
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        stacked = np.stack(arrays) if arrays else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        images = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
         if self.augment == "pad_crop_flip":
             images = pad_crop_flip(images, self.pad, torch.Generator().manual_seed(spec.seed))
         index_tensor = torch.tensor(indices, dtype=torch.int64)
@@ -302,6 +327,40 @@ def torch_loader(
         # (dropout) a resumed run restores before the loader starts.
         generator=torch.Generator().manual_seed(seed),
     )
+    yield from _on_device(loader, device)
+
+
+def eval_loader(
+    source: Source,
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    fail_on_corrupt: bool = False,
+) -> Iterator[Batch]:
+    """Every image of `source` exactly once over all ranks, in order, center-cropped, no augmentation.
+
+    Rank r reads the r-th of `world_size` contiguous, near-equal slices (its last batch may be short and
+    a slice may be empty), so summing counts over ranks counts each test image once: nothing is padded.
+    An unreadable image is left out of its batch and named in `skipped` (or fatal with `fail_on_corrupt`).
+    """
+    device = torch.device(device)
+    shard = np.array_split(np.arange(len(source)), world_size)[rank]
+    chunks = np.split(shard, range(batch_size, len(shard), batch_size))
+    loader = torch.utils.data.DataLoader(
+        BatchAssembler(source, image_size, "center_crop", fail_on_corrupt=fail_on_corrupt),
+        sampler=[BatchSpec(0, tuple(chunk.tolist()), 0) for chunk in chunks if len(chunk)],
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # starting workers must not draw from the global RNG (training's dropout)
+    )
+    yield from _on_device(loader, device)
+
+
+def _on_device(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[Batch]:
     for batch in _worker_errors_as_one_line(loader):
         yield Batch(
             batch.images.to(device, non_blocking=True),

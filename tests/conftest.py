@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,23 @@ def run_script(
 
 def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     return run_script([str(ROOT / "train" / "pretrain.py"), *args], cwd, **kwargs)
+
+
+def finetune(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
+    return run_script([str(ROOT / "train" / "finetune.py"), *args], cwd, **kwargs)
+
+
+def kill_when_exists(script: str, args: list[str], cwd: Path, marker: Path) -> None:
+    """Start train/<script> and SIGKILL it as soon as `marker` (a checkpoint) exists: a crash mid-run."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "train" / script), *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert process.poll() is None and time.time() < deadline, f"run ended before writing {marker}"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

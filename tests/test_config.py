@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import CONFIG_DIR, ConfigError, PretrainConfig, load_config, parse_args, to_dict
+from train.config import CONFIG_DIR, ConfigError, FinetuneConfig, PretrainConfig, load_config, parse_args, to_dict
 from train.pretrain import STABLE_FLAGS
 
 
@@ -10,6 +10,30 @@ from train.pretrain import STABLE_FLAGS
 def test_builtin_configs_load(name: str) -> None:
     config = load_config(PretrainConfig, name)
     assert config.data.image_size % config.selfie.patch_size == 0
+    tuning = load_config(FinetuneConfig, name)
+    assert tuning.data == config.data and tuning.model == config.model  # one experiment, shared sections
+    assert 0 < tuning.finetune.label_fraction <= 1
+
+
+def test_stage_blocks_override_shared_sections_and_are_checked(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "optim: {lr: 0.3}\nmodel: {width: 0.5}\n"
+        "pretraining: {selfie: {patch_size: 4}}\nfinetuning: {optim: {lr: 0.01}, finetune: {seeds: 5}}\n"
+    )
+    pre, tune = load_config(PretrainConfig, str(path)), load_config(FinetuneConfig, str(path))
+    assert (pre.optim.lr, pre.model.width, pre.selfie.patch_size) == (0.3, 0.5, 4)
+    assert (tune.optim.lr, tune.model.width, tune.finetune.seeds) == (0.01, 0.5, 5)
+    path.write_text("finetuning: {optim: {learning_rate: 0.1}}\n")
+    for cls in (PretrainConfig, FinetuneConfig):  # a typo in either block fails both scripts
+        with pytest.raises(ConfigError, match="unknown config key 'finetuning.optim.learning_rate'"):
+            load_config(cls, str(path))
+    path.write_text("finetune: {seeds: 2}\nselfie: {patch_size: 4}\n")  # top-level sections of either stage
+    assert load_config(FinetuneConfig, str(path)).finetune.seeds == 2
+    assert load_config(PretrainConfig, str(path)).selfie.patch_size == 4
+    path.write_text("pretrain: {optim: {lr: 1}}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'pretrain'"):
+        load_config(PretrainConfig, str(path))
 
 
 def test_paper_settings_in_builtin_configs() -> None:

@@ -29,3 +29,19 @@ def test_patchify_on_gpu_equals_cpu() -> None:
     cpu = patchify_and_mask(images, perm, 32, 37)
     gpu = patchify_and_mask(images.cuda(), perm.cuda(), 32, 37)
     assert torch.equal(cpu, gpu.cpu())
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet36_attn"])
+def test_classifier_bf16_channels_last_matches_fp32_on_gpu(arch: str) -> None:
+    from model.classifier import build_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier(arch, 10, width=0.25, attn_heads=8, attn_intermediate=160, attn_dropout=0.0)
+    torch.nn.init.normal_(model.head.weight, std=0.01)
+    model = model.cuda().eval()
+    images = torch.randn(8, 3, 32, 32, device="cuda")
+    fp32 = model(images)
+    model = model.to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = model(images.contiguous(memory_format=torch.channels_last)).float()
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)

@@ -2,16 +2,13 @@
 
 import json
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, pretrain, run_script
+from tests.conftest import ROOT, TINY, kill_when_exists, pretrain, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +34,12 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
     state = torch.load(run / "checkpoints" / "step_00000004.pt", weights_only=False)
     assert {"model", "optimizer", "scheduler", "scaler", "step", "rng", "config"} <= state.keys()
     assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
+    # The pictures people look at: one "put the patches back" per checkpoint, and the curves.
+    assert sorted(p.name for p in (run / "pictures").iterdir()) == [
+        "patches_step_00000002.png",
+        "patches_step_00000004.png",
+    ]
+    assert (run / "curves.png").stat().st_size > 0
 
 
 def final_model(run: Path) -> dict:
@@ -58,18 +61,9 @@ def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_pa
     assert pretrain([*common, "--out", str(straight)], tmp_path).returncode == 0
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train" / "pretrain.py"), *common, "--out", str(killed)],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    kill_when_exists(
+        "pretrain.py", [*common, "--out", str(killed)], tmp_path, killed / "checkpoints" / "step_00000008.pt"
     )
-    deadline = time.time() + 120
-    while not (killed / "checkpoints" / "step_00000008.pt").exists():
-        assert process.poll() is None and time.time() < deadline, "run ended before its checkpoint at step 8"
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
     kept = sorted(p.name for p in (killed / "checkpoints").glob("step_*.pt"))
     resumed_from = int(kept[-1][5:13])
     assert 8 <= resumed_from < 40

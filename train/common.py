@@ -20,7 +20,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from pipeline.data import DataError
+from pipeline.data import LOADERS, DataError
 from train.config import PRECISIONS, ConfigError, OptimConfig, RunConfig, to_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
@@ -46,6 +46,32 @@ def make_accelerator(run: RunConfig) -> Accelerator:
     return accelerator
 
 
+# The stable flags both stages take (flag: config key, type, help); each script adds its own.
+RUN_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--data": ("data.path", str, "ImageNet-layout or CIFAR-10 python folder (default: built-in demo data)"),
+    "--steps": ("train.steps", int, "optimizer steps"),
+    "--batch-size": ("train.batch_size", int, "global batch size, images per step over all processes"),
+    "--lr": ("optim.lr", float, "peak learning rate"),
+    "--seed": ("train.seed", int, "random seed (fine-tuning: the first of --seeds)"),
+    "--out": ("train.out", str, "run folder (default: runs/<config>-<time>)"),
+    "--resume": ("train.resume", "store_true", "continue the run in --out from its newest checkpoint"),
+    "--loader": ("data.loader", str, f"loader backend: {', '.join(LOADERS)}"),
+}
+
+
+def validate_run(config: Any) -> None:
+    """The checks both stages share: loader backend and the run section."""
+    run: RunConfig = config.train
+    if config.data.loader not in LOADERS:
+        raise ConfigError(f"--loader {config.data.loader}: expected one of {', '.join(LOADERS)}")
+    if run.seed < 0:
+        raise ConfigError(f"--seed {run.seed}: expected a non-negative integer")
+    if run.steps <= 0:
+        raise ConfigError(f"--steps {run.steps}: expected a positive number of steps")
+    if run.log_every <= 0 or run.checkpoint_every <= 0:
+        raise ConfigError("train.log_every and train.checkpoint_every must be positive")
+
+
 def per_process_batch(run: RunConfig, accelerator: Accelerator) -> int:
     if run.batch_size <= 0 or run.batch_size % accelerator.num_processes:
         raise ConfigError(
@@ -55,8 +81,18 @@ def per_process_batch(run: RunConfig, accelerator: Accelerator) -> int:
     return run.batch_size // accelerator.num_processes
 
 
-def prepare_run_dir(config: Any, config_name: str, accelerator: Accelerator) -> Path:
-    """Resolve, check and create the run folder; write the resolved config there (rank 0)."""
+def prepare_run_dir(
+    config: Any,
+    config_name: str,
+    accelerator: Accelerator,
+    checkpoint_glob: str = "checkpoints/step_*.pt",
+    resumable_keys: frozenset[str] | None = None,
+) -> Path:
+    """Resolve, check and create the run folder; write the resolved config there (rank 0).
+
+    A folder holding checkpoints (`checkpoint_glob`, relative to it) is only reused with --resume, and then
+    only when the config equals the checkpoint's but for `resumable_keys` (default `RESUMABLE_KEYS`).
+    """
     run: RunConfig = config.train
     if run.out is None:
         if run.resume:
@@ -65,12 +101,13 @@ def prepare_run_dir(config: Any, config_name: str, accelerator: Accelerator) -> 
         broadcast_object_list(stamp)  # every rank must agree on the folder
         run.out = str(Path("runs") / f"{config_name}-{stamp[0]}")
     folder = Path(run.out)
-    checkpoints = Checkpoints(folder / "checkpoints", run.keep_checkpoints)
-    latest = checkpoints.latest()
+    found = sorted(p for p in folder.glob(checkpoint_glob) if CHECKPOINT_PATTERN.match(p.name))
+    latest = found[-1] if found else None
     if run.resume:
         if latest is None:
-            raise ConfigError(f"--resume: no checkpoint in {checkpoints.folder} to continue from")
-        check_resumable(load_checkpoint(latest)["config"], to_dict(config), latest)
+            raise ConfigError(f"--resume: no checkpoint in {folder / Path(checkpoint_glob).parent} to continue from")
+        allowed = RESUMABLE_KEYS if resumable_keys is None else resumable_keys
+        check_resumable(load_checkpoint(latest)["config"], to_dict(config), latest, allowed)
     elif latest is not None:
         raise ConfigError(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"
@@ -89,27 +126,35 @@ def prepare_run_dir(config: Any, config_name: str, accelerator: Accelerator) -> 
 # Keys a resumed run may change: speed, bookkeeping, the horizon, and where the data set lives (it may be
 # mounted elsewhere on another node; its contents are the user's responsibility). Any other difference
 # from the checkpoint's config is refused.
-RESUMABLE_KEYS = {
-    "train.steps",
-    "train.out",
-    "train.resume",
-    "train.log_every",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    "train.cpu_threads",
-    "data.workers",
-    "data.path",
-    "data.cache_dir",
-}
+RESUMABLE_KEYS = frozenset(
+    {
+        "train.steps",
+        "train.out",
+        "train.resume",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.cpu_threads",
+        "data.workers",
+        "data.path",
+        "data.cache_dir",
+    }
+)
 
 
-def check_resumable(saved: dict[str, Any], current: dict[str, Any], path: Path, prefix: str = "") -> None:
+def check_resumable(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    path: Path,
+    allowed: frozenset[str] = RESUMABLE_KEYS,
+    prefix: str = "",
+) -> None:
     for key in sorted(saved.keys() | current.keys()):
         dotted = f"{prefix}{key}"
         old, new = saved.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            check_resumable(old, new, path, dotted + ".")
-        elif old != new and dotted not in RESUMABLE_KEYS:
+            check_resumable(old, new, path, allowed, dotted + ".")
+        elif old != new and dotted not in allowed:
             raise ConfigError(
                 f"--resume: {dotted} is {new!r} here but {old!r} in {path}; resume with the run's own config "
                 "or start a new run"
@@ -201,6 +246,47 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def training_state(
+    kind: str, model, optimizer, scheduler, accelerator: Accelerator, step: int, config: Any, rng_states: list
+) -> dict[str, Any]:
+    """The one checkpoint dict: everything a resumed run needs to continue bit for bit."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "kind": kind,
+        "step": step,
+        "model": accelerator.unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "rng": rng_states,
+        "world_size": accelerator.num_processes,
+        "config": to_dict(config),
+    }
+
+
+def restore_training_state(path: Path, kind: str, model, optimizer, scheduler, accelerator: Accelerator) -> int:
+    """Load a `training_state` checkpoint into the prepared objects on every rank; returns its step."""
+    state = load_checkpoint(path)
+    if state.get("kind") != kind:
+        raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {kind!r} one")
+    try:
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ConfigError(f"{path}: its model does not match this config's model ({error})") from error
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == accelerator.num_processes:
+        set_rng_state(state["rng"][accelerator.process_index])
+    else:
+        accelerator.print(
+            f"note: checkpoint from {state['world_size']} processes, resuming on "
+            f"{accelerator.num_processes}: dropout RNG streams restart"
+        )
+    return int(state["step"])
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -235,6 +321,58 @@ class JsonlLogger:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+class MetricWindow:
+    """Per-step metrics averaged over a logging window and over ranks, written as one log.jsonl record.
+
+    Metrics stay on the device between records, so logging costs one reduction per window, not a
+    host sync per step. `flush` is a collective: every rank must call it at the same step.
+    """
+
+    def __init__(self, accelerator: Accelerator, logger: JsonlLogger, images_per_step: int, state_hint: str) -> None:
+        self.accelerator = accelerator
+        self.logger = logger
+        self.images_per_step = images_per_step
+        self.state_hint = state_hint  # where the last good state is, for the divergence message
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.skipped: list[str] = []
+        self.skipped_total = 0
+        self.start = time.perf_counter()
+
+    def add(self, skipped: tuple[str, ...] = (), **metrics: torch.Tensor) -> None:
+        for name, value in metrics.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+        self.steps += 1
+        self.skipped.extend(f"rank {self.accelerator.process_index}: {entry}" for entry in skipped)
+
+    def flush(self, step: int, **fields: Any) -> dict[str, Any]:
+        """Write {"step", <metric means>, **fields, "images_per_s", "time"}; raise on a non-finite mean."""
+        names = list(self.sums)
+        means = self.accelerator.reduce(torch.stack([self.sums[n] for n in names]) / self.steps, "mean")
+        values = dict(zip(names, means.tolist(), strict=True))
+        if not torch.isfinite(means).all():
+            raise NonFiniteLoss(f"non-finite {names[0]} at step {step} ({values}); {self.state_hint}")
+        # Every rank's unreadable files reach the rank-0 log.
+        skipped = gather_object(self.skipped) if self.accelerator.num_processes > 1 else self.skipped
+        for entry in skipped:
+            self.skipped_total += 1
+            self.logger.write(
+                {"event": "skipped_image", "step": step, "image": entry, "skipped_total": self.skipped_total}
+            )
+        elapsed = time.perf_counter() - self.start
+        record = {
+            "step": step,
+            **{name: round(value, 5) for name, value in values.items()},
+            **fields,
+            "images_per_s": round(self.steps * self.images_per_step / elapsed, 2),
+            "time": round(time.time(), 3),
+        }
+        self.logger.write(record)
+        self.sums, self.steps, self.skipped = {}, 0, []
+        self.start = time.perf_counter()
+        return record
 
 
 def run_cli(main: Callable[[list[str] | None], Any]) -> None:

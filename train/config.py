@@ -1,7 +1,12 @@
 """Typed configuration: dataclasses with defaults, one YAML per experiment in configs/, dotted overrides.
 
-Precedence: dataclass defaults < the YAML named by --config < stable flags (--lr ...) and
---section.key=value overrides. A key that no dataclass declares is an error that names it.
+One YAML describes an experiment for both stages. Its top-level sections (data, model, ...) are shared;
+a `pretraining:` block and a `finetuning:` block hold what differs per stage (optim, train, and the
+stage's own section), so `--config demo` means the same data and network to both scripts.
+
+Precedence: dataclass defaults < the YAML's shared sections < its block for this stage < stable flags
+(--lr ...) and --section.key=value overrides. A key that no dataclass declares is an error that names it,
+in either stage's block.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -88,6 +93,7 @@ class SelfieConfig:
 
 @dataclass
 class PretrainConfig:
+    STAGE: ClassVar[str] = "pretraining"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
@@ -95,6 +101,32 @@ class PretrainConfig:
     selfie: SelfieConfig = field(default_factory=SelfieConfig)
 
 
+ARCHS = ("resnet50", "resnet36_attn", "resnet36")
+
+
+@dataclass
+class FinetuneSection:
+    init: str = "none"  # pretraining run folder or checkpoint file that initialises P (and A); none = supervised
+    arch: str = "resnet50"  # resnet50 (P as stages 1-3 + fresh stage 4) | resnet36_attn (P + pretrained A) | resnet36
+    label_fraction: float = 1.0  # fraction of the training split used with labels, in (0, 1]; stratified per class
+    per_class: int = 0  # labelled images per class; when > 0 it replaces label_fraction
+    seeds: int = 1  # runs with seeds train.seed, train.seed + 1, ...; reports mean ± std (paper: 5)
+    linear_probe: bool = False  # freeze the pretrained backbone (batch norm in eval mode); train a linear head
+    eval_every: int = 0  # steps between test-set evaluations in log.jsonl; 0 = only after the last step
+    eval_batch_size: int = 256  # global batch size of test-set evaluation
+
+
+@dataclass
+class FinetuneConfig:
+    STAGE: ClassVar[str] = "finetuning"
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)  # must match the pretraining run's (P and A shapes)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+
+STAGE_CONFIGS: dict[str, type] = {cls.STAGE: cls for cls in (PretrainConfig, FinetuneConfig)}
 C = TypeVar("C")
 
 
@@ -176,8 +208,8 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def load_config(cls: type[C], name_or_path: str, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults of `cls`, then the YAML file, then `overrides` ({"optim.lr": 0.2, ...})."""
-    config = cls()
+    """Defaults of `cls`, then the YAML file (shared sections, then this stage's block), then `overrides`
+    ({"optim.lr": 0.2, ...}). Both stages' blocks are checked, so a typo anywhere in the file is an error."""
     path = resolve_config_path(name_or_path)
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
@@ -185,10 +217,28 @@ def load_config(cls: type[C], name_or_path: str, overrides: dict[str, Any] | Non
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    shared = {key: value for key, value in loaded.items() if key not in STAGE_CONFIGS}
+    declared = {f.name for stage_cls in STAGE_CONFIGS.values() for f in dataclasses.fields(stage_cls)}
+    built: dict[type, Any] = {}
     try:
-        _apply(config, loaded)
+        for key in shared:
+            if key not in declared:
+                raise ConfigError(
+                    f"unknown config key '{key}'; valid top-level keys: {', '.join(sorted(declared))}, "
+                    f"{', '.join(STAGE_CONFIGS)}"
+                )
+        for stage, stage_cls in STAGE_CONFIGS.items():
+            block = loaded.get(stage) or {}
+            if not isinstance(block, dict):
+                raise ConfigError(f"config key {stage}: expected a section of keys, got {block!r}")
+            names = {f.name for f in dataclasses.fields(stage_cls)}
+            config = stage_cls()
+            _apply(config, {key: value for key, value in shared.items() if key in names})
+            _apply(config, block, f"{stage}.")
+            built[stage_cls] = config
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
+    config = built[cls]
     for dotted, value in (overrides or {}).items():
         nested: Any = value
         for part in reversed(dotted.split(".")):

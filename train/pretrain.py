@@ -10,21 +10,32 @@ Launch:
     python train/pretrain.py --steps 50 --model.position_on_context=false
 
 The run folder (--out, default runs/<config>-<time>) receives config.yaml (the resolved config),
-log.jsonl (one JSON object per logging step) and checkpoints/step_XXXXXXXX.pt.
+log.jsonl (one JSON object per logging step), checkpoints/step_XXXXXXXX.pt, and at every checkpoint
+pictures/patches_step_XXXXXXXX.png (the model putting masked patches back) and curves.png.
+Fine-tune the result with train/finetune.py --init RUN_DIR.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from model.selfie import Selfie, build_selfie
-from pipeline.data import LOADERS, MASK_STREAM, Batch, check_readable, derive_seed, open_source
+from pipeline.data import (
+    LOADERS,
+    MASK_STREAM,
+    PICTURE_STREAM,
+    Batch,
+    BatchAssembler,
+    BatchSpec,
+    Source,
+    check_readable,
+    derive_seed,
+    open_source,
+)
 from pipeline.demo import demo_dataset
 from pipeline.patches import (
     grid_size,
@@ -33,33 +44,31 @@ from pipeline.patches import (
     sample_context_permutation,
 )
 from train.common import (
-    CHECKPOINT_FORMAT,
+    RUN_FLAGS,
     Checkpoints,
     JsonlLogger,
-    NonFiniteLoss,
+    MetricWindow,
     all_rng_states,
     build_sgd,
-    load_checkpoint,
     make_accelerator,
     per_process_batch,
     prepare_run_dir,
+    restore_training_state,
     run_cli,
-    set_rng_state,
+    training_state,
     truncate_log,
+    validate_run,
     warmup_cosine,
 )
-from train.config import ConfigError, PretrainConfig, parse_args, to_dict
+from train.config import ConfigError, PretrainConfig, parse_args
+from train.diagnostics import patch_picture, plot_curves, write_png
+
+CHECKPOINT_KIND = "selfie_pretrain"
+PICTURE_IMAGES = 4
 
 STABLE_FLAGS = {
-    "--data": ("data.path", str, "ImageNet-layout or CIFAR-10 python folder (default: built-in demo data)"),
-    "--out": ("train.out", str, "run folder (default: runs/<config>-<time>)"),
-    "--steps": ("train.steps", int, "optimizer steps"),
-    "--batch-size": ("train.batch_size", int, "global batch size, images per step over all processes"),
-    "--lr": ("optim.lr", float, "peak learning rate"),
+    **RUN_FLAGS,
     "--context-fraction": ("selfie.context_fraction", float, "fraction of patches given as context, in (0, 1)"),
-    "--seed": ("train.seed", int, "random seed"),
-    "--resume": ("train.resume", "store_true", "continue from the newest checkpoint in --out"),
-    "--loader": ("data.loader", str, f"loader backend: {', '.join(LOADERS)}"),
 }
 
 
@@ -81,14 +90,7 @@ def build_model(config: PretrainConfig) -> Selfie:
 
 def validate(config: PretrainConfig) -> tuple[int, int]:
     """Check what can be checked before any work starts; returns (patches per image, context patches)."""
-    if config.data.loader not in LOADERS:
-        raise ConfigError(f"--loader {config.data.loader}: expected one of {', '.join(LOADERS)}")
-    if config.train.seed < 0:
-        raise ConfigError(f"--seed {config.train.seed}: expected a non-negative integer")
-    if config.train.steps <= 0:
-        raise ConfigError(f"--steps {config.train.steps}: expected a positive number of steps")
-    if config.train.log_every <= 0 or config.train.checkpoint_every <= 0:
-        raise ConfigError("train.log_every and train.checkpoint_every must be positive")
+    validate_run(config)
     try:
         num_patches = grid_size(config.data.image_size, config.selfie.patch_size) ** 2
         return num_patches, num_context_patches(num_patches, config.selfie.context_fraction)
@@ -130,42 +132,24 @@ def train_step(
     return out.loss.detach(), out.accuracy.detach()
 
 
-def checkpoint_state(model, optimizer, scheduler, accelerator, step, config, rng_states) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "kind": "selfie_pretrain",
-        "step": step,
-        "model": accelerator.unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-        "rng": rng_states,
-        "world_size": accelerator.num_processes,
-        "config": to_dict(config),
-    }
+class PatchPictures:
+    """Fixed images and one fixed mask, drawn with the model's choices at every checkpoint (rank 0)."""
 
+    def __init__(self, source: Source, config: PretrainConfig, num_patches: int, num_context: int, device) -> None:
+        picks = torch.linspace(0, len(source) - 1, PICTURE_IMAGES).round().long().unique().tolist()
+        assembler = BatchAssembler(source, config.data.image_size, "center_crop")
+        self.images = assembler[BatchSpec(0, tuple(picks), 0)].images.to(device)
+        generator = torch.Generator().manual_seed(derive_seed(config.train.seed, PICTURE_STREAM))
+        self.perm = torch.stack([torch.randperm(num_patches, generator=generator)] * len(picks)).to(device)
+        self.config = config
+        self.num_context = num_context
 
-def restore(path: Path, model, optimizer, scheduler, accelerator) -> int:
-    """Load a checkpoint into the prepared objects on every rank; returns the next step to run."""
-    state = load_checkpoint(path)
-    if state.get("kind") != "selfie_pretrain":
-        raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a Selfie pretraining one")
-    try:
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
-    except RuntimeError as error:
-        raise ConfigError(f"{path}: its model does not match this config's model ({error})") from error
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if accelerator.scaler is not None and state["scaler"] is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
-    if state["world_size"] == accelerator.num_processes:
-        set_rng_state(state["rng"][accelerator.process_index])
-    else:
-        accelerator.print(
-            f"note: checkpoint from {state['world_size']} processes, resuming on "
-            f"{accelerator.num_processes}: dropout RNG streams restart"
+    def write(self, model: torch.nn.Module, path: Path) -> None:
+        data = self.config.data
+        picture = patch_picture(
+            model, self.images, self.perm, self.num_context, self.config.selfie.patch_size, data.mean, data.std
         )
-    return int(state["step"])
+        write_png(path, picture)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -192,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoints = Checkpoints(run_dir / "checkpoints", config.train.keep_checkpoints)
     start_step = 0
     if config.train.resume:
-        start_step = restore(checkpoints.latest(), model, optimizer, scheduler, accelerator)
+        start_step = restore_training_state(
+            checkpoints.latest(), CHECKPOINT_KIND, model, optimizer, scheduler, accelerator
+        )
     logger = JsonlLogger(run_dir / "log.jsonl", accelerator.is_main_process)
     if config.train.resume and accelerator.is_main_process:
         truncate_log(logger.path, start_step)
@@ -224,12 +210,15 @@ def main(argv: list[str] | None = None) -> dict:
         crop_scale=config.data.crop_scale,
         fail_on_corrupt=config.data.fail_on_corrupt,
     )
+    pictures = PatchPictures(source, config, num_patches, num_context, accelerator.device)
     mask_generator = torch.Generator(device=accelerator.device)
     model.train()
-    window_loss = torch.zeros((), device=accelerator.device)
-    window_acc = torch.zeros((), device=accelerator.device)
-    window_steps, window_start = 0, time.perf_counter()
-    skipped_total, pending_skipped = 0, []
+    window = MetricWindow(
+        accelerator,
+        logger,
+        config.train.batch_size,
+        f"the newest checkpoint in {checkpoints.folder} is the last good state",
+    )
     last: dict = {}
     progress = tqdm(
         total=config.train.steps,
@@ -239,62 +228,37 @@ def main(argv: list[str] | None = None) -> dict:
         mininterval=1.0,
     )
     for step, batch in zip(range(start_step, config.train.steps), loader, strict=False):
-        pending_skipped.extend(f"rank {accelerator.process_index}: {entry}" for entry in batch.skipped)
         step_lr = optimizer.param_groups[0]["lr"]
         mask_generator.manual_seed(derive_seed(config.train.seed, MASK_STREAM, step, accelerator.process_index))
         loss, accuracy = train_step(
             model, batch, mask_generator, config, num_context, optimizer, scheduler, accelerator
         )
-        window_loss += loss
-        window_acc += accuracy
-        window_steps += 1
+        window.add(batch.skipped, loss=loss, patch_acc=accuracy)
         done = step + 1
         progress.update(1)
-        if (
-            done % config.train.log_every == 0
-            or done % config.train.checkpoint_every == 0
-            or done == config.train.steps
-        ):
-            means = accelerator.reduce(torch.stack([window_loss, window_acc]) / window_steps, "mean")
-            mean_loss, mean_acc = means.tolist()
-            if not torch.isfinite(means).all():
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {done} (mean {mean_loss}); the newest checkpoint "
-                    f"in {checkpoints.folder} holds the last good state"
-                )
-            # Every rank's unreadable files reach the rank-0 log (a collective: all ranks are here).
-            skipped = gather_object(pending_skipped) if accelerator.num_processes > 1 else pending_skipped
-            for entry in skipped:
-                skipped_total += 1
-                logger.write({"event": "skipped_image", "step": done, "image": entry, "skipped_total": skipped_total})
-            pending_skipped = []
-            elapsed = time.perf_counter() - window_start
-            last = {
-                "step": done,
-                "loss": round(mean_loss, 5),
-                "patch_acc": round(mean_acc, 5),
-                "chance_acc": round(chance, 5),
-                "lr": step_lr,
-                "images_per_s": round(window_steps * config.train.batch_size / elapsed, 2),
-                "epoch": round(done * config.train.batch_size / len(source), 4),
-                "time": round(time.time(), 3),
-            }
-            logger.write(last)
-            progress.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{mean_acc:.1%}", refresh=False)
-            window_loss.zero_()
-            window_acc.zero_()
-            window_steps, window_start = 0, time.perf_counter()
-        if done % config.train.checkpoint_every == 0 or done == config.train.steps:
+        checkpoint_due = done % config.train.checkpoint_every == 0 or done == config.train.steps
+        if done % config.train.log_every == 0 or checkpoint_due:
+            last = window.flush(
+                done,
+                chance_acc=round(chance, 5),
+                lr=step_lr,
+                epoch=round(done * config.train.batch_size / len(source), 4),
+            )
+            progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['patch_acc']:.1%}", refresh=False)
+        if checkpoint_due:
             rng_states = all_rng_states(accelerator)
             if accelerator.is_main_process:
                 checkpoints.save(
-                    checkpoint_state(model, optimizer, scheduler, accelerator, done, config, rng_states), done
+                    training_state(CHECKPOINT_KIND, model, optimizer, scheduler, accelerator, done, config, rng_states),
+                    done,
                 )
+                pictures.write(accelerator.unwrap_model(model), run_dir / "pictures" / f"patches_step_{done:08d}.png")
+                plot_curves(logger.path, run_dir / "curves.png", f"Selfie pretraining: {run_dir.name}")
             accelerator.wait_for_everyone()
     progress.close()
     accelerator.print(
         f"done: step {last.get('step')}, loss {last.get('loss')}, patch-selection accuracy "
-        f"{last.get('patch_acc', 0):.1%} (chance {chance:.1%}); {skipped_total} unreadable images skipped; "
+        f"{last.get('patch_acc', 0):.1%} (chance {chance:.1%}); {window.skipped_total} unreadable images skipped; "
         f"run folder {run_dir}"
     )
     accelerator.end_training()

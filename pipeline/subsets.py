@@ -1,0 +1,72 @@
+"""Labelled subsets for fine-tuning: stratified per class, exact in size, deterministic given the seed.
+
+Each class's images are ordered by one permutation that depends only on (seed, class), and a subset takes
+the first n_c of each. So the subset depends on the seed and the labels alone (never on the
+initialisation being compared), and for one seed a smaller fraction's subset is contained in a larger one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data import SUBSET_STREAM, DataError, Source, derive_seed
+
+
+def class_quotas(class_counts: np.ndarray, fraction: float) -> np.ndarray:
+    """Images per class for `fraction` of the whole: round(fraction * total) in all, each class
+    proportional to its size (largest remainder; ties go to the lower class index)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    total = int(round(fraction * int(class_counts.sum())))
+    exact = class_counts * fraction
+    quotas = np.floor(exact).astype(np.int64)
+    remainders = exact - quotas
+    order = np.lexsort((np.arange(len(class_counts)), -remainders))  # largest remainder first
+    quotas[order[: total - int(quotas.sum())]] += 1
+    return quotas
+
+
+def select_labeled_subset(
+    labels: np.ndarray, seed: int, fraction: float = 1.0, per_class: int = 0, class_names: list[str] | None = None
+) -> np.ndarray:
+    """Sorted int64 indices into `labels` of the labelled subset.
+
+    `per_class > 0` takes exactly that many images of every class; otherwise `fraction` of the images,
+    stratified (see `class_quotas`). A class too small for its quota is an error that names it.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    num_classes = int(labels.max()) + 1 if len(labels) else 0
+    counts = np.bincount(labels, minlength=num_classes)
+    if per_class < 0:
+        raise ValueError(f"per-class count must be >= 0, got {per_class}")
+    quotas = np.full(num_classes, per_class, dtype=np.int64) if per_class > 0 else class_quotas(counts, fraction)
+    chosen = []
+    for label in range(num_classes):
+        members = np.flatnonzero(labels == label)
+        if quotas[label] > len(members):
+            name = class_names[label] if class_names else str(label)
+            raise DataError(f"class {name!r} has {len(members)} training images, fewer than --per-class {per_class}")
+        order = np.random.default_rng(derive_seed(seed, SUBSET_STREAM, label)).permutation(len(members))
+        chosen.append(members[order[: quotas[label]]])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+class SubsetSource:
+    """A view of `source` restricted to `indices`; index i of the view is `indices[i]` of the source."""
+
+    def __init__(self, source: Source, indices: np.ndarray) -> None:
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.labels = source.labels[self.indices]
+        self.classes = source.classes
+        self.root = source.root
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def name(self, index: int) -> str:
+        return self.source.name(int(self.indices[index]))
+
+    def load(self, index: int) -> Image.Image:
+        return self.source.load(int(self.indices[index]))

@@ -1,0 +1,92 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.selfie import build_selfie
+from train.diagnostics import (
+    PICTURE_GAP,
+    RIGHT_BORDER,
+    WRONG_BORDER,
+    patch_picture,
+    picture_size,
+    plot_curves,
+    render_patch_picture,
+    write_png,
+)
+
+
+def fixed_inputs(batch: int = 4, size: int = 32, patch: int = 8, num_context: int = 12):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+    perm = torch.stack([torch.randperm((size // patch) ** 2, generator=generator) for _ in range(batch)])
+    return images, perm, num_context
+
+
+def test_picture_has_the_expected_size() -> None:
+    # 4 rows of 3 panels; 8-pixel patches are enlarged 4x, so a 32x32 image is a 128-pixel panel.
+    assert picture_size(4, 32, 8) == (3 * 128 + 4 * PICTURE_GAP, 4 * 128 + 5 * PICTURE_GAP) == (400, 532)
+    assert picture_size(2, 224, 32) == (3 * 224 + 4 * PICTURE_GAP, 2 * 224 + 3 * PICTURE_GAP)
+    images, perm, num_context = fixed_inputs()
+    choices = torch.arange(4).expand(4, 4)
+    picture = render_patch_picture(images, perm, num_context, 8, choices)
+    assert picture.shape == (532, 400, 3) and picture.dtype == np.uint8
+
+
+def slot_border(picture: np.ndarray, row: int, position: int, grid: int = 4, cell: int = 32) -> np.ndarray:
+    """The top edge pixels of masked slot `position` in the answer panel of image `row`."""
+    panel = grid * cell
+    y = PICTURE_GAP + row * (panel + PICTURE_GAP) + (position // grid) * cell
+    x = PICTURE_GAP + 2 * (panel + PICTURE_GAP) + (position % grid) * cell
+    return picture[y, x : x + cell]
+
+
+def test_right_choices_are_framed_white_and_wrong_ones_red_with_the_chosen_content() -> None:
+    images, perm, num_context = fixed_inputs()
+    masked = perm[:, num_context:]
+    right = render_patch_picture(images, perm, num_context, 8, torch.arange(4).expand(4, 4))
+    swapped = torch.tensor([[1, 0, 2, 3]] * 4)  # slots 0 and 1 exchanged, 2 and 3 right
+    wrong = render_patch_picture(images, perm, num_context, 8, swapped)
+    for row in range(4):
+        for j in range(4):
+            position = int(masked[row, j])
+            assert (slot_border(right, row, position) == RIGHT_BORDER).all()
+            expected = WRONG_BORDER if j < 2 else RIGHT_BORDER
+            assert (slot_border(wrong, row, position) == expected).all()
+    # Inside the frame of slot 0 sits the patch of masked slot 1, enlarged.
+    position, source = int(masked[0, 0]), int(masked[0, 1])
+    y = PICTURE_GAP + (position // 4) * 32 + 8
+    x = PICTURE_GAP + 2 * (128 + PICTURE_GAP) + (position % 4) * 32 + 8
+    pixel = images[0, :, (source // 4) * 8 + 2, (source % 4) * 8 + 2].numpy()
+    assert (wrong[y, x] == pixel).all()
+    # The middle panel greys out exactly the masked slots.
+    given_x = PICTURE_GAP + 128 + PICTURE_GAP
+    assert (right[PICTURE_GAP + (position // 4) * 32 + 5, given_x + (position % 4) * 32 + 5] == 128).all()
+
+
+def test_patch_picture_runs_the_model_and_restores_its_mode(tmp_path: Path) -> None:
+    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=32, attn_heads=4)
+    model.train()
+    images, perm, num_context = fixed_inputs()
+    picture = patch_picture(model, images, perm, num_context, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert model.training
+    path = tmp_path / "pictures" / "patches_step_00000001.png"
+    write_png(path, picture)
+    assert Image.open(path).size == picture_size(4, 32, 8)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
+
+
+def test_curves_are_drawn_from_the_log(tmp_path: Path) -> None:
+    records = [
+        {"step": s, "loss": 2 / s, "patch_acc": 0.1 * s, "chance_acc": 0.25, "lr": 0.1, "images_per_s": 100}
+        for s in range(1, 6)
+    ]
+    records.insert(2, {"event": "skipped_image", "step": 2, "image": "x.jpg: broken", "skipped_total": 1})
+    records.append({"step": 5, "test_acc": 0.5, "test_loss": 1.0, "test_images": 10})
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    plot_curves(log, tmp_path / "curves.png", "title")
+    width, height = Image.open(tmp_path / "curves.png").size
+    assert width == 1600 and height == 320  # four panels of 4 x 3.2 inches at 100 dpi

@@ -1,0 +1,251 @@
+"""train/finetune.py and train/compare.py as users run them (subprocesses, tiny model, demo data)."""
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.classifier import ARCHS
+from tests.conftest import ROOT, TINY, finetune, kill_when_exists, pretrain, run_script
+from train.compare import format_table
+from train.finetune import format_accuracy, summarize
+
+FAST = [*TINY, "--steps", "2", "--seeds", "1", "--finetune.eval_batch_size=200"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
+    folder = tmp_path_factory.mktemp("pretrained")
+    result = pretrain([*TINY, "--data", str(demo_root), "--out", str(folder / "run"), "--steps", "3"], folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "run"
+
+
+def results_of(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def test_summary_arithmetic_and_line() -> None:
+    mean, std = summarize([80.0, 80.6, 79.7, 80.3, 80.9])
+    assert mean == pytest.approx(80.3)
+    assert std == pytest.approx((sum((a - 80.3) ** 2 for a in [80.0, 80.6, 79.7, 80.3, 80.9]) / 4) ** 0.5)
+    assert summarize([42.0]) == (42.0, 0.0)
+    assert format_accuracy(80.3, 0.3, 5) == "80.3 ± 0.3 (5 seeds)" and format_accuracy(50, 0, 1).endswith("(1 seed)")
+
+
+def test_table_writer_on_a_known_result() -> None:
+    cells = {
+        "supervised": {"8%": {"mean": 79.3, "std": 1.0, "seeds": 5}, "100%": {"mean": 95.5, "std": 0.2, "seeds": 5}},
+        "pretrained": {"8%": {"mean": 80.3, "std": 0.3, "seeds": 5}, "100%": {"mean": 95.3, "std": 0.1, "seeds": 5}},
+    }
+    assert format_table(cells, ["8%", "100%"], "CIFAR-10") == (
+        "**CIFAR-10**\n\n"
+        "| | 8% | 100% |\n"
+        "| --- | ---: | ---: |\n"
+        "| supervised | 79.3 ± 1.0 | 95.5 ± 0.2 |\n"
+        "| pretrained | 80.3 ± 0.3 | 95.3 ± 0.1 |\n"
+        "| Δ | +1.0 | -0.2 |\n"
+        "\nTest accuracy (%), mean ± sample standard deviation over 5 seeds.\n"
+    )
+
+
+@pytest.mark.slow
+def test_seeds_results_and_summary(tmp_path: Path, demo_root: Path, pretrained_run: Path) -> None:
+    run = tmp_path / "run"
+    args = [*FAST, "--data", str(demo_root), "--init", str(pretrained_run), "--out", str(run)]
+    result = finetune([*args, "--seeds", "2", "--steps", "4", "--finetune.eval_every=2"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = results_of(run)
+    accuracies = summary["accuracy"]["per_seed"]
+    assert len(accuracies) == 2 and all(0 <= a <= 100 for a in accuracies)
+    mean, std = summarize(accuracies)
+    assert summary["accuracy"]["mean"] == round(mean, 3) and summary["accuracy"]["std"] == round(std, 3)
+    assert re.search(rf"^accuracy: {mean:.1f} ± {std:.1f} \(2 seeds\)$", result.stdout, re.MULTILINE)
+    assert summary["init"].endswith("step_00000003.pt") and summary["labeled_images"] == [160, 160]
+    assert summary["test_images"] == 400 and summary["config"]["finetune"]["label_fraction"] == 0.1
+    for seed in (0, 1):
+        entry = summary["seeds"][seed]
+        assert entry["seed"] == seed and entry["test_images"] == 400 and entry["labeled_per_class"] == [16] * 10
+        folder = run / f"seed_{seed}"
+        assert {"log.jsonl", "result.json", "curves.png", "checkpoints"} <= {p.name for p in folder.iterdir()}
+        log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+        assert [r["step"] for r in log if "test_acc" in r] == [2, 4]  # periodic and final evaluation
+    assert summary["seeds"][0]["labeled_subset_sha1"] != summary["seeds"][1]["labeled_subset_sha1"]
+    # A larger --seeds on --resume adds seeds and keeps the finished ones.
+    before = (run / "seed_0" / "result.json").stat().st_mtime_ns
+    more = finetune([*args, "--seeds", "3", "--steps", "4", "--finetune.eval_every=2", "--resume"], tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert (
+        len(results_of(run)["accuracy"]["per_seed"]) == 3 and results_of(run)["accuracy"]["per_seed"][:2] == accuracies
+    )
+    assert (run / "seed_0" / "result.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_fine_tunes_from_pretraining_and_from_scratch(
+    tmp_path: Path, demo_root: Path, pretrained_run: Path, arch: str
+) -> None:
+    hashes = []
+    for init in ("none", str(pretrained_run)):
+        run = tmp_path / init.replace("/", "_")
+        result = finetune(
+            [*FAST, "--data", str(demo_root), "--arch", arch, "--init", init, "--out", str(run)], tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        hashes.append(results_of(run)["seeds"][0]["labeled_subset_sha1"])
+    assert hashes[0] == hashes[1]  # the same labelled images for the baseline and the pretrained run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet36", "resnet36_attn"])
+def test_a_linear_probe_leaves_the_pretrained_backbone_untouched(
+    tmp_path: Path, demo_root: Path, pretrained_run: Path, arch: str
+) -> None:
+    run = tmp_path / "probe"
+    args = [*FAST, "--data", str(demo_root), "--init", str(pretrained_run), "--out", str(run), "--arch", arch]
+    result = finetune([*args, "--linear-probe", "--steps", "3"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=False)["model"]
+    selfie = torch.load(sorted((pretrained_run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    parts = [("backbone.", "patch_net.")] + ([("pool.", "pool.")] if arch == "resnet36_attn" else [])
+    for mine, theirs in parts:
+        names = [k for k in tuned if k.startswith(mine)]
+        assert names
+        for name in names:  # weights and batch-norm statistics alike
+            assert torch.equal(tuned[name], selfie[theirs + name.removeprefix(mine)]), name
+    assert tuned["head.weight"].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_kill_then_resume_gives_the_same_model(tmp_path: Path, demo_root: Path) -> None:
+    common = [*TINY, "--data", str(demo_root), "--steps", "40", "--train.checkpoint_every=4", "--seeds", "1"]
+    common += ["--train.keep_checkpoints=20"]
+    straight = tmp_path / "straight"
+    assert finetune([*common, "--out", str(straight)], tmp_path).returncode == 0
+    killed = tmp_path / "killed"
+    kill_when_exists(
+        "finetune.py", [*common, "--out", str(killed)], tmp_path, killed / "seed_0" / "checkpoints" / "step_00000008.pt"
+    )
+    assert not (killed / "results.json").exists()
+    result = finetune([*common, "--out", str(killed), "--resume"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (
+        torch.load(run / "seed_0" / "checkpoints" / "step_00000040.pt", weights_only=False)["model"]
+        for run in (straight, killed)
+    )
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    log = [json.loads(line) for line in (killed / "seed_0" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 41))
+    assert results_of(straight)["accuracy"] == results_of(killed)["accuracy"]
+
+
+@pytest.mark.slow
+def test_two_processes_count_every_test_image_once(tmp_path: Path, demo_root: Path, pretrained_run: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_root, data)
+    (data / "val" / "camera" / "0003.png").unlink()  # 399 test files: the ranks' shards differ in size
+    (data / "val" / "coffee" / "0007.png").write_bytes(b"not a png")  # and one of them is unreadable
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    run = tmp_path / "run"
+    args = [str(ROOT / "train" / "finetune.py"), *FAST, "--data", str(data), "--out", str(run)]
+    result = run_script(
+        [*args, "--init", str(pretrained_run), "--steps", "3", "--finetune.eval_batch_size=126"],
+        tmp_path,
+        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", "29527"],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = results_of(run)
+    # 200 + 199 files over two ranks in batches of 63; the unreadable one is left out, none is counted twice.
+    assert summary["test_images"] == 399 and summary["seeds"][0]["test_images"] == 398
+    assert "unreadable test image, not counted" in result.stdout and "coffee/0007.png" in result.stdout
+    assert "2 process(es)" in result.stdout and result.stdout.count("\naccuracy: ") == 1
+    log = [json.loads(line) for line in (run / "seed_0" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
+    tmp_path: Path, demo_root: Path, pretrained_run: Path
+) -> None:
+    no_test_split = tmp_path / "only-train"
+    shutil.copytree(demo_root / "train", no_test_split)
+    other_classes = tmp_path / "other-classes"
+    shutil.copytree(demo_root, other_classes)
+    shutil.copytree(other_classes / "val" / "camera", other_classes / "val" / "aardvark")
+    wrong_kind = tmp_path / "tuned"
+    assert finetune([*FAST, "--data", str(demo_root), "--out", str(wrong_kind)], tmp_path).returncode == 0
+    cases = [
+        (["--label-fraction", "0"], "--label-fraction 0.0: expected a fraction in (0, 1]"),
+        (["--label-fraction", "1.5"], "--label-fraction 1.5: expected a fraction in (0, 1]"),
+        (["--per-class", "170"], "has 160 training images, fewer than --per-class 170"),
+        (["--data", str(no_test_split)], "no test split"),
+        (["--data", str(other_classes)], "the test split's 11 classes differ from the training split's 10"),
+        (["--model.stem=tiny"], "model settings do not build --arch resnet50: stem must be one of"),
+        (
+            ["--init", str(wrong_kind / "seed_0" / "checkpoints" / "step_00000002.pt")],
+            "a 'finetune' checkpoint; expected",
+        ),
+        (["--init", str(wrong_kind)], "a fine-tuning run folder; expected a pretraining run folder"),
+        (["--init", str(pretrained_run), "--model.width=0.25"], "pretrained with model.width=0.125"),
+        (["--init", str(pretrained_run), "--arch", "resnet36_attn", "--model.attn_heads=8"], "model.attn_heads=4"),
+        (["--init", str(tmp_path / "nowhere")], "no such file or folder"),
+        (["--linear-probe"], "resnet50's stage 4 is not pretrained"),
+        (["--arch", "vit"], "--arch vit: expected one of resnet50, resnet36_attn, resnet36"),
+        (["--seeds", "0"], "--seeds 0"),
+        (["--label-fraction", "0.01"], "the labelled subset has 16 images, fewer than one global batch of 32"),
+    ]
+    for args, message in cases:
+        data = [] if "--data" in args else ["--data", str(demo_root)]
+        batch = ["--batch-size", "32"] if "0.01" in args else []
+        result = finetune([*FAST, *data, *args, *batch], tmp_path, timeout=60)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert message in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, args
+    assert not (tmp_path / "runs").exists()  # nothing half-made left behind
+
+
+@pytest.mark.slow
+def test_compare_writes_table_and_plot_and_reuses_finished_cells(
+    tmp_path: Path, demo_root: Path, pretrained_run: Path
+) -> None:
+    out = tmp_path / "cmp"
+    args = [
+        str(ROOT / "train" / "compare.py"),
+        "--init",
+        str(pretrained_run),
+        "--fractions",
+        "0.05,1",
+        "--out",
+        str(out),
+    ]
+    args += [*FAST, "--data", str(demo_root)]
+    first = run_script(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    table = (out / "table.md").read_text()
+    assert "| | 5% | 100% |" in table and "| supervised |" in table and "| pretrained |" in table and "| Δ |" in table
+    cells = json.loads((out / "table.json").read_text())["cells"]
+    for row in ("supervised", "pretrained"):
+        for column, folder in (("5%", "label-fraction-0.05"), ("100%", "label-fraction-1")):
+            assert cells[row][column]["mean"] == results_of(out / f"{row}-{folder}")["accuracy"]["mean"]
+    assert (out / "accuracy_vs_labels.png").stat().st_size > 0
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/result.json")}
+    again = run_script(args, tmp_path)  # a rerun reads finished cells back
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "table.md").read_text() == table
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed_*/result.json")} == finished
+    changed = run_script([*args, "--lr", "0.5"], tmp_path)  # ...and refuses ones made with another recipe
+    assert changed.returncode == 2 and "optim.lr is 0.5 here but" in changed.stderr
+    for bad, message in (
+        (["--fractions", "0.05,1.5"], "--fractions 1.5"),
+        (["--label-fraction", "0.1"], "set by compare.py"),
+    ):
+        early = run_script([*args, *bad, "--out", str(tmp_path / "early")], tmp_path)
+        assert early.returncode == 2 and message in early.stderr, early.stderr[-2000:]
+        assert not (tmp_path / "early").exists()  # refused before any cell ran

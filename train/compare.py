@@ -1,0 +1,174 @@
+"""Pretrained vs. supervised over a grid of label fractions and seeds: the paper's Table 1 and Figure 4.
+
+Launch:
+    accelerate launch train/pretrain.py --out runs/demo-pt                 # pretrain on the demo data first
+    python train/compare.py --init runs/demo-pt                            # demo: 4 fractions x 3 seeds x 2 inits
+    python train/compare.py --init runs/demo-pt --fractions 0.02,0.1 --seeds 5 --arch resnet36_attn
+    accelerate launch --multi_gpu --num_processes 8 train/compare.py --config cifar10 \
+        --data ~/data/cifar-10-batches-py --init runs/c10 --fractions 0.05,0.08,0.2,1 --seeds 5 --out runs/c10-cmp
+    accelerate launch train/compare.py --config imagenet224 --data ~/data/imagenet --init runs/in224 --per-class 60,130
+
+For each column (a label fraction or a per-class count) it runs train/finetune.py twice, with --init none
+and with --init INIT, same seeds and so the same labelled subsets, into OUT/supervised-<col> and
+OUT/pretrained-<col>. Any other flag (--steps, --lr, --arch, --linear-probe, --section.key=value) goes to
+both. A cell whose results.json exists is read back, an interrupted one resumed, so rerunning the same
+command after a crash finishes the grid. Writes OUT/table.md (rows supervised / pretrained / delta,
+cells mean ± std over seeds), OUT/table.json and OUT/accuracy_vs_labels.png (accuracy against labels with
+error bars, and the gain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+from train import finetune
+from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
+from train.config import ConfigError, FinetuneConfig, parse_args
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+ROWS = (("supervised", "none"), ("pretrained", None))  # (row name, --init); None = the --init given
+
+
+def parse_columns(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ConfigError(f"{flag} {text}: expected comma-separated numbers ({error})") from error
+    if not values:
+        raise ConfigError(f"{flag} {text}: expected at least one value")
+    return values
+
+
+def column_label(value: float | int, per_class: bool) -> str:
+    if per_class:
+        return f"{value}/class"
+    return f"{value * 100:g}%"
+
+
+def format_table(cells: dict[str, dict[str, dict]], columns: list[str], title: str = "") -> str:
+    """Markdown in the paper's Table 1 layout. cells[row][column] = {"mean", "std", "seeds"} in percent;
+    the delta row is pretrained mean minus supervised mean."""
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| | " + " | ".join(columns) + " |")
+    lines.append("| --- |" + " ---: |" * len(columns))
+    for row, _ in ROWS:
+        lines.append(
+            f"| {row} | "
+            + " | ".join(f"{cells[row][c]['mean']:.1f} ± {cells[row][c]['std']:.1f}" for c in columns)
+            + " |"
+        )
+    deltas = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
+    lines.append("| Δ | " + " | ".join(f"{d:+.1f}" for d in deltas) + " |")
+    seeds = sorted({cells[row][c]["seeds"] for row, _ in ROWS for c in columns})
+    lines += ["", f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, seeds))} seeds."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(
+    cells: dict[str, dict[str, dict]], columns: list[str], x: list[float], xlabel: str, path: Path, title: str
+) -> None:
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for row, _ in ROWS:
+        means = [cells[row][c]["mean"] for c in columns]
+        stds = [cells[row][c]["std"] for c in columns]
+        left.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=row)
+    gains = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
+    right.bar(range(len(columns)), gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains])
+    right.set_xticks(range(len(columns)), columns)
+    right.axhline(0, color="black", linewidth=0.8)
+    for axis, ylabel in ((left, "test accuracy (%)"), (right, "gain from pretraining (points)")):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    left.set_xscale("log")
+    left.set_xticks(x, columns)
+    left.minorticks_off()
+    left.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+
+
+def run_cell(out: Path, row: str, column_flag: str, value: float | int, init: str, passthrough: list[str]) -> dict:
+    """One fine-tuning run. A folder that holds a run is resumed: finetune.py refuses it when its config
+    differs, reads its finished seeds back and continues the rest."""
+    folder = out / f"{row}-{column_flag.lstrip('-')}-{value:g}"
+    resume = any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob("seed_*/checkpoints/*"))
+    args = [*passthrough, "--init", init, column_flag, str(value), "--out", str(folder)]
+    return finetune.main(args + (["--resume"] if resume else []))
+
+
+def check_before_running(args: argparse.Namespace, passthrough: list[str], column_flag: str, values: list) -> None:
+    """Everything a cell would refuse, refused before the first cell spends hours training."""
+    own = {"--init", "--out", "--resume", "--label-fraction", "--per-class", "--finetune.label_fraction"}
+    own |= {"--finetune.per_class", "--finetune.init", "--train.out", "--train.resume"}
+    clashes = sorted({token.split("=")[0] for token in passthrough} & own)
+    if clashes:
+        raise ConfigError(f"{', '.join(clashes)}: set by compare.py per column and row; use --fractions/--per-class")
+    for value in values:
+        if column_flag == "--per-class" and value <= 0:
+            raise ConfigError(f"--per-class {value}: expected positive counts")
+        if column_flag == "--label-fraction" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"--fractions {value}: expected fractions in (0, 1], e.g. 0.05 for 5%")
+    for init in ("none", args.init):
+        config, _ = parse_args(
+            [*passthrough, "--init", init, column_flag, str(values[0])], FinetuneConfig, finetune.STABLE_FLAGS, ""
+        )
+        finetune.validate(config)
+        finetune.load_init(config)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description="Pretrained vs. supervised fine-tuning over label fractions (paper Table 1 / Figure 4)",
+        epilog="Other flags go to train/finetune.py for both rows: --config, --data, --steps, --arch, ...",
+    )
+    parser.add_argument("--init", required=True, help="pretraining run folder or checkpoint for the pretrained row")
+    columns = parser.add_mutually_exclusive_group()
+    columns.add_argument("--fractions", default="0.05,0.1,0.2,1", help="label fractions (default 0.05,0.1,0.2,1)")
+    columns.add_argument("--per-class", help="labelled images per class instead, e.g. 60,130")
+    parser.add_argument("--out", help="output folder (default: runs/compare-<init folder name>)")
+    parser.add_argument("--title", default="", help="table and plot title (default: data and init)")
+    args, passthrough = parser.parse_known_args(argv)
+    if args.per_class:
+        column_flag, values = "--per-class", parse_columns(args.per_class, int, "--per-class")
+    else:
+        column_flag, values = "--label-fraction", parse_columns(args.fractions, float, "--fractions")
+    check_before_running(args, passthrough, column_flag, values)
+    init_name = Path(args.init).name if Path(args.init).is_dir() else Path(args.init).parent.parent.name
+    out = Path(args.out or Path("runs") / f"compare-{init_name}")
+    labels = [column_label(v, bool(args.per_class)) for v in values]
+    cells: dict[str, dict[str, dict]] = {row: {} for row, _ in ROWS}
+    for value, label in zip(values, labels, strict=True):
+        for row, init in ROWS:
+            results = run_cell(out, row, column_flag, value, init or args.init, passthrough)
+            accuracy = results["accuracy"]
+            cells[row][label] = {"mean": accuracy["mean"], "std": accuracy["std"], "seeds": len(accuracy["per_seed"])}
+            data = results["config"]["data"]["path"] or "demo data"
+            arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
+    title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"
+    table = format_table(cells, labels, title)
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "table.md", table.encode())
+        summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}
+        write_atomic(out / "table.json", json.dumps(summary, indent=1).encode())
+        xlabel = "labelled images per class" if args.per_class else "fraction of labels"
+        plot_comparison(cells, labels, [float(v) for v in values], xlabel, out / "accuracy_vs_labels.png", title)
+        print(table)
+        print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_labels.png'}")
+    return {"out": str(out), "cells": cells}
+
+
+if __name__ == "__main__":
+    run_cli(main)
