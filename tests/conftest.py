@@ -8,8 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from pipeline.demo import demo_dataset
+# Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The switch is read when a
+# kernel is defined, so it is set before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pipeline.demo import demo_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # A Selfie small enough that a few steps take a second on one CPU core.

@@ -195,6 +195,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--loader", "magic"], "--loader magic"),
         (["--batch-size", "0"], "--batch-size 0"),
         (["--seed", "-1"], "--seed -1"),
+        (["--selfie.patch_op=magic"], "selfie.patch_op: patch op must be one of"),
     ]
 
 

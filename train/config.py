@@ -89,6 +89,7 @@ class ModelConfig:
 class SelfieConfig:
     patch_size: int = 8  # patch side in pixels; must divide data.image_size (paper: 8 on 32, 32 on 224)
     context_fraction: float = 0.75  # fraction p of patches given as context (paper: 0.75 or 0.5)
+    patch_op: str = "auto"  # auto (triton on CUDA, numba on CPU) | reference (plain torch) | triton | numba
 
 
 @dataclass

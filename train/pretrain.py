@@ -37,12 +37,8 @@ from pipeline.data import (
     open_source,
 )
 from pipeline.demo import demo_dataset
-from pipeline.patches import (
-    grid_size,
-    num_context_patches,
-    patchify_and_mask,
-    sample_context_permutation,
-)
+from pipeline.fused_patches import PatchOp, select_patch_op
+from pipeline.patches import grid_size, num_context_patches, sample_context_permutation
 from train.common import (
     RUN_FLAGS,
     Checkpoints,
@@ -104,6 +100,7 @@ def train_step(
     mask_generator: torch.Generator,
     config: PretrainConfig,
     num_context: int,
+    patch_op: PatchOp,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
@@ -113,7 +110,7 @@ def train_step(
     perm = sample_context_permutation(
         images.shape[0], grid_size(images.shape[-1], config.selfie.patch_size) ** 2, mask_generator
     )
-    patches = patchify_and_mask(
+    patches = patch_op(
         images,
         perm,
         config.selfie.patch_size,
@@ -157,6 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
     num_patches, num_context = validate(config)
     accelerator = make_accelerator(config.train)
     batch_per_process = per_process_batch(config.train, accelerator)
+    try:
+        patch_op_name, patch_op = select_patch_op(accelerator.device, config.selfie.patch_op)
+    except ValueError as error:
+        raise ConfigError(f"selfie.patch_op: {error}") from error
     data_path = config.data.path or demo_dataset(config.data.cache_dir)
     source = open_source(data_path, "train")
     check_readable(source)
@@ -186,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(
         f"selfie: {len(source)} images from {data_path}; {config.data.image_size}px, "
         f"{config.selfie.patch_size}px patches ({num_patches} per image: {num_context} context, "
-        f"{num_patches - num_context} masked, chance {chance:.1%}); {accelerator.num_processes} process(es) "
+        f"{num_patches - num_context} masked, chance {chance:.1%}; {patch_op_name} patch op); "
+        f"{accelerator.num_processes} process(es) "
         f"on {accelerator.device}, {config.train.batch_size} images/step ({batch_per_process} per process), "
         f"peak lr {config.optim.lr:g}, precision {config.train.precision}; "
         f"P+A {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; run folder {run_dir}"
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
         step_lr = optimizer.param_groups[0]["lr"]
         mask_generator.manual_seed(derive_seed(config.train.seed, MASK_STREAM, step, accelerator.process_index))
         loss, accuracy = train_step(
-            model, batch, mask_generator, config, num_context, optimizer, scheduler, accelerator
+            model, batch, mask_generator, config, num_context, patch_op, optimizer, scheduler, accelerator
         )
         window.add(batch.skipped, loss=loss, patch_acc=accuracy)
         done = step + 1

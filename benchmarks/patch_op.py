@@ -1,0 +1,78 @@
+"""Images/s of the patch op alone (uint8 batch in memory -> P's input), each op against the reference.
+
+    python -m benchmarks.patch_op                       # the ops this device can run, both paper shapes
+    python -m benchmarks.patch_op --batch 512 --dtype bf16 --channels-last
+
+Median over --repeats timed calls after --warmup untimed ones (numba compiles, Triton autotunes and
+caches on the first call); the device is synchronised before each clock read. The loader and the model
+are not involved: `python -m benchmarks.throughput` (issue 5) measures images/s reaching the loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from pipeline.fused_patches import patchify_numba, patchify_triton, triton_runs_on
+from pipeline.patches import patchify_and_mask, sample_context_permutation
+
+SHAPES = {"32/8": (32, 8, 12), "224/32": (224, 32, 37)}  # image size, patch size, context patches (p=0.75)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def time_op(op, images, perm, patch, num_context, dtype, channels_last, warmup: int, repeats: int) -> float:
+    def sync() -> None:
+        if images.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        op(images, perm, patch, num_context, dtype=dtype, channels_last=channels_last)
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        op(images, perm, patch, num_context, dtype=dtype, channels_last=channels_last)
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    ops = {"reference": patchify_and_mask}
+    if device.type == "cpu":
+        ops["numba"] = patchify_numba
+    if device.type == "cuda" and triton_runs_on(device):
+        ops["triton"] = patchify_triton
+    print(
+        f"device {device} ({torch.get_num_threads()} CPU threads), batch {args.batch}, {args.dtype}, "
+        f"{'channels-last' if args.channels_last else 'NCHW'}; median of {args.repeats}"
+    )
+    print("| shape | op | ms/batch | images/s | vs. reference |\n| --- | --- | ---: | ---: | ---: |")
+    for shape, (size, patch, num_context) in SHAPES.items():
+        images = torch.randint(0, 256, (args.batch, 3, size, size), dtype=torch.uint8, device=device)
+        perm = sample_context_permutation(args.batch, (size // patch) ** 2, device=device)
+        reference = None
+        for name, op in ops.items():
+            seconds = time_op(
+                op, images, perm, patch, num_context, DTYPES[args.dtype], args.channels_last, args.warmup, args.repeats
+            )
+            reference = reference or seconds
+            print(
+                f"| {shape} | {name} | {seconds * 1e3:.2f} | {args.batch / seconds:,.0f} | {reference / seconds:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Fused patch ops: normalise, grid, apply each sample's permutation and write P's input in one pass.
+
+Each op returns exactly what `pipeline.patches.patchify_and_mask` returns for the same uint8 images and
+permutation (same values bit for bit, layout, dtype, memory format); tests/test_fused_patches.py holds
+them to that. The arithmetic is the reference's, in its order: x (fp32) minus 255 * mean (an fp32
+product), divided by 255 * std with correct rounding, then one cast to the output dtype.
+
+- `triton`: a GPU kernel, one program per output patch; it reads the patch's C x p x p pixels once
+  and writes them where P reads them (NCHW or channels-last, fp32/bf16/fp16). Under TRITON_INTERPRET=1
+  it also runs on the CPU, which is how CI tests it.
+- `numba`: the CPU path, a parallel loop over output patches compiled by numba (fp32 out; a half-precision
+  request is one torch cast after, the reference's own rounding).
+- `reference`: the plain-torch function.
+
+`select_patch_op(device, name)` picks one: "auto" means triton on CUDA, numba on the CPU, each only when
+importable (else the reference); a named op that cannot run on the device is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, grid_size, patchify_and_mask
+
+PATCH_OPS = ("auto", "reference", "triton", "numba")
+PatchOp = Callable[..., torch.Tensor]
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install without triton still trains, on the numba or reference op
+    triton = None
+
+try:
+    import numba
+except ImportError:
+    numba = None
+
+
+def _scaled(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """255 * values as the reference computes it: an fp32 tensor times 255 in fp32."""
+    return torch.tensor(values, dtype=torch.float32, device=device) * 255.0
+
+
+def _check(images: torch.Tensor, perm: torch.Tensor, patch_size: int, num_context: int) -> tuple[int, int, int]:
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"images must be uint8 (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
+    batch, _, height, width = images.shape
+    if height != width:
+        raise ValueError(f"images must be square, got {height}x{width}")
+    grid = grid_size(height, patch_size)
+    if perm.shape != (batch, grid * grid):
+        raise ValueError(f"perm must be (B, N) = ({batch}, {grid * grid}), got {tuple(perm.shape)}")
+    if not 0 < num_context < grid * grid:
+        raise ValueError(f"num_context must be in 1 .. {grid * grid - 1}, got {num_context}")
+    return batch, grid, grid * grid
+
+
+if triton is not None:
+
+    @triton.jit
+    def _patchify_kernel(
+        images_ptr,  # uint8 (B, C, H, W) contiguous
+        perm_ptr,  # int64 (B, N) contiguous
+        mean_ptr,  # fp32 (C,): 255 * mean
+        std_ptr,  # fp32 (C,): 255 * std
+        out_ptr,  # (B * N, C, p, p) in NCHW or channels-last storage
+        num_context,
+        num_patches,
+        batch,
+        grid,
+        height,
+        CHANNELS: tl.constexpr,
+        PATCH: tl.constexpr,
+        BLOCK: tl.constexpr,
+        CHANNELS_LAST: tl.constexpr,
+        OUT_BF16: tl.constexpr,
+    ):
+        out_index = tl.program_id(0)
+        context_total = batch * num_context
+        is_context = out_index < context_total
+        num_masked = num_patches - num_context
+        masked_index = out_index - context_total
+        sample = tl.where(is_context, out_index // num_context, masked_index // num_masked)
+        slot = tl.where(is_context, out_index % num_context, num_context + masked_index % num_masked)
+        position = tl.load(perm_ptr + sample * num_patches + slot)
+        top = (position // grid) * PATCH
+        left = (position % grid) * PATCH
+
+        offsets = tl.arange(0, BLOCK)  # c * p * p + i * p + j over the patch, NCHW order
+        valid = offsets < CHANNELS * PATCH * PATCH
+        channel = offsets // (PATCH * PATCH)
+        row = (offsets // PATCH) % PATCH
+        column = offsets % PATCH
+        source = ((sample * CHANNELS + channel) * height + top + row) * height + left + column
+        pixels = tl.load(images_ptr + source, mask=valid, other=0).to(tl.float32)
+        mean = tl.load(mean_ptr + channel, mask=valid, other=0.0)
+        std = tl.load(std_ptr + channel, mask=valid, other=1.0)
+        values = tl.math.div_rn(pixels - mean, std)  # correctly rounded, as torch divides
+        if CHANNELS_LAST:
+            target = (row * PATCH + column) * CHANNELS + channel
+        else:
+            target = offsets
+        if OUT_BF16:
+            # Round to nearest even by hand: the interpreter's cast truncates, and both must match torch.
+            bits = values.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            result = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            result = values.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_index * CHANNELS * PATCH * PATCH + target, result, mask=valid)
+
+
+def patchify_triton(
+    images: torch.Tensor,
+    perm: torch.Tensor,
+    patch_size: int,
+    num_context: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The Triton op (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference."""
+    if triton is None:
+        raise RuntimeError("the triton patch op needs the triton package")
+    batch, grid, num_patches = _check(images, perm, patch_size, num_context)
+    channels = images.shape[1]
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(
+        (batch * num_patches, channels, patch_size, patch_size),
+        dtype=dtype,
+        device=images.device,
+        memory_format=memory_format,
+    )
+    block = triton.next_power_of_2(channels * patch_size * patch_size)
+    _patchify_kernel[(batch * num_patches,)](
+        images.contiguous(),
+        perm.to(torch.int64).contiguous(),
+        _scaled(mean, images.device),
+        _scaled(std, images.device),
+        out,
+        num_context,
+        num_patches,
+        batch,
+        grid,
+        images.shape[2],
+        CHANNELS=channels,
+        PATCH=patch_size,
+        BLOCK=block,
+        CHANNELS_LAST=channels_last,
+        OUT_BF16=dtype == torch.bfloat16,
+    )
+    return out
+
+
+if numba is not None:
+
+    @numba.njit(parallel=True, cache=True)
+    def _patchify_numba(images, perm, patch, num_context, mean255, std255, out):  # pragma: no cover (compiled)
+        batch, channels, _, _ = images.shape
+        num_patches = perm.shape[1]
+        grid = images.shape[2] // patch
+        num_masked = num_patches - num_context
+        context_total = batch * num_context
+        for out_index in numba.prange(batch * num_patches):
+            if out_index < context_total:
+                sample, slot = out_index // num_context, out_index % num_context
+            else:
+                masked_index = out_index - context_total
+                sample, slot = masked_index // num_masked, num_context + masked_index % num_masked
+            position = perm[sample, slot]
+            top, left = (position // grid) * patch, (position % grid) * patch
+            for c in range(channels):
+                for i in range(patch):
+                    for j in range(patch):
+                        value = np.float32(images[sample, c, top + i, left + j])
+                        out[out_index, c, i, j] = (value - mean255[c]) / std255[c]
+
+
+def patchify_numba(
+    images: torch.Tensor,
+    perm: torch.Tensor,
+    patch_size: int,
+    num_context: int,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """The numba op for CPU tensors; same contract as the reference."""
+    if numba is None:
+        raise RuntimeError("the numba patch op needs the numba package")
+    if images.device.type != "cpu":
+        raise ValueError(f"the numba patch op runs on CPU tensors, got {images.device}")
+    batch, _, num_patches = _check(images, perm, patch_size, num_context)
+    channels = images.shape[1]
+    out = np.empty((batch * num_patches, channels, patch_size, patch_size), dtype=np.float32)
+    # As many threads as torch uses in this process, so ranks sharing a machine do not oversubscribe it.
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _patchify_numba(
+        images.contiguous().numpy(),
+        perm.to(torch.int64).contiguous().numpy(),
+        patch_size,
+        num_context,
+        _scaled(mean, images.device).numpy(),
+        _scaled(std, images.device).numpy(),
+        out,
+    )
+    result = torch.from_numpy(out).to(dtype)
+    return result.contiguous(memory_format=torch.channels_last) if channels_last else result
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def select_patch_op(device: torch.device | str, name: str = "auto") -> tuple[str, PatchOp]:
+    """(name, op) for `device`; see the module docstring."""
+    device = torch.device(device)
+    if name not in PATCH_OPS:
+        raise ValueError(f"patch op must be one of {PATCH_OPS}, got {name!r}")
+    if name == "auto":
+        if device.type == "cuda" and triton is not None:
+            name = "triton"
+        elif device.type == "cpu" and numba is not None:
+            name = "numba"
+        else:
+            name = "reference"
+    if name == "triton" and not triton_runs_on(device):
+        raise ValueError(f"the triton patch op cannot run on {device} (needs triton and CUDA, or TRITON_INTERPRET=1)")
+    if name == "numba" and (numba is None or device.type != "cpu"):
+        raise ValueError(f"the numba patch op cannot run on {device} (needs numba and CPU tensors)")
+    ops = {"reference": patchify_and_mask, "triton": patchify_triton, "numba": patchify_numba}
+    return name, ops[name]

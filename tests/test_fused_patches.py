@@ -1,0 +1,93 @@
+"""The fused patch ops equal the plain-torch reference bit for bit (values, layout, dtype, memory format)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.fused_patches import patchify_numba, patchify_triton, select_patch_op, triton_runs_on
+from pipeline.patches import patchify_and_mask, sample_context_permutation
+from tests.conftest import TINY, pretrain
+
+# (batch, image size, patch size, context patches): odd batch counts, both paper grids, a 4x4 of 16px.
+SHAPES = [(1, 32, 8, 12), (3, 32, 8, 8), (7, 32, 8, 1), (2, 224, 32, 37), (5, 64, 16, 15)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def random_batch(batch: int, size: int, patch: int, device: str = "cpu", seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
+    images[0, :, :2] = 255  # the extremes of the range, in every batch
+    images[-1, :, -2:] = 0
+    perm = sample_context_permutation(batch, (size // patch) ** 2, generator)
+    return images.to(device), perm.to(device)
+
+
+def assert_same(op, device: str, shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
+    batch, size, patch, num_context = shape
+    images, perm = random_batch(batch, size, patch, device, seed=batch * size)
+    expected = patchify_and_mask(images, perm, patch, num_context, MEAN, STD, dtype, channels_last)
+    got = op(images, perm, patch, num_context, MEAN, STD, dtype, channels_last)
+    assert got.dtype == expected.dtype and got.shape == expected.shape and got.stride() == expected.stride()
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="needs triton and TRITON_INTERPRET=1")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_interpreted_equals_reference(shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
+    assert_same(patchify_triton, "cpu", shape, dtype, channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_numba_equals_reference(shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
+    assert_same(patchify_numba, "cpu", shape, dtype, channels_last)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_triton_on_gpu_equals_reference(shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
+    assert_same(patchify_triton, "cuda", shape, dtype, channels_last)
+
+
+def test_the_op_is_chosen_by_device_and_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert select_patch_op("cpu")[0] == "numba"
+    assert select_patch_op("cpu", "reference") == ("reference", patchify_and_mask)
+    with pytest.raises(ValueError, match="patch op must be one of"):
+        select_patch_op("cpu", "magic")
+    with pytest.raises(ValueError, match="numba patch op cannot run on cuda"):
+        select_patch_op("cuda", "numba")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="triton patch op cannot run on cpu"):
+        select_patch_op("cpu", "triton")
+
+
+def test_bad_inputs_are_named() -> None:
+    images, perm = random_batch(2, 32, 8)
+    with pytest.raises(ValueError, match="images must be uint8"):
+        patchify_numba(images.float(), perm, 8, 12)
+    with pytest.raises(ValueError, match="perm must be"):
+        patchify_numba(images, perm[:, :8], 8, 12)
+    with pytest.raises(ValueError, match="num_context must be"):
+        patchify_numba(images, perm, 8, 16)
+
+
+@pytest.mark.slow
+def test_pretraining_with_the_fused_op_equals_the_reference(tmp_path: Path, demo_root: Path) -> None:
+    models = []
+    for op in ("numba", "reference"):
+        run = tmp_path / op
+        args = [*TINY, "--data", str(demo_root), "--steps", "3", "--out", str(run), f"--selfie.patch_op={op}"]
+        result = pretrain(args, tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"{op} patch op" in result.stdout
+        models.append(torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=False)["model"])
+    for name, tensor in models[0].items():
+        assert torch.equal(tensor, models[1][name]), name
