@@ -18,6 +18,7 @@ importable (else the reference); a named op that cannot run on the device is an 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -46,10 +47,14 @@ def _scaled(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device) * 255.0
 
 
-def _check(images: torch.Tensor, perm: torch.Tensor, patch_size: int, num_context: int) -> tuple[int, int, int]:
+def _check(
+    images: torch.Tensor, perm: torch.Tensor, patch_size: int, num_context: int, mean: tuple, std: tuple
+) -> tuple[int, int, int]:
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"images must be uint8 (B, C, H, W), got {images.dtype} {tuple(images.shape)}")
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need {channels} values (one per channel), got {len(mean)} and {len(std)}")
     if height != width:
         raise ValueError(f"images must be square, got {height}x{width}")
     grid = grid_size(height, patch_size)
@@ -57,7 +62,17 @@ def _check(images: torch.Tensor, perm: torch.Tensor, patch_size: int, num_contex
         raise ValueError(f"perm must be (B, N) = ({batch}, {grid * grid}), got {tuple(perm.shape)}")
     if not 0 < num_context < grid * grid:
         raise ValueError(f"num_context must be in 1 .. {grid * grid - 1}, got {num_context}")
+    if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= grid * grid):
+        raise ValueError(f"perm holds positions outside 0 .. {grid * grid - 1}")
     return batch, grid, grid * grid
+
+
+def _empty_like_reference(
+    shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool
+) -> torch.Tensor:
+    """Storage with the reference's strides, also where a dimension of size 1 makes formats ambiguous."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
 
 
 if triton is not None:
@@ -80,7 +95,7 @@ if triton is not None:
         CHANNELS_LAST: tl.constexpr,
         OUT_BF16: tl.constexpr,
     ):
-        out_index = tl.program_id(0)
+        out_index = tl.program_id(0).to(tl.int64)  # int64 offsets: large batches pass 2**31 elements
         context_total = batch * num_context
         is_context = out_index < context_total
         num_masked = num_patches - num_context
@@ -128,33 +143,35 @@ def patchify_triton(
     """The Triton op (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); same contract as the reference."""
     if triton is None:
         raise RuntimeError("the triton patch op needs the triton package")
-    batch, grid, num_patches = _check(images, perm, patch_size, num_context)
+    batch, grid, num_patches = _check(images, perm, patch_size, num_context, mean, std)
     channels = images.shape[1]
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty(
-        (batch * num_patches, channels, patch_size, patch_size),
-        dtype=dtype,
-        device=images.device,
-        memory_format=memory_format,
+    out = _empty_like_reference(
+        (batch * num_patches, channels, patch_size, patch_size), dtype, images.device, channels_last
     )
+    if not out.numel():
+        return out
+    # The kernel writes channels-last offsets; where C or p is 1 those equal the NCHW ones the
+    # reference's strides then keep, so one formula serves both.
+    launch_device = torch.cuda.device(images.device) if images.device.type == "cuda" else contextlib.nullcontext()
     block = triton.next_power_of_2(channels * patch_size * patch_size)
-    _patchify_kernel[(batch * num_patches,)](
-        images.contiguous(),
-        perm.to(torch.int64).contiguous(),
-        _scaled(mean, images.device),
-        _scaled(std, images.device),
-        out,
-        num_context,
-        num_patches,
-        batch,
-        grid,
-        images.shape[2],
-        CHANNELS=channels,
-        PATCH=patch_size,
-        BLOCK=block,
-        CHANNELS_LAST=channels_last,
-        OUT_BF16=dtype == torch.bfloat16,
-    )
+    with launch_device:
+        _patchify_kernel[(batch * num_patches,)](
+            images.contiguous(),
+            perm.to(images.device, torch.int64).contiguous(),
+            _scaled(mean, images.device),
+            _scaled(std, images.device),
+            out,
+            num_context,
+            num_patches,
+            batch,
+            grid,
+            images.shape[2],
+            CHANNELS=channels,
+            PATCH=patch_size,
+            BLOCK=block,
+            CHANNELS_LAST=channels_last,
+            OUT_BF16=dtype == torch.bfloat16,
+        )
     return out
 
 
@@ -197,7 +214,7 @@ def patchify_numba(
         raise RuntimeError("the numba patch op needs the numba package")
     if images.device.type != "cpu":
         raise ValueError(f"the numba patch op runs on CPU tensors, got {images.device}")
-    batch, _, num_patches = _check(images, perm, patch_size, num_context)
+    batch, _, num_patches = _check(images, perm, patch_size, num_context, mean, std)
     channels = images.shape[1]
     out = np.empty((batch * num_patches, channels, patch_size, patch_size), dtype=np.float32)
     # As many threads as torch uses in this process, so ranks sharing a machine do not oversubscribe it.
@@ -211,12 +228,30 @@ def patchify_numba(
         _scaled(std, images.device).numpy(),
         out,
     )
-    result = torch.from_numpy(out).to(dtype)
+    result = torch.from_numpy(out).to(dtype).contiguous()
     return result.contiguous(memory_format=torch.channels_last) if channels_last else result
 
 
 def triton_runs_on(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def agrees_with_reference(op: PatchOp, device: torch.device, image_size: int, patch_size: int, **kwargs) -> bool:
+    """One small random batch through `op` and the reference on `device`: bitwise the same?"""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+    perm = torch.stack([torch.randperm((image_size // patch_size) ** 2, generator=generator) for _ in range(3)])
+    images, perm = images.to(device), perm.to(device)
+    expected = patchify_and_mask(images, perm, patch_size, **kwargs)
+    got = op(images, perm, patch_size, **kwargs)
+    return got.stride() == expected.stride() and torch.equal(_bits(got), _bits(expected))
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that -0.0 and +0.0 (and NaN payloads) compare as different."""
+    return tensor.contiguous().view(
+        {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    )
 
 
 def select_patch_op(device: torch.device | str, name: str = "auto") -> tuple[str, PatchOp]:

@@ -6,7 +6,7 @@ from benchmarks import patch_op
 
 
 def test_patch_op_benchmark_prints_a_row_per_op_and_shape(capsys: pytest.CaptureFixture) -> None:
-    patch_op.main(["--batch", "2", "--warmup", "1", "--repeats", "1"])
+    patch_op.main(["--batch", "2", "--warmup", "1", "--repeats", "1", "--device", "cpu"])
     rows = [
         line
         for line in capsys.readouterr().out.splitlines()

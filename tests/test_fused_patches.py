@@ -5,14 +5,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.fused_patches import patchify_numba, patchify_triton, select_patch_op, triton_runs_on
+from pipeline.fused_patches import (
+    agrees_with_reference,
+    patchify_numba,
+    patchify_triton,
+    select_patch_op,
+    triton_runs_on,
+)
 from pipeline.patches import patchify_and_mask, sample_context_permutation
 from tests.conftest import TINY, pretrain
 
-# (batch, image size, patch size, context patches): odd batch counts, both paper grids, a 4x4 of 16px.
-SHAPES = [(1, 32, 8, 12), (3, 32, 8, 8), (7, 32, 8, 1), (2, 224, 32, 37), (5, 64, 16, 15)]
+# (batch, image size, patch size, context patches): odd batch counts, both paper grids, a 4x4 of 16px,
+# and 1-pixel patches (a size-1 dimension, where memory formats are ambiguous).
+SHAPES = [(1, 32, 8, 12), (3, 32, 8, 8), (7, 32, 8, 1), (2, 224, 32, 37), (5, 64, 16, 15), (2, 4, 1, 5)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# CIFAR-10's statistics, and a pair whose 255 * mean = 0.5 and 255 * std = 1 make half of all pixel values
+# land exactly halfway between two bf16 numbers: round-to-nearest-even is then really tested.
+STATS = {"cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), "ties": ((0.5 / 255,) * 3, (1 / 255,) * 3)}
 
 
 def random_batch(batch: int, size: int, patch: int, device: str = "cpu", seed: int = 0):
@@ -24,13 +33,27 @@ def random_batch(batch: int, size: int, patch: int, device: str = "cpu", seed: i
     return images.to(device), perm.to(device)
 
 
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view({2: torch.int16, 4: torch.int32}[tensor.element_size()])
+
+
 def assert_same(op, device: str, shape: tuple, dtype: torch.dtype, channels_last: bool) -> None:
     batch, size, patch, num_context = shape
     images, perm = random_batch(batch, size, patch, device, seed=batch * size)
-    expected = patchify_and_mask(images, perm, patch, num_context, MEAN, STD, dtype, channels_last)
-    got = op(images, perm, patch, num_context, MEAN, STD, dtype, channels_last)
-    assert got.dtype == expected.dtype and got.shape == expected.shape and got.stride() == expected.stride()
-    assert torch.equal(got, expected)
+    if batch % 2:  # also a non-contiguous (channels-last) uint8 input and an int32 permutation
+        images, perm = images.contiguous(memory_format=torch.channels_last), perm.int()
+    for mean, std in STATS.values():
+        expected = patchify_and_mask(images, perm.long(), patch, num_context, mean, std, dtype, channels_last)
+        got = op(images, perm, patch, num_context, mean, std, dtype, channels_last)
+        assert got.dtype == expected.dtype and got.shape == expected.shape and got.stride() == expected.stride()
+        assert torch.equal(bits(got), bits(expected))  # bitwise: -0.0 and +0.0 differ here
+
+
+def test_the_tie_statistics_really_produce_bf16_ties() -> None:
+    mean, std = STATS["ties"]
+    values = patchify_and_mask(torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16),
+                               torch.arange(4).view(1, 4), 8, 2, mean, std)  # fmt: skip
+    assert int(((bits(values) & 0xFFFF) == 0x8000).sum()) > 100
 
 
 @pytest.mark.skipif(not triton_runs_on(torch.device("cpu")), reason="needs triton and TRITON_INTERPRET=1")
@@ -77,6 +100,19 @@ def test_bad_inputs_are_named() -> None:
         patchify_numba(images, perm[:, :8], 8, 12)
     with pytest.raises(ValueError, match="num_context must be"):
         patchify_numba(images, perm, 8, 16)
+    with pytest.raises(ValueError, match="mean and std need 3 values"):
+        patchify_numba(images, perm, 8, 12, (0.5,), (0.5,))
+    with pytest.raises(ValueError, match="positions outside"):
+        patchify_numba(images, perm + 1, 8, 12)
+
+
+def test_the_self_check_catches_an_op_that_differs() -> None:
+    def off_by_one_ulp(*args, **kwargs):
+        out = patchify_and_mask(*args, **kwargs)
+        return torch.nextafter(out, torch.full_like(out, float("inf")))
+
+    assert agrees_with_reference(patchify_numba, torch.device("cpu"), 32, 8, num_context=12)
+    assert not agrees_with_reference(off_by_one_ulp, torch.device("cpu"), 32, 8, num_context=12)
 
 
 @pytest.mark.slow

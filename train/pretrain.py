@@ -37,8 +37,8 @@ from pipeline.data import (
     open_source,
 )
 from pipeline.demo import demo_dataset
-from pipeline.fused_patches import PatchOp, select_patch_op
-from pipeline.patches import grid_size, num_context_patches, sample_context_permutation
+from pipeline.fused_patches import PatchOp, agrees_with_reference, select_patch_op
+from pipeline.patches import grid_size, num_context_patches, patchify_and_mask, sample_context_permutation
 from train.common import (
     RUN_FLAGS,
     Checkpoints,
@@ -92,6 +92,29 @@ def validate(config: PretrainConfig) -> tuple[int, int]:
         return num_patches, num_context_patches(num_patches, config.selfie.context_fraction)
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
+    """The configured patch op; on a GPU a fused kernel is first checked bitwise against the reference."""
+    try:
+        name, op = select_patch_op(device, config.selfie.patch_op)
+    except ValueError as error:
+        raise ConfigError(f"selfie.patch_op: {error}") from error
+    if name != "reference" and device.type == "cuda":
+        shape = {"num_context": num_context, "mean": config.data.mean, "std": config.data.std}
+        if not agrees_with_reference(
+            op,
+            device,
+            config.data.image_size,
+            config.selfie.patch_size,
+            channels_last=config.train.channels_last,
+            **shape,
+        ):
+            if config.selfie.patch_op != "auto":
+                raise ConfigError(f"selfie.patch_op={name}: its output differs from the reference on {device}")
+            print(f"warning: the {name} patch op differs from the reference on {device}; using the reference")
+            return "reference", patchify_and_mask
+    return name, op
 
 
 def train_step(
@@ -154,10 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_patches, num_context = validate(config)
     accelerator = make_accelerator(config.train)
     batch_per_process = per_process_batch(config.train, accelerator)
-    try:
-        patch_op_name, patch_op = select_patch_op(accelerator.device, config.selfie.patch_op)
-    except ValueError as error:
-        raise ConfigError(f"selfie.patch_op: {error}") from error
+    patch_op_name, patch_op = choose_patch_op(config, accelerator.device, num_context)
     data_path = config.data.path or demo_dataset(config.data.cache_dir)
     source = open_source(data_path, "train")
     check_readable(source)
