@@ -240,14 +240,12 @@ class BatchAssembler(torch.utils.data.Dataset):
         return len(self.source)
 
     def _load(self, index: int, skipped: list[str]) -> tuple[Image.Image, int]:
+        """The image at `index`, or the next readable one; every unreadable file is reported in `skipped`."""
         for attempt in range(MAX_CONSECUTIVE_BAD_FILES):
             candidate = (index + attempt) % len(self.source)
-            try:
-                return self.source.load(candidate), candidate
-            except DECODE_ERRORS as error:
-                if self.fail_on_corrupt:
-                    raise DataError(f"{self.source.name(candidate)}: unreadable image ({error})") from error
-                skipped.append(f"{self.source.name(candidate)}: {error}")
+            image = self._load_or_skip(candidate, skipped)
+            if image is not None:
+                return image, candidate
         raise DataError(f"{self.source.name(index)} and the next {MAX_CONSECUTIVE_BAD_FILES - 1} files are unreadable")
 
     def _load_or_skip(self, index: int, skipped: list[str]) -> Image.Image | None:

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, grid_size, patchify_and_mask
+from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, grid_size, patchify_and_mask, scaled_stats
 
 PATCH_OPS = ("auto", "reference", "triton", "numba")
 PatchOp = Callable[..., torch.Tensor]
@@ -40,11 +40,6 @@ try:
     import numba
 except ImportError:
     numba = None
-
-
-def _scaled(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """255 * values as the reference computes it: an fp32 tensor times 255 in fp32."""
-    return torch.tensor(values, dtype=torch.float32, device=device) * 255.0
 
 
 def _check(
@@ -62,8 +57,6 @@ def _check(
         raise ValueError(f"perm must be (B, N) = ({batch}, {grid * grid}), got {tuple(perm.shape)}")
     if not 0 < num_context < grid * grid:
         raise ValueError(f"num_context must be in 1 .. {grid * grid - 1}, got {num_context}")
-    if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= grid * grid):
-        raise ValueError(f"perm holds positions outside 0 .. {grid * grid - 1}")
     return batch, grid, grid * grid
 
 
@@ -158,8 +151,8 @@ def patchify_triton(
         _patchify_kernel[(batch * num_patches,)](
             images.contiguous(),
             perm.to(images.device, torch.int64).contiguous(),
-            _scaled(mean, images.device),
-            _scaled(std, images.device),
+            scaled_stats(tuple(mean), images.device),
+            scaled_stats(tuple(std), images.device),
             out,
             num_context,
             num_patches,
@@ -215,6 +208,10 @@ def patchify_numba(
     if images.device.type != "cpu":
         raise ValueError(f"the numba patch op runs on CPU tensors, got {images.device}")
     batch, _, num_patches = _check(images, perm, patch_size, num_context, mean, std)
+    # numba does not bounds-check: a bad position would read outside the image. (The Triton op trusts
+    # `sample_context_permutation` instead: checking a GPU tensor would cost a host sync every step.)
+    if perm.numel() and (int(perm.min()) < 0 or int(perm.max()) >= num_patches):
+        raise ValueError(f"perm holds positions outside 0 .. {num_patches - 1}")
     channels = images.shape[1]
     out = np.empty((batch * num_patches, channels, patch_size, patch_size), dtype=np.float32)
     # As many threads as torch uses in this process, so ranks sharing a machine do not oversubscribe it.
@@ -224,11 +221,11 @@ def patchify_numba(
         perm.to(torch.int64).contiguous().numpy(),
         patch_size,
         num_context,
-        _scaled(mean, images.device).numpy(),
-        _scaled(std, images.device).numpy(),
+        scaled_stats(tuple(mean), images.device).numpy(),
+        scaled_stats(tuple(std), images.device).numpy(),
         out,
     )
-    result = torch.from_numpy(out).to(dtype).contiguous()
+    result = torch.from_numpy(out).to(dtype)
     return result.contiguous(memory_format=torch.channels_last) if channels_last else result
 
 

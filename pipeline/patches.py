@@ -15,6 +15,8 @@ Terms, for a batch of B images of H x W cut into a G x G grid of p x p patches (
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -73,11 +75,16 @@ def mask_from_permutation(perm: torch.Tensor, num_context: int) -> torch.Tensor:
     return mask
 
 
+@functools.lru_cache(maxsize=16)
+def scaled_stats(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """fp32 (C,) 255 * values on `device`, made once per (values, device): no upload per step. Read-only."""
+    return torch.tensor(values, dtype=torch.float32, device=device) * 255.0
+
+
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 (B, C, H, W) in [0, 255] -> float32 (x - 255 * mean) / (255 * std), per channel."""
-    scale = 255.0
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1) * scale
+    mean_t = scaled_stats(tuple(mean), images.device).view(1, -1, 1, 1)
+    std_t = scaled_stats(tuple(std), images.device).view(1, -1, 1, 1)
     return (images.float() - mean_t) / std_t
 
 

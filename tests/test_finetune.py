@@ -144,6 +144,16 @@ def test_kill_then_resume_gives_the_same_model(tmp_path: Path, demo_root: Path) 
     log = [json.loads(line) for line in (killed / "seed_0" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == list(range(1, 41))
     assert results_of(straight)["accuracy"] == results_of(killed)["accuracy"]
+    # Killed after the last checkpoint but before the results were written: the resume tests again,
+    # reports the same accuracy, and the log keeps its one final test record.
+    log_before = (killed / "seed_0" / "log.jsonl").read_text()
+    (killed / "seed_0" / "result.json").unlink()
+    (killed / "results.json").unlink()
+    again = finetune([*common, "--out", str(killed), "--resume"], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert results_of(killed)["accuracy"] == results_of(straight)["accuracy"]
+    assert (killed / "seed_0" / "log.jsonl").read_text() == log_before
+    assert [json.loads(line)["step"] for line in log_before.splitlines() if "test_acc" in line] == [40]
 
 
 @pytest.mark.slow

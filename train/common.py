@@ -347,6 +347,10 @@ class MetricWindow:
         self.steps += 1
         self.skipped.extend(f"rank {self.accelerator.process_index}: {entry}" for entry in skipped)
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (a test evaluation) out of images/s."""
+        self.start += seconds
+
     def flush(self, step: int, **fields: Any) -> dict[str, Any]:
         """Write {"step", <metric means>, **fields, "images_per_s", "time"}; raise on a non-finite mean."""
         names = list(self.sums)

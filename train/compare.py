@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import matplotlib
+from accelerate import PartialState
 
 from train import finetune
 from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
     title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"
     table = format_table(cells, labels, title)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if PartialState().is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "table.md", table.encode())
         summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}

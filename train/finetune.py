@@ -28,6 +28,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -134,7 +135,13 @@ def check_same_classes(train_source: Source, test_source: Source) -> None:
         )
 
 
-def load_init(config: FinetuneConfig) -> tuple[Path, dict] | None:
+class Pretrained(NamedTuple):
+    path: Path  # the checkpoint file
+    model: dict[str, torch.Tensor]  # its model state dict (not its optimizer state: memory)
+    step: int
+
+
+def load_init(config: FinetuneConfig) -> Pretrained | None:
     """The pretraining checkpoint named by --init (a run folder means its newest checkpoint), checked
     against this run's architecture; None for --init none."""
     init = config.finetune.init
@@ -171,7 +178,7 @@ def load_init(config: FinetuneConfig) -> tuple[Path, dict] | None:
         load_pretrained(build_model(config, num_classes=1), config.finetune.arch, state["model"])
     except ValueError as error:
         raise ConfigError(f"--init {path}: does not fit --arch {config.finetune.arch}: {error}") from error
-    return path, {"model": state["model"], "step": state["step"]}  # not its optimizer state: memory
+    return Pretrained(path, state["model"], int(state["step"]))
 
 
 def labeled_subset(config: FinetuneConfig, train_source: Source, seed: int) -> np.ndarray:
@@ -279,7 +286,7 @@ def finetune_seed(
     subset: np.ndarray,
     train_source: Source,
     test_source: Source,
-    pretrained: tuple[Path, dict] | None,
+    pretrained: Pretrained | None,
     accelerator: Accelerator,
     run_dir: Path,
 ) -> dict:
@@ -293,7 +300,7 @@ def finetune_seed(
     torch.manual_seed(derive_seed(seed, INIT_STREAM))  # same fresh weights for every init and every rank
     model = build_model(config, len(train_source.classes))
     if pretrained is not None:
-        load_pretrained(model, ft.arch, pretrained[1]["model"])
+        load_pretrained(model, ft.arch, pretrained.model)
     optimizer = build_sgd(model, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.optim.warmup_steps, config.train.steps)
@@ -311,17 +318,15 @@ def finetune_seed(
         seed_dir.mkdir(parents=True, exist_ok=True)
         if start_step:
             truncate_log(logger.path, start_step)
-            if start_step >= config.train.steps:  # killed after the final test: that record comes again
-                drop_final_test_record(logger.path, start_step)
         elif logger.path.exists():
             logger.path.unlink()
     accelerator.wait_for_everyone()
 
-    run_steps(
+    final = run_steps(
         model, optimizer, scheduler, config, seed, labeled, test_source, accelerator, checkpoints, logger, start_step
     )
-    final = evaluate(model, test_source, config, accelerator)
-    logger.write({"step": config.train.steps, **final})
+    if final is None:  # killed after the last checkpoint: its test record is logged, the numbers come again
+        final = evaluate(model, test_source, config, accelerator)
     result = {
         "seed": seed,
         "test_accuracy": round(100 * final["test_acc"], 3),
@@ -340,12 +345,6 @@ def finetune_seed(
     return result
 
 
-def drop_final_test_record(path: Path, step: int) -> None:
-    records = [json.loads(line) for line in path.read_text().splitlines() if line]
-    kept = [r for r in records if not ("test_acc" in r and r["step"] >= step)]
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-
 def run_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -358,10 +357,14 @@ def run_steps(
     checkpoints: Checkpoints,
     logger: JsonlLogger,
     start_step: int,
-) -> None:
-    """The training loop of one seed: steps, logging, periodic test evaluation, checkpoints."""
+) -> dict | None:
+    """The training loop of one seed: steps, logging, test evaluations, checkpoints. Returns the test
+    evaluation after the last step (None when there was no step left to run).
+
+    Every log record of a step is written before that step's checkpoint, so a resumed run that drops
+    the records after its checkpoint (`truncate_log`) writes each one once."""
     if start_step >= config.train.steps:
-        return
+        return None
     loader = LOADERS[config.data.loader](
         labeled,
         config.data.image_size,
@@ -392,6 +395,7 @@ def run_steps(
         dynamic_ncols=True,
         mininterval=1.0,
     )
+    last_eval = None
     try:
         for step, batch in zip(range(start_step, config.train.steps), loader, strict=False):
             step_lr = optimizer.param_groups[0]["lr"]
@@ -404,10 +408,11 @@ def run_steps(
                 record = window.flush(done, lr=step_lr, epoch=round(done * config.train.batch_size / len(labeled), 3))
                 progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['train_acc']:.1%}", refresh=False)
             eval_every = config.finetune.eval_every
-            if eval_every and done % eval_every == 0 and done < config.train.steps:
+            if (eval_every and done % eval_every == 0) or done == config.train.steps:
                 started = time.perf_counter()
-                logger.write({"step": done, **evaluate(model, test_source, config, accelerator)})
-                window.start += time.perf_counter() - started  # images/s counts training time only
+                last_eval = evaluate(model, test_source, config, accelerator)
+                logger.write({"step": done, **last_eval})
+                window.exclude(time.perf_counter() - started)
             if checkpoint_due:
                 rng_states = all_rng_states(accelerator)
                 if accelerator.is_main_process:
@@ -419,6 +424,7 @@ def run_steps(
     finally:
         progress.close()
         loader.close()  # stops its worker processes before the next seed starts its own
+    return last_eval
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -439,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ft = config.finetune
     labels = f"{ft.per_class} per class" if ft.per_class else f"{ft.label_fraction:.1%}"
-    init = "none (supervised baseline)" if pretrained is None else f"{pretrained[0]} (step {pretrained[1]['step']})"
+    init = "none (supervised baseline)" if pretrained is None else f"{pretrained.path} (step {pretrained.step})"
     accelerator.print(
         f"finetune: {ft.arch}{' linear probe' if ft.linear_probe else ''}, init {init}; labels {labels} of "
         f"{len(train_source)} training images from {data_path}, {len(train_source.classes)} classes; test on "
@@ -459,8 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": results,
         "arch": ft.arch,
         "linear_probe": ft.linear_probe,
-        "init": "none" if pretrained is None else str(pretrained[0]),
-        "init_step": None if pretrained is None else pretrained[1]["step"],
+        "init": "none" if pretrained is None else str(pretrained.path),
+        "init_step": None if pretrained is None else pretrained.step,
         "label_fraction": None if ft.per_class else ft.label_fraction,
         "per_class": ft.per_class or None,
         "labeled_images": [r["labeled_images"] for r in results],

@@ -101,15 +101,17 @@ def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: i
     except ValueError as error:
         raise ConfigError(f"selfie.patch_op: {error}") from error
     if name != "reference" and device.type == "cuda":
-        shape = {"num_context": num_context, "mean": config.data.mean, "std": config.data.std}
-        if not agrees_with_reference(
+        same = agrees_with_reference(
             op,
             device,
             config.data.image_size,
             config.selfie.patch_size,
+            num_context=num_context,
+            mean=config.data.mean,
+            std=config.data.std,
             channels_last=config.train.channels_last,
-            **shape,
-        ):
+        )
+        if not same:
             if config.selfie.patch_op != "auto":
                 raise ConfigError(f"selfie.patch_op={name}: its output differs from the reference on {device}")
             print(f"warning: the {name} patch op differs from the reference on {device}; using the reference")
@@ -232,7 +234,11 @@ def main(argv: list[str] | None = None) -> dict:
         crop_scale=config.data.crop_scale,
         fail_on_corrupt=config.data.fail_on_corrupt,
     )
-    pictures = PatchPictures(source, config, num_patches, num_context, accelerator.device)
+    pictures = (
+        PatchPictures(source, config, num_patches, num_context, accelerator.device)
+        if accelerator.is_main_process
+        else None
+    )
     mask_generator = torch.Generator(device=accelerator.device)
     model.train()
     window = MetricWindow(
