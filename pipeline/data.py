@@ -43,10 +43,14 @@ class DataError(ValueError):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # uint8 (B, 3, S, S)
+    images: torch.Tensor | None  # uint8 (B, 3, S, S); None when the loader already made `patches`
     labels: torch.Tensor  # int64 (B,)
     indices: torch.Tensor  # int64 (B,) positions in the source, for identity checks and pictures
     skipped: tuple[str, ...] = ()  # unreadable files replaced in this batch: "path: error"
+    # Set only by a loader that runs the patch op itself (FFCV's CPU path): what `pipeline.patches`
+    # would make of `images`, the group-major (B * N, C, p, p) float32 patch tensor, and its perm (B, N).
+    patches: torch.Tensor | None = None
+    perm: torch.Tensor | None = None
 
 
 class FolderSource:
@@ -379,6 +383,3 @@ def _worker_errors_as_one_line(loader: torch.utils.data.DataLoader) -> Iterator[
         except DataError as error:
             last_line = str(error).strip().splitlines()[-1]
             raise DataError(last_line.split("DataError: ", 1)[-1]) from None
-
-
-LOADERS = {"torch": torch_loader}

@@ -16,11 +16,22 @@ Terms, for a batch of B images of H x W cut into a G x G grid of p x p patches (
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """What a loader needs to run the patch op itself (FFCV's CPU path): `patchify_and_mask`'s arguments."""
+
+    patch_size: int
+    num_context: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
 
 
 def grid_size(image_size: int, patch_size: int) -> int:

@@ -36,6 +36,13 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return demo_dataset(tmp_path_factory.mktemp("cache"))
 
 
+def demo_data_for(loader: str, demo_root: Path) -> Path:
+    """The demo data in the form `--loader` reads: the image folders, or (ffcv) their .beton files."""
+    from pipeline.loaders import LOADERS
+
+    return LOADERS[loader].demo(demo_root.parent)
+
+
 def run_script(
     args: list[str], cwd: Path, timeout: float = 300, launcher: list[str] | None = None
 ) -> subprocess.CompletedProcess:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY, kill_when_exists, pretrain, run_script
+from pipeline.loaders import LOADERS
+from tests.conftest import ROOT, TINY, demo_data_for, kill_when_exists, pretrain, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -82,15 +83,18 @@ def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_pa
         assert torch.equal(a[name], b[name]), name
 
 
-def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, demo_root: Path) -> None:
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, demo_root: Path, loader: str) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     result = run_script(
         [
             str(ROOT / "tests" / "ddp_probe.py"),
             str(tmp_path),
             *TINY,
+            "--loader",
+            loader,
             "--data",
-            str(demo_root),
+            str(demo_data_for(loader, demo_root)),
             "--out",
             str(tmp_path / "run"),
             "--steps",
@@ -110,6 +114,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
         assert len(a) == len(b) == 4  # global batch 8 over 2 processes
         assert not set(a) & set(b)
     assert "2 process(es)" in result.stdout
+    assert ("in the FFCV pipeline" in result.stdout) == (loader == "ffcv")  # CPU: ffcv's threads cut the patches
     # Rank 0 alone writes the log, once per step.
     assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4, 5]
     # Training moved the weights away from their shared initialisation.

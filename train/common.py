@@ -10,7 +10,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,8 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from pipeline.data import LOADERS, DataError
+from pipeline.data import Batch, DataError, Source
+from pipeline.loaders import LOADERS
 from train.config import PRECISIONS, ConfigError, OptimConfig, RunConfig, to_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
@@ -48,7 +49,12 @@ def make_accelerator(run: RunConfig) -> Accelerator:
 
 # The stable flags both stages take (flag: config key, type, help); each script adds its own.
 RUN_FLAGS: dict[str, tuple[str, Any, str]] = {
-    "--data": ("data.path", str, "ImageNet-layout or CIFAR-10 python folder (default: built-in demo data)"),
+    "--data": (
+        "data.path",
+        str,
+        "ImageNet-layout or CIFAR-10 python folder; --loader ffcv: a .beton or a folder of them "
+        "(default: built-in demo data)",
+    ),
     "--steps": ("train.steps", int, "optimizer steps"),
     "--batch-size": ("train.batch_size", int, "global batch size, images per step over all processes"),
     "--lr": ("optim.lr", float, "peak learning rate"),
@@ -70,6 +76,60 @@ def validate_run(config: Any) -> None:
         raise ConfigError(f"--steps {run.steps}: expected a positive number of steps")
     if run.log_every <= 0 or run.checkpoint_every <= 0:
         raise ConfigError("train.log_every and train.checkpoint_every must be positive")
+
+
+def open_data(config: Any, split: str) -> tuple[Source, str]:
+    """The data `--loader` reads for `split` ("train" | "test"), and its path (default: the demo data)."""
+    backend = LOADERS[config.data.loader]
+    path = config.data.path or str(backend.demo(config.data.cache_dir))
+    return backend.open(path, split), path
+
+
+def train_batches(
+    config: Any,
+    source: Source,
+    batch_per_process: int,
+    seed: int,
+    start_step: int,
+    accelerator: Accelerator,
+    patch_spec: Any = None,
+) -> Iterator[Batch]:
+    """The endless, rank-sharded training stream of `--loader` (each backend shards by global rank itself,
+    so the loader is never passed to `accelerator.prepare`)."""
+    data = config.data
+    extra = {}
+    if data.loader == "ffcv":
+        extra = {"patch_spec": patch_spec, "os_cache": data.ffcv_os_cache, "quasi_random": data.ffcv_quasi_random}
+    return LOADERS[data.loader].train(
+        source,
+        data.image_size,
+        data.augment,
+        batch_per_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+        seed,
+        start_step,
+        workers=data.workers,
+        device=accelerator.device,
+        pad=data.pad,
+        crop_scale=data.crop_scale,
+        fail_on_corrupt=data.fail_on_corrupt,
+        **extra,
+    )
+
+
+def eval_batches(config: Any, source: Source, batch_per_process: int, accelerator: Accelerator) -> Iterator[Batch]:
+    """Every image of `source` once over all ranks, center-cropped, through `--loader`."""
+    return LOADERS[config.data.loader].evaluate(
+        source,
+        config.data.image_size,
+        batch_per_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+        workers=config.data.workers,
+        device=accelerator.device,
+        fail_on_corrupt=config.data.fail_on_corrupt,
+    )
 
 
 def per_process_batch(run: RunConfig, accelerator: Accelerator) -> int:

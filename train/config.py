@@ -35,13 +35,15 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageNet-layout folder or CIFAR-10 python folder; None = built-in demo data
-    loader: str = "torch"  # loader backend (see pipeline.data.LOADERS)
+    loader: str = "torch"  # loader backend: torch | dali | ffcv (see pipeline.loaders)
     image_size: int = 32  # training resolution S: images reach the patch op as S x S
     augment: str = "pad_crop_flip"  # pad_crop_flip (32x32) | random_resized_crop (224) | none
     pad: int = 4  # zero padding of pad_crop_flip, pixels per side
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of random_resized_crop
     workers: int = 2  # loader worker processes per training process (0 = load in the main process)
     fail_on_corrupt: bool = False  # an unreadable image stops the run instead of being skipped and logged
+    ffcv_os_cache: bool = True  # ffcv: read through the OS page cache (shared by the ranks of a node)
+    ffcv_quasi_random: bool = False  # ffcv: quasi-random order for data larger than RAM (one process only)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation, on a 0..1 scale
     std: tuple[float, float, float] = IMAGENET_STD
     cache_dir: str | None = None  # where the demo data is built; None = ~/.cache/selfie-trainer

@@ -40,16 +40,12 @@ from model.classifier import ARCHS, Classifier, build_classifier, load_pretraine
 from pipeline.data import (
     AUGMENTS,
     INIT_STREAM,
-    LOADERS,
     Batch,
     DataError,
     Source,
     check_readable,
     derive_seed,
-    eval_loader,
-    open_source,
 )
-from pipeline.demo import demo_dataset
 from pipeline.patches import normalize
 from pipeline.subsets import SubsetSource, select_labeled_subset
 from train.common import (
@@ -60,12 +56,15 @@ from train.common import (
     MetricWindow,
     all_rng_states,
     build_sgd,
+    eval_batches,
     load_checkpoint,
     make_accelerator,
+    open_data,
     per_process_batch,
     prepare_run_dir,
     restore_training_state,
     run_cli,
+    train_batches,
     training_state,
     truncate_log,
     validate_run,
@@ -245,15 +244,8 @@ def evaluate(model: torch.nn.Module, source: Source, config: FinetuneConfig, acc
     was_training = net.training
     net.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # correct, loss sum, count
-    batches = eval_loader(
-        source,
-        config.data.image_size,
-        max(1, config.finetune.eval_batch_size // accelerator.num_processes),
-        accelerator.process_index,
-        accelerator.num_processes,
-        workers=config.data.workers,
-        device=accelerator.device,
-        fail_on_corrupt=config.data.fail_on_corrupt,
+    batches = eval_batches(
+        config, source, max(1, config.finetune.eval_batch_size // accelerator.num_processes), accelerator
     )
     for batch in batches:
         for entry in batch.skipped:
@@ -365,20 +357,8 @@ def run_steps(
     the records after its checkpoint (`truncate_log`) writes each one once."""
     if start_step >= config.train.steps:
         return None
-    loader = LOADERS[config.data.loader](
-        labeled,
-        config.data.image_size,
-        config.data.augment,
-        config.train.batch_size // accelerator.num_processes,
-        accelerator.process_index,
-        accelerator.num_processes,
-        seed,
-        start_step,
-        workers=config.data.workers,
-        device=accelerator.device,
-        pad=config.data.pad,
-        crop_scale=config.data.crop_scale,
-        fail_on_corrupt=config.data.fail_on_corrupt,
+    loader = train_batches(
+        config, labeled, config.train.batch_size // accelerator.num_processes, seed, start_step, accelerator
     )
     window = MetricWindow(
         accelerator,
@@ -432,8 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
     validate(config)
     accelerator = make_accelerator(config.train)
     batch_per_process = per_process_batch(config.train, accelerator)
-    data_path = config.data.path or demo_dataset(config.data.cache_dir)
-    train_source, test_source = open_source(data_path, "train"), open_source(data_path, "test")
+    (train_source, data_path), (test_source, _) = open_data(config, "train"), open_data(config, "test")
     check_readable(train_source)
     check_readable(test_source)
     check_same_classes(train_source, test_source)

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from model.selfie import Selfie, build_selfie
 from pipeline.data import (
-    LOADERS,
     MASK_STREAM,
     PICTURE_STREAM,
     Batch,
@@ -34,11 +33,9 @@ from pipeline.data import (
     Source,
     check_readable,
     derive_seed,
-    open_source,
 )
-from pipeline.demo import demo_dataset
 from pipeline.fused_patches import PatchOp, agrees_with_reference, select_patch_op
-from pipeline.patches import grid_size, num_context_patches, patchify_and_mask, sample_context_permutation
+from pipeline.patches import PatchSpec, grid_size, num_context_patches, patchify_and_mask, sample_context_permutation
 from train.common import (
     RUN_FLAGS,
     Checkpoints,
@@ -47,10 +44,12 @@ from train.common import (
     all_rng_states,
     build_sgd,
     make_accelerator,
+    open_data,
     per_process_batch,
     prepare_run_dir,
     restore_training_state,
     run_cli,
+    train_batches,
     training_state,
     truncate_log,
     validate_run,
@@ -119,6 +118,14 @@ def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: i
     return name, op
 
 
+def in_loader_patch_spec(config: PretrainConfig, patch_op_name: str, num_context: int) -> PatchSpec | None:
+    """FFCV on the CPU runs the numba patch op inside its pipeline (its threads emit patches ready for P);
+    everywhere else the patch op runs in the step, on the training device."""
+    if config.data.loader != "ffcv" or patch_op_name != "numba" or config.train.channels_last:
+        return None
+    return PatchSpec(config.selfie.patch_size, num_context, tuple(config.data.mean), tuple(config.data.std))
+
+
 def train_step(
     model: torch.nn.Module,
     batch: Batch,
@@ -130,20 +137,24 @@ def train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask, embed every patch in one call, pool, score, step. Returns detached (loss, accuracy)."""
-    images = batch.images
-    perm = sample_context_permutation(
-        images.shape[0], grid_size(images.shape[-1], config.selfie.patch_size) ** 2, mask_generator
-    )
-    patches = patch_op(
-        images,
-        perm,
-        config.selfie.patch_size,
-        num_context,
-        config.data.mean,
-        config.data.std,
-        channels_last=config.train.channels_last,
-    )
+    """Mask, embed every patch in one call, pool, score, step. Returns detached (loss, accuracy).
+
+    A batch whose loader already cut the patches (`batch.patches`, `batch.perm`) skips the patch op."""
+    patches, perm = batch.patches, batch.perm
+    if patches is None:
+        images = batch.images
+        perm = sample_context_permutation(
+            images.shape[0], grid_size(images.shape[-1], config.selfie.patch_size) ** 2, mask_generator
+        )
+        patches = patch_op(
+            images,
+            perm,
+            config.selfie.patch_size,
+            num_context,
+            config.data.mean,
+            config.data.std,
+            channels_last=config.train.channels_last,
+        )
     out = model(patches, perm[:, :num_context], perm[:, num_context:])
     accelerator.backward(out.loss)
     if config.optim.grad_clip > 0:
@@ -180,8 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = make_accelerator(config.train)
     batch_per_process = per_process_batch(config.train, accelerator)
     patch_op_name, patch_op = choose_patch_op(config, accelerator.device, num_context)
-    data_path = config.data.path or demo_dataset(config.data.cache_dir)
-    source = open_source(data_path, "train")
+    patch_spec = in_loader_patch_spec(config, patch_op_name, num_context)
+    if patch_spec is not None:
+        patch_op_name += " (in the FFCV pipeline)"
+    source, data_path = open_data(config, "train")
     check_readable(source)
     run_dir = prepare_run_dir(config, config_name, accelerator)
 
@@ -219,21 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
         accelerator.print(f"nothing to do: the checkpoint is at step {start_step} of {config.train.steps}")
         return {"run_dir": str(run_dir), "step": start_step}
 
-    loader = LOADERS[config.data.loader](
-        source,
-        config.data.image_size,
-        config.data.augment,
-        batch_per_process,
-        accelerator.process_index,
-        accelerator.num_processes,
-        config.train.seed,
-        start_step,
-        workers=config.data.workers,
-        device=accelerator.device,
-        pad=config.data.pad,
-        crop_scale=config.data.crop_scale,
-        fail_on_corrupt=config.data.fail_on_corrupt,
-    )
+    loader = train_batches(config, source, batch_per_process, config.train.seed, start_step, accelerator, patch_spec)
     pictures = (
         PatchPictures(source, config, num_patches, num_context, accelerator.device)
         if accelerator.is_main_process

@@ -1,0 +1,240 @@
+"""Convert an ImageNet-layout folder or a CIFAR-10 python folder to an FFCV `.beton` file.
+
+    python -m pipeline.convert --src ~/data/imagenet/train --dst ~/data/imagenet/train.beton \
+        --max-resolution 256 --write-mode smart --smart-threshold 150000 --jpeg-quality 90 --workers 16
+    python -m pipeline.convert --src ~/data/imagenet/val --dst ~/data/imagenet/val.beton --max-resolution 256
+    python -m pipeline.convert --src ~/data/cifar-10-batches-py --split train --dst ~/data/cifar10/train.beton
+    python -m pipeline.convert --src ~/data/cifar-10-batches-py --split test --dst ~/data/cifar10/test.beton
+
+Each sample holds three fields: `image` (RGB), `label` (class number, classes sorted by folder name) and
+`index` (the image's position in the source, to trace a sample back to its file). Beside FILE.beton,
+FILE.beton.json records the class names, the source, the options and the skipped images; the loader
+needs both. Write modes are FFCV's: `raw` (exact pixels), `jpg` (every image re-encoded at
+--jpeg-quality), `proportion` (a random --compress-probability of them as JPEG), `smart` (JPEG only for
+images whose raw pixels exceed --smart-threshold bytes; without a threshold, all raw).
+
+Nothing incomplete ever carries the destination name: the file is written under a temporary name in
+the destination folder and renamed when complete (an interrupted or failed conversion leaves no
+FILE.beton). An unreadable source image is named, counted and left out (the file is then written a
+second time without it), or stops the conversion with --fail-on-corrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_source
+
+WRITE_MODES = ("raw", "jpg", "proportion", "smart")
+FIELD_NAMES = ("image", "label", "index")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    max_resolution: int | None = None  # longest side after conversion (shrunk, never enlarged); None = as is
+    write_mode: str = "smart"  # raw | jpg | proportion | smart (FFCV's meanings, see the module docstring)
+    smart_threshold: int | None = None  # smart mode: JPEG-encode images whose raw pixels exceed this many bytes
+    jpeg_quality: int = 90  # 1..100, for the images stored as JPEG
+    compress_probability: float = 0.5  # proportion mode: the fraction of images stored as JPEG
+    workers: int = 0  # writer processes; 0 = one per CPU core
+    chunk_size: int = 100  # images per work item handed to a writer process
+
+    def check(self) -> None:
+        if self.write_mode not in WRITE_MODES:
+            raise DataError(f"--write-mode {self.write_mode}: expected one of {', '.join(WRITE_MODES)}")
+        if self.max_resolution is not None and self.max_resolution < 1:
+            raise DataError(f"--max-resolution {self.max_resolution}: expected a positive number of pixels")
+        if self.smart_threshold is not None and self.smart_threshold < 1:
+            raise DataError(f"--smart-threshold {self.smart_threshold}: expected a positive number of bytes")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise DataError(f"--jpeg-quality {self.jpeg_quality}: expected 1 .. 100")
+        if not 0.0 <= self.compress_probability <= 1.0:
+            raise DataError(f"--compress-probability {self.compress_probability}: expected 0 .. 1")
+        if self.workers < 0 or self.chunk_size < 1:
+            raise DataError("--workers must be >= 0 and the chunk size >= 1")
+
+
+def sidecar_path(beton: Path) -> Path:
+    return beton.with_name(beton.name + ".json")
+
+
+class _SourceImages:
+    """What the FFCV writer's processes read: (HWC uint8 image, label, index) per source position.
+
+    The writer hangs when a worker raises, so an unreadable image never raises here: it is flagged in
+    shared memory and written as a 1x1 placeholder, and the caller writes the file again without it.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.failed = multiprocessing.RawArray(ctypes.c_bool, len(source))
+        self.sizes = multiprocessing.RawArray(ctypes.c_int32, 2 * len(source))  # (height, width) as loaded
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
+        index = int(index)
+        try:
+            if isinstance(self.source, CifarSource):
+                image = self.source.images[index]
+            else:
+                image = np.asarray(self.source.load(index))
+        except Exception:  # noqa: BLE001 (any failure must reach the caller, not hang the writer)
+            self.failed[index] = True
+            image = np.zeros((1, 1, 3), dtype=np.uint8)
+        self.sizes[2 * index], self.sizes[2 * index + 1] = image.shape[0], image.shape[1]
+        return image, int(self.source.labels[index]), index
+
+
+def _write(tmp: Path, images: _SourceImages, indices: np.ndarray, options: ConvertOptions) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    fields = {
+        "image": RGBImageField(
+            write_mode=options.write_mode,
+            max_resolution=options.max_resolution,
+            smart_threshold=options.smart_threshold,
+            jpeg_quality=options.jpeg_quality,
+            compress_probability=options.compress_probability,
+        ),
+        "label": IntField(),
+        "index": IntField(),
+    }
+    writer = DatasetWriter(str(tmp), fields, num_workers=options.workers or os.cpu_count() or 1)
+    writer.from_indexed_dataset(images, indices=list(indices), chunksize=options.chunk_size)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _decode_error(source: Source, index: int) -> str:
+    try:
+        source.load(index)
+    except DECODE_ERRORS as error:
+        return f"{source.name(index)}: {error}"
+    return f"{source.name(index)}: unreadable in a writer process"
+
+
+def _stored_size(height: int, width: int, max_resolution: int | None) -> tuple[int, int]:
+    """FFCV's resizer: shrink so the longer side is max_resolution (truncating), never enlarge."""
+    if max_resolution is None or max(height, width) <= max_resolution:
+        return height, width
+    ratio = max_resolution / max(height, width)
+    return int(ratio * height), int(ratio * width)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    split: str = "train",
+    options: ConvertOptions = ConvertOptions(),
+    fail_on_corrupt: bool = False,
+) -> dict:
+    """Write `src` (its `split`) to the `.beton` file `dst` and its sidecar; returns the sidecar's content."""
+    options.check()
+    dst = Path(dst)
+    if dst.suffix != ".beton":
+        raise DataError(f"--dst {dst}: expected a file name ending in .beton")
+    if not dst.parent.is_dir():
+        raise DataError(f"--dst {dst}: folder {dst.parent} does not exist")
+    source = open_source(src, split)
+    images = _SourceImages(source)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    sidecar_tmp = tmp.with_name(tmp.name + ".json")
+    started = time.perf_counter()
+    try:
+        indices = np.arange(len(source))
+        _write(tmp, images, indices, options)
+        failed = np.flatnonzero(np.frombuffer(images.failed, dtype=np.bool_))
+        skipped = [_decode_error(source, int(i)) for i in failed]
+        if len(failed) and fail_on_corrupt:
+            raise DataError(f"{len(failed)} unreadable image(s) in {src}, first: {skipped[0]} (--fail-on-corrupt)")
+        if len(failed) == len(source):
+            raise DataError(f"{src}: none of its {len(source)} images is readable; first: {skipped[0]}")
+        if len(failed):
+            for entry in skipped:
+                print(f"warning: skipped unreadable image {entry}", file=sys.stderr)
+            indices = np.setdiff1d(indices, failed)
+            _write(tmp, images, indices, options)
+        elapsed = time.perf_counter() - started
+        sizes = np.frombuffer(images.sizes, dtype=np.int32).reshape(-1, 2)[indices]
+        stored = {_stored_size(int(h), int(w), options.max_resolution) for h, w in np.unique(sizes, axis=0)}
+        info = {
+            "format": "selfie-trainer beton v1",
+            "fields": list(FIELD_NAMES),
+            "images": int(len(indices)),
+            "classes": list(source.classes),
+            "source": str(Path(src).resolve()),
+            "split": split,
+            # One (height, width) when every stored image has it: the loader then decodes without resizing.
+            "uniform_size": list(stored.pop()) if len(stored) == 1 else None,
+            "skipped": skipped,
+            "options": asdict(options),
+            "bytes": tmp.stat().st_size,
+            "seconds": round(elapsed, 2),
+        }
+        sidecar_tmp.write_text(json.dumps(info, indent=1))
+        # The sidecar first: a .beton under its final name always has its sidecar complete beside it.
+        os.replace(sidecar_tmp, sidecar_path(dst))
+        os.replace(tmp, dst)
+    finally:
+        for path in (tmp, sidecar_tmp):
+            path.unlink(missing_ok=True)
+    return info
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.convert",
+        description="Convert an ImageNet-layout folder or CIFAR-10 python folder to an FFCV .beton file.",
+    )
+    defaults = ConvertOptions()
+    parser.add_argument("--src", required=True, help="split folder (class sub-folders) or CIFAR-10 python folder")
+    parser.add_argument("--dst", required=True, help="the .beton file to write")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="CIFAR-10 split (or val/)")
+    parser.add_argument("--max-resolution", type=int, default=defaults.max_resolution, help="longest side, px")
+    parser.add_argument("--write-mode", default=defaults.write_mode, choices=WRITE_MODES)
+    parser.add_argument("--smart-threshold", type=int, default=defaults.smart_threshold, help="bytes (smart mode)")
+    parser.add_argument("--jpeg-quality", type=int, default=defaults.jpeg_quality)
+    parser.add_argument("--compress-probability", type=float, default=defaults.compress_probability)
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="writer processes (0 = all cores)")
+    parser.add_argument("--fail-on-corrupt", action="store_true", help="stop at an unreadable image")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = ConvertOptions(
+        max_resolution=args.max_resolution,
+        write_mode=args.write_mode,
+        smart_threshold=args.smart_threshold,
+        jpeg_quality=args.jpeg_quality,
+        compress_probability=args.compress_probability,
+        workers=args.workers,
+    )
+    try:
+        info = convert(args.src, args.dst, args.split, options, args.fail_on_corrupt)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rate = info["images"] / max(info["seconds"], 1e-9)
+    print(
+        f"wrote {args.dst}: {info['images']} images, {info['bytes'] / 2**20:.1f} MiB, {rate:.0f} images/s, "
+        f"{len(info['skipped'])} unreadable skipped"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The DALI backend: decode and augment in a DALI pipeline, on the GPU (`mixed` decoder: nvJPEG or
+the hardware JPEG decoder) when the training device is one, on the CPU (`device_id=None`) otherwise.
+
+Sample order is the torch backend's (`ShardedBatchSampler` over *global* ranks: one per-epoch
+permutation, rank r takes the r-th contiguous batch of every global batch, the remainder dropped), fed
+to DALI through an external source, so every backend reads the same images at every step, a resumed
+run continues on exactly the images it would have read, and no batch is padded with duplicates
+(evaluation batches may be short instead). DALI's file reader is not used because it keeps its own
+order and cannot start mid-epoch; the source files are read as bytes, decoded by DALI.
+
+The ops, in order:
+
+1. external source: encoded file bytes (image folders) or raw HWC pixels (CIFAR), labels, indices;
+   an unreadable file (bad signature or truncated) is replaced by the next readable one and reported
+   in `Batch.skipped` (evaluation: left out), or is fatal with `fail_on_corrupt`;
+2. decode: `random_resized_crop` -> fused decode + random crop (ROI decoding) and resize to S;
+   otherwise a full decode (CIFAR pixels need none);
+3. resize: `center_crop` (evaluation) -> shorter side to S / 0.875 (S x S images are left as they
+   are) and the center S x S; `pad_crop_flip` / `none` -> S x S when not already;
+4. `pad_crop_flip`: zero padding + random crop (one slice whose window may leave the image);
+5. crop-mirror-normalize: random horizontal flip (`pad_crop_flip`, `random_resized_crop`) and the
+   HWC -> CHW transpose, kept uint8: the batch contract of `pipeline.data`. Normalisation happens
+   on the device inside the patch op (`pipeline.fused_patches`), fused with gridding.
+
+DALI draws its augmentation from a seeded per-rank generator, so a run is reproducible from its start;
+a resumed run reads the same images but draws other crops than the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.data import (
+    AUGMENT_STREAM,
+    EVAL_CROP_FRACTION,
+    MAX_CONSECUTIVE_BAD_FILES,
+    Batch,
+    BatchSpec,
+    CifarSource,
+    DataError,
+    FolderSource,
+    ShardedBatchSampler,
+    Source,
+    derive_seed,
+)
+from pipeline.subsets import SubsetSource
+
+PREFETCH_DEPTH = 2  # DALI's memory pool never shrinks: every queued batch stays allocated for the run
+
+
+def signature_error(data: np.ndarray) -> str | None:
+    """Why `data` cannot be a complete image file DALI decodes, or None. Catches the usual corruption
+    (truncated downloads, empty or foreign files) before it reaches the decoder, where it would cost
+    the whole batch."""
+    head, tail = data[:12].tobytes(), data[-4096:].tobytes()
+    if head.startswith(b"\xff\xd8"):
+        return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None if b"IEND" in tail[-12:] else "truncated PNG (no IEND chunk)"
+    if head[:2] == b"BM" or head[:4] in (b"II*\x00", b"MM\x00*") or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    if head[:1] == b"P" and head[1:2] in b"123456":
+        return None
+    if not len(data):
+        return "empty file"
+    return "not a JPEG, PNG, BMP, TIFF, WebP or PNM file"
+
+
+class _Feed:
+    """DALI's external source: per batch, (image data list, labels, indices) in `specs` order.
+
+    Image data is the file's bytes (folders) or the HWC pixels (CIFAR). What it skips is queued in
+    `skipped`, one entry per emitted batch, in the order DALI will return the batches."""
+
+    def __init__(
+        self, source: Source | SubsetSource, specs: Iterator[BatchSpec], evaluation: bool, fail_on_corrupt: bool
+    ) -> None:
+        self.source = source.source if isinstance(source, SubsetSource) else source
+        self.rows = source.indices if isinstance(source, SubsetSource) else None
+        self.size = len(source)
+        self.specs = specs
+        self.evaluation = evaluation
+        self.fail_on_corrupt = fail_on_corrupt
+        self.skipped: deque[tuple[str, ...]] = deque()
+
+    def _read(self, index: int) -> tuple[np.ndarray | None, str | None]:
+        row = int(self.rows[index]) if self.rows is not None else index
+        if isinstance(self.source, CifarSource):
+            return self.source.images[row], None
+        name = self.source.name(row)
+        try:
+            data = np.fromfile(name, dtype=np.uint8)
+        except OSError as error:
+            return None, f"{name}: {error}"
+        problem = signature_error(data)
+        return (data, None) if problem is None else (None, f"{name}: {problem}")
+
+    def __iter__(self) -> _Feed:
+        return self
+
+    def __next__(self) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        skipped: list[str] = []
+        while True:
+            try:
+                spec = next(self.specs)
+            except StopIteration:  # the end of an evaluation pass
+                for entry in skipped:
+                    print(f"warning: unreadable test image, not counted: {entry}")
+                raise
+            data, indices = [], []
+            for index in spec.indices:
+                for attempt in range(1 if self.evaluation else MAX_CONSECUTIVE_BAD_FILES):
+                    candidate = (index + attempt) % self.size
+                    array, problem = self._read(candidate)
+                    if array is not None:
+                        data.append(array)
+                        indices.append(candidate)
+                        break
+                    if self.fail_on_corrupt:
+                        raise DataError(f"{problem} (unreadable image)")
+                    skipped.append(problem)
+                else:
+                    if not self.evaluation:
+                        raise DataError(f"{self.source.name(index)} and the next files are unreadable")
+            if data:  # an evaluation batch with nothing readable is folded into the next one's report
+                break
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = self.rows[indices] if self.rows is not None else indices
+        labels = self.source.labels[rows]
+        self.skipped.append(tuple(skipped))
+        return data, labels, indices
+
+
+def _build_pipeline(
+    feed: _Feed,
+    encoded: bool,
+    augment: str,
+    image_size: int,
+    pad: int,
+    crop_scale: tuple[float, float],
+    batch_size: int,
+    device_id: int | None,
+    threads: int,
+    seed: int,
+):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
+
+    gpu = device_id is not None
+    size = [image_size, image_size]
+
+    @pipeline_def(
+        batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed, prefetch_queue_depth=PREFETCH_DEPTH
+    )
+    def pipeline():
+        data, labels, indices = fn.external_source(
+            source=feed,
+            num_outputs=3,
+            batch=True,
+            dtype=[types.UINT8, types.INT64, types.INT64],
+            layout=[None if encoded else "HWC", None, None],
+        )
+        if encoded:
+            shape = fn.peek_image_shape(data)
+            decoder_device = "mixed" if gpu else "cpu"
+            if augment == "random_resized_crop":
+                images = fn.decoders.image_random_crop(
+                    data,
+                    device=decoder_device,
+                    output_type=types.RGB,
+                    random_area=list(crop_scale),
+                    random_aspect_ratio=[3 / 4, 4 / 3],
+                    num_attempts=10,
+                )
+            else:
+                images = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
+        else:
+            shape = fn.shapes(data)
+            images = data.gpu() if gpu else data
+            if augment == "random_resized_crop":
+                images = fn.random_resized_crop(images, size=size, random_area=list(crop_scale))
+        if augment == "random_resized_crop":
+            images = fn.resize(images, size=size) if encoded else images
+        elif augment == "center_crop":
+            shorter = fn.cast(dmath.min(shape[0], shape[1]), dtype=types.FLOAT)
+            needs_resize = fn.cast(shorter != image_size, dtype=types.FLOAT)
+            target = image_size + needs_resize * (image_size / EVAL_CROP_FRACTION - image_size)
+            images = fn.crop(fn.resize(images, resize_shorter=target), crop=size)
+        elif encoded or image_size != 32:  # CIFAR pixels are already 32 x 32
+            images = fn.resize(images, size=size)
+        mirror = 0
+        if augment == "pad_crop_flip":
+            # `values`, not an integer `range`: DALI rounds a continuous draw there, halving the end points.
+            offsets = [float(v) for v in range(-pad, pad + 1)]
+            anchor = fn.cast(fn.random.uniform(values=offsets, shape=[2]), dtype=types.INT32)
+            images = fn.slice(
+                images, anchor, np.array(size, dtype=np.int32), axes=[0, 1], out_of_bounds_policy="pad", fill_values=0
+            )
+        if augment in ("pad_crop_flip", "random_resized_crop"):
+            mirror = fn.random.coin_flip()
+        images = fn.crop_mirror_normalize(
+            images, mirror=mirror, dtype=types.UINT8, output_layout="CHW", mean=0.0, std=1.0
+        )
+        return images, labels, indices
+
+    built = pipeline()
+    built.build()
+    return built
+
+
+def _encoded(source: Source | SubsetSource) -> bool:
+    base = source.source if isinstance(source, SubsetSource) else source
+    if isinstance(base, CifarSource):
+        return False
+    if isinstance(base, FolderSource):
+        return True
+    raise DataError(f"--loader dali reads image folders and CIFAR-10 folders, not {getattr(base, 'root', base)}")
+
+
+def _run(pipe, feed: _Feed, device: torch.device) -> Iterator[Batch]:
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    while True:
+        try:
+            images, labels, indices = pipe.run()
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            raise DataError(f"DALI could not decode a batch: {str(error).splitlines()[0]}") from error
+        if device.type == "cuda":
+            shape = images.as_tensor().shape()
+            out = torch.empty(shape, dtype=torch.uint8, device=device)
+            feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(device))
+        else:
+            out = torch.from_numpy(np.array(images.as_tensor()))
+        yield Batch(
+            out,
+            torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).to(device, non_blocking=True),
+            torch.from_numpy(np.array(indices.as_tensor())).reshape(-1).to(device, non_blocking=True),
+            feed.skipped.popleft(),
+        )
+
+
+def _device_id(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def dali_loader(
+    source: Source | SubsetSource,
+    image_size: int,
+    augment: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int = 0,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    pad: int = 4,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    fail_on_corrupt: bool = False,
+) -> Iterator[Batch]:
+    """Endless training batches; same contract and order as `pipeline.data.torch_loader`.
+
+    `rank`/`world_size` are the *global* process index and count (Accelerate's `process_index` and
+    `num_processes`); the GPU is the training device's (its local index)."""
+    device = torch.device(device)
+    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
+    feed = _Feed(source, iter(sampler), evaluation=False, fail_on_corrupt=fail_on_corrupt)
+    pipe = _build_pipeline(
+        feed,
+        _encoded(source),
+        augment,
+        image_size,
+        pad,
+        crop_scale,
+        batch_size,
+        _device_id(device),
+        max(1, workers),
+        derive_seed(seed, AUGMENT_STREAM, rank, start_step) % 2**31,
+    )
+    return _run(pipe, feed, device)
+
+
+def dali_eval_loader(
+    source: Source | SubsetSource,
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    fail_on_corrupt: bool = False,
+) -> Iterator[Batch]:
+    """Every image once over all ranks, center-cropped, in order; the sharding of `pipeline.data.eval_loader`
+    (contiguous slices, a short last batch instead of DALI's padding), so summed counts count each image once."""
+    device = torch.device(device)
+    shard = np.array_split(np.arange(len(source)), world_size)[rank]
+    chunks = [chunk for chunk in np.split(shard, range(batch_size, len(shard), batch_size)) if len(chunk)]
+    if not chunks:
+        return iter(())
+    feed = _Feed(source, iter(BatchSpec(0, tuple(c.tolist()), 0) for c in chunks), True, fail_on_corrupt)
+    pipe = _build_pipeline(
+        feed,
+        _encoded(source),
+        "center_crop",
+        image_size,
+        0,
+        (1.0, 1.0),
+        batch_size,
+        _device_id(device),
+        max(1, workers),
+        0,
+    )
+    return _run(pipe, feed, device)

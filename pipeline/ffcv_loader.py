@@ -1,0 +1,433 @@
+"""The FFCV backend: reads a `.beton` written by `python -m pipeline.convert`.
+
+Sample order is the torch backend's (`ShardedBatchSampler`: one per-epoch permutation, rank r takes
+the r-th contiguous batch of every global batch, the remainder dropped), handed to FFCV as its
+traversal order, so both backends read the same images at every step and a resumed run continues on
+exactly the images it would have read. FFCV's own `distributed=True` is not used: it shards like
+`DistributedSampler` (strided, padded), not like our other backends. `quasi_random=True` uses FFCV's
+quasi-random order instead (for data sets larger than RAM, with `os_cache=False`; one process only,
+since FFCV does not support it distributed).
+
+The ops, in order, for the `image` field (labels and source indices are decoded beside it):
+
+1. decode (JPEG or raw), fused with the crop: `random_resized_crop` -> random resized crop to S;
+   `center_crop` (evaluation) -> center crop of 0.875 of the shorter side resized to S; otherwise the
+   stored S x S image as is (other sizes: the whole image resized to S x S);
+2. `pad_crop_flip`: random horizontal flip, then zero padding + random crop (FFCV's RandomTranslate);
+   `random_resized_crop`: random horizontal flip;
+3. either (a) to a contiguous uint8 (B, 3, S, S) tensor on the device (non-blocking copy): the batch
+   contract of `pipeline.data`; or (b) on the CPU path of pretraining, `SelfiePatches`: the patch
+   op compiled into the pipeline, so the loader's threads emit the group-major float32 patch tensor
+   and the permutations (`Batch.patches`, `Batch.perm`) ready for P.
+
+FFCV's random ops draw from numba's generator, which cannot be seeded per run: which images a step
+reads is reproducible, the crops, flips and (3b) masks are not.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.convert import FIELD_NAMES, sidecar_path
+from pipeline.data import EVAL_CROP_FRACTION, Batch, DataError, ShardedBatchSampler
+from pipeline.patches import PatchSpec, scaled_stats
+from pipeline.subsets import SubsetSource
+
+
+class BetonSource:
+    """A `.beton` from `pipeline.convert` as a data source: index i is row i of the file."""
+
+    def __init__(self, path: str | Path) -> None:
+        from ffcv.reader import Reader
+
+        self.path = Path(path)
+        self.root = self.path
+        sidecar = sidecar_path(self.path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: no such .beton file")
+        try:
+            self.info = json.loads(sidecar.read_text())
+        except (OSError, ValueError) as error:
+            raise DataError(
+                f"{self.path}: its sidecar {sidecar.name} is missing or unreadable ({error}); "
+                "write the file with python -m pipeline.convert"
+            ) from error
+        try:
+            self.reader = Reader(str(self.path))
+        except Exception as error:  # noqa: BLE001 (FFCV raises AssertionError and others on a bad file)
+            raise DataError(f"{self.path}: not a readable .beton file ({error!r})") from error
+        if self.reader.field_names != list(FIELD_NAMES) or self.reader.num_samples != self.info.get("images"):
+            raise DataError(
+                f"{self.path}: holds fields {self.reader.field_names} and {self.reader.num_samples} images, "
+                f"but its sidecar says {self.info.get('fields')} and {self.info.get('images')}; "
+                "write it again with python -m pipeline.convert"
+            )
+        fields = self.reader.metadata
+        self.labels = np.asarray(fields["f1"], dtype=np.int64)
+        self.source_indices = np.asarray(fields["f2"], dtype=np.int64)  # position of each row in the source
+        self.classes = list(self.info["classes"])
+        size = self.info.get("uniform_size")
+        self.uniform_size = tuple(size) if size else None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        return f"{self.path}[{index}] ({self.info['source']} #{self.source_indices[index]})"
+
+    def load(self, index: int) -> Image.Image:
+        """One image, decoded here without FFCV (for pictures and checks, not for training)."""
+        image = self.reader.metadata["f0"][index]
+        table = self.reader.alloc_table
+        size = int(table["size"][np.flatnonzero(table["ptr"] == image["data_ptr"])[0]])
+        with open(self.path, "rb") as f:
+            f.seek(int(image["data_ptr"]))
+            data = f.read(size)
+        if image["mode"] == 1:  # raw
+            shape = (int(image["height"]), int(image["width"]), 3)
+            return Image.fromarray(np.frombuffer(data[: np.prod(shape)], np.uint8).reshape(shape))
+        with Image.open(io.BytesIO(data)) as decoded:
+            return decoded.convert("RGB")
+
+
+def open_betons(path: str | Path, split: str) -> BetonSource:
+    """`path` is a .beton (the train split) or a folder holding train.beton and val.beton/test.beton."""
+    root = Path(path)
+    if root.suffix == ".beton":
+        if split != "train":
+            raise DataError(
+                f"--data {root}: a single .beton has no test split; pass a folder holding "
+                "train.beton and val.beton (or test.beton)"
+            )
+        return BetonSource(root)
+    names = ("train.beton",) if split == "train" else ("val.beton", "test.beton")
+    for name in names:
+        if (root / name).is_file():
+            return BetonSource(root / name)
+    raise DataError(
+        f"--data {root}: --loader ffcv reads .beton files, and {root} holds no {' or '.join(names)}; "
+        f"write it with: python -m pipeline.convert --src {root / ('train' if split == 'train' else 'val')} "
+        f"--dst {root / names[0]}"
+    )
+
+
+@numba.njit(cache=True)  # not fastmath (FFCV compiles its ops with it): the division must round as torch's does
+def _patch_sample(image, noise, patch, num_context, batch, sample, mean255, std255, flat):  # pragma: no cover
+    """Sample `sample` of an HWC uint8 batch into the flat group-major buffer, plus its permutation.
+
+    The buffer holds B * N * C * p * p patch values (context block, then masked block) followed by
+    B * N permutation entries (as float32: exact for positions below 2**24)."""
+    grid = image.shape[0] // patch
+    num_patches = grid * grid
+    channels = image.shape[2]
+    num_masked = num_patches - num_context
+    patch_values = channels * patch * patch
+    perm = np.argsort(noise)
+    for slot in range(num_patches):
+        position = perm[slot]
+        flat[batch * num_patches * patch_values + sample * num_patches + slot] = np.float32(position)
+        if slot < num_context:
+            out_index = sample * num_context + slot
+        else:
+            out_index = batch * num_context + sample * num_masked + slot - num_context
+        base = out_index * patch_values
+        top, left = (position // grid) * patch, (position % grid) * patch
+        for c in range(channels):
+            for i in range(patch):
+                for j in range(patch):
+                    value = np.float32(image[top + i, left + j, c])
+                    flat[base + (c * patch + i) * patch + j] = (value - mean255[c]) / std255[c]
+
+
+def _selfie_patches_op():
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+    from ffcv.pipeline.state import State
+
+    class SelfiePatches(Operation):
+        """HWC uint8 batch -> one float32 buffer per batch: group-major normalised patches, then the
+        permutations; `split_patch_buffer` turns it into views (B * N, C, p, p) and (B, N)."""
+
+        def __init__(self, spec: PatchSpec) -> None:
+            super().__init__()
+            self.spec = spec
+
+        def generate_code(self):
+            spec = self.spec
+            my_range = Compiler.get_iterator()
+            mean255 = scaled_stats(tuple(spec.mean), torch.device("cpu")).numpy().copy()
+            std255 = scaled_stats(tuple(spec.std), torch.device("cpu")).numpy().copy()
+            patch, num_context = spec.patch_size, spec.num_context
+
+            def selfie_patches(images, dst):
+                batch = images.shape[0]
+                num_patches = (images.shape[1] // patch) ** 2
+                flat = dst.reshape(-1)
+                for sample in my_range(batch):
+                    noise = np.random.random(num_patches)
+                    _patch_sample(images[sample], noise, patch, num_context, batch, sample, mean255, std255, flat)
+                return dst[:batch]
+
+            selfie_patches.is_parallel = True
+            return selfie_patches
+
+        def declare_state_and_memory(self, previous_state: State):
+            from dataclasses import replace
+
+            height, width, channels = previous_state.shape
+            if height != width or height % self.spec.patch_size:
+                raise DataError(f"images of {height}x{width} do not cut into {self.spec.patch_size}px patches")
+            num_patches = (height // self.spec.patch_size) ** 2
+            shape = (num_patches * channels * self.spec.patch_size**2 + num_patches,)
+            state = replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("float32"))
+            return state, AllocationQuery(shape, np.dtype("float32"))
+
+    return SelfiePatches
+
+
+def split_patch_buffer(buffer: torch.Tensor, spec: PatchSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N * C * p * p + N) float32 from `SelfiePatches` -> patches (B * N, C, p, p) view, perm (B, N) int64."""
+    batch = buffer.shape[0]
+    flat = buffer.reshape(-1)
+    patch_values = batch * (buffer.shape[1] // (3 * spec.patch_size**2 + 1)) * 3 * spec.patch_size**2
+    patches = flat[:patch_values].view(-1, 3, spec.patch_size, spec.patch_size)
+    perm = flat[patch_values:].view(batch, -1).long()
+    return patches, perm
+
+
+def image_ops(
+    source: BetonSource,
+    image_size: int,
+    augment: str,
+    pad: int,
+    crop_scale: tuple[float, float],
+    device: torch.device,
+    patch_spec: PatchSpec | None,
+) -> list:
+    """The ordered op list of the image field (see the module docstring)."""
+    from ffcv.fields.rgb_image import (
+        CenterCropRGBImageDecoder,
+        RandomResizedCropRGBImageDecoder,
+        SimpleRGBImageDecoder,
+    )
+    from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
+
+    size = (image_size, image_size)
+    if augment == "random_resized_crop":
+        ops = [RandomResizedCropRGBImageDecoder(size, scale=tuple(crop_scale)), RandomHorizontalFlip()]
+    elif augment == "center_crop" and source.uniform_size != size:
+        ops = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
+    else:
+        ops = [SimpleRGBImageDecoder() if source.uniform_size == size else _whole_image_decoder()(size)]
+        if augment == "pad_crop_flip":
+            ops += [RandomHorizontalFlip(), RandomTranslate(padding=pad)]
+    if patch_spec is not None:
+        return [*ops, _selfie_patches_op()(patch_spec), ToTensor()]
+    ops += [ToTensor(), ToTorchImage(channels_last=False)]
+    return ops + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
+
+
+def _whole_crop(height, width, scale, ratio):  # pragma: no cover (compiled by FFCV)
+    return np.uint32(0), np.uint32(0), height, width
+
+
+def _whole_image_decoder():
+    """Decode + resize the whole image to S x S, as the other backends do for images not already S x S."""
+    from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
+
+    class WholeImageRGBDecoder(ResizedCropRGBImageDecoder):
+        def __init__(self, output_size) -> None:
+            super().__init__(output_size)
+            self.scale = None
+            self.ratio = None
+
+        @property
+        def get_crop_generator(self):
+            return _whole_crop
+
+    return WholeImageRGBDecoder
+
+
+def _beton_rows(source: BetonSource | SubsetSource) -> tuple[BetonSource, np.ndarray]:
+    if isinstance(source, SubsetSource) and isinstance(source.source, BetonSource):
+        return source.source, source.indices
+    if isinstance(source, BetonSource):
+        return source, np.arange(len(source))
+    raise DataError(
+        f"--loader ffcv reads .beton files, not {getattr(source, 'root', source)}; "
+        "write one with python -m pipeline.convert"
+    )
+
+
+def _order_class(positions_of_pass, quasi_random: bool):
+    """A TraversalOrder class whose k-th pass reads `positions_of_pass(k, inner_order)` (beton rows)."""
+    from ffcv.traversal_order import QuasiRandom
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class PlannedOrder(TraversalOrder):
+        def __init__(self, loader) -> None:
+            super().__init__(loader)
+            self.inner = QuasiRandom(loader) if quasi_random else None
+
+        def sample_order(self, epoch: int) -> Sequence[int]:
+            return positions_of_pass(epoch, self.inner)
+
+    return PlannedOrder
+
+
+def ffcv_loader(
+    source: BetonSource | SubsetSource,
+    image_size: int,
+    augment: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    start_step: int = 0,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    pad: int = 4,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    fail_on_corrupt: bool = False,
+    patch_spec: PatchSpec | None = None,
+    os_cache: bool = True,
+    quasi_random: bool = False,
+    batches_ahead: int = 3,
+) -> Iterator[Batch]:
+    """Endless training batches from a .beton; same contract and order as `pipeline.data.torch_loader`.
+
+    With `patch_spec` (CPU only), batches carry `patches` and `perm` made in the pipeline, and `images`
+    is None. `fail_on_corrupt` has nothing to do: conversion already left unreadable images out.
+    """
+    from ffcv.loader import Loader, OrderOption
+
+    device = torch.device(device)
+    beton, rows = _beton_rows(source)
+    if patch_spec is not None and device.type != "cpu":
+        raise ValueError("the in-pipeline patch op is the CPU path; on a GPU the device patch op runs in the step")
+    if quasi_random and world_size > 1:
+        raise DataError("--data.ffcv_order=quasi_random works in one process only (FFCV lacks it distributed)")
+    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
+    steps_per_epoch = sampler.steps_per_epoch
+    first_epoch, skip = divmod(start_step, steps_per_epoch)
+    view_of_row = np.full(len(beton), -1, dtype=np.int64)
+    view_of_row[rows] = np.arange(len(rows))
+
+    def positions_of_pass(k: int, inner) -> np.ndarray:
+        epoch = first_epoch + k
+        if inner is not None:
+            order = np.asarray(inner.sample_order(epoch), dtype=np.int64)
+        else:
+            order = sampler.epoch_order(epoch).numpy()[: steps_per_epoch * batch_size * world_size]
+            order = rows[order.reshape(steps_per_epoch, world_size, batch_size)[:, rank].reshape(-1)]
+        return order[(skip if k == 0 else 0) * batch_size :].astype(np.uint64)
+
+    threads = torch.get_num_threads()
+    pipelines = {
+        "image": image_ops(beton, image_size, augment, pad, crop_scale, device, patch_spec),
+        "label": _int_ops(),
+        "index": _int_ops(),
+    }
+    loader = Loader(
+        str(beton.path),
+        batch_size=batch_size,
+        num_workers=max(1, workers),
+        os_cache=os_cache and not quasi_random,
+        order=OrderOption.SEQUENTIAL,
+        indices=rows,
+        pipelines=pipelines,
+        drop_last=True,
+        batches_ahead=batches_ahead,
+    )
+    loader.traversal_order = _order_class(positions_of_pass, quasi_random)(loader)
+    torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count; keep the run's
+    return _batches(loader, beton, view_of_row, device, patch_spec, threads)
+
+
+def _int_ops() -> list:
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import Squeeze, ToTensor
+
+    return [IntDecoder(), ToTensor(), Squeeze(1)]
+
+
+def _batches(
+    loader, beton: BetonSource, view_of_row: np.ndarray, device, patch_spec, threads: int, endless: bool = True
+) -> Iterator[Batch]:
+    """Batches of consecutive passes as one stream (or of one pass). Identities come from the decoded
+    `index` field, so they are what FFCV read, not what was asked of it."""
+    while True:
+        epoch = iter(loader)
+        try:
+            yield from _converted(epoch, beton, view_of_row, device, patch_spec, threads)
+        finally:
+            epoch.close()  # stops FFCV's loading thread when the consumer stops early
+        if not endless:
+            return
+
+
+def _converted(epoch, beton: BetonSource, view_of_row: np.ndarray, device, patch_spec, threads: int) -> Iterator[Batch]:
+    """FFCV's outputs live in buffers it refills a few batches later; each batch is copied out (a
+    memcpy, small beside decoding) so that a batch stays valid for as long as it is held, as with
+    every other backend."""
+    for images, labels, source_index in epoch:
+        images, labels = images.clone(), labels.clone()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        rows = np.searchsorted(beton.source_indices, source_index.numpy())  # rows are in source order
+        indices = torch.from_numpy(view_of_row[rows])
+        labels = labels.to(device, non_blocking=True)
+        indices = indices.to(device, non_blocking=True)
+        if patch_spec is None:
+            yield Batch(images, labels, indices)
+        else:
+            patches, perm = split_patch_buffer(images, patch_spec)
+            yield Batch(None, labels, indices, (), patches, perm)
+
+
+def ffcv_eval_loader(
+    source: BetonSource | SubsetSource,
+    image_size: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    workers: int = 2,
+    device: torch.device | str = "cpu",
+    fail_on_corrupt: bool = False,
+) -> Iterator[Batch]:
+    """Every image once over all ranks, center-cropped, in order; the sharding of `pipeline.data.eval_loader`
+    (contiguous slices, a short last batch, nothing padded), so summed counts count each image once."""
+    from ffcv.loader import Loader, OrderOption
+
+    device = torch.device(device)
+    beton, rows = _beton_rows(source)
+    view_of_row = np.full(len(beton), -1, dtype=np.int64)
+    view_of_row[rows] = np.arange(len(rows))
+    shard = np.array_split(rows, world_size)[rank]
+    if not len(shard):
+        return iter(())
+    threads = torch.get_num_threads()
+    loader = Loader(
+        str(beton.path),
+        batch_size=batch_size,
+        num_workers=max(1, workers),
+        order=OrderOption.SEQUENTIAL,
+        indices=shard,
+        pipelines={
+            "image": image_ops(beton, image_size, "center_crop", 0, (1.0, 1.0), device, None),
+            "label": _int_ops(),
+            "index": _int_ops(),
+        },
+        drop_last=False,
+    )
+    torch.set_num_threads(threads)
+    return _batches(loader, beton, view_of_row, device, None, threads, endless=False)

@@ -1,0 +1,212 @@
+"""Every loader backend against the same contract: shapes, identities, sharding, evaluation."""
+
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.convert import ConvertOptions, convert
+from pipeline.data import DataError, ShardedBatchSampler, open_source
+from pipeline.ffcv_loader import BetonSource, split_patch_buffer
+from pipeline.loaders import LOADERS
+from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, patchify_and_mask
+from pipeline.subsets import SubsetSource
+from tests.test_data import make_cifar, make_folder
+
+BACKENDS = sorted(LOADERS)
+BATCH, WORLD, SEED = 4, 2, 5
+
+
+def square_folder(root: Path, classes: int, per_class: int) -> None:
+    rng = np.random.default_rng(2)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 training images of 32 x 32 in 3 classes (+ 9 test images), as a folder and as .beton files."""
+    root = tmp_path_factory.mktemp("loaders")
+    square_folder(root / "data" / "train", classes=3, per_class=10)
+    square_folder(root / "data" / "val", classes=3, per_class=3)
+    (root / "betons").mkdir()
+    for split, name in (("train", "train"), ("test", "val")):
+        convert(root / "data", root / "betons" / f"{name}.beton", split, ConvertOptions(write_mode="raw", workers=1))
+    return root
+
+
+def data_of(image_set: Path, backend: str, split: str = "train"):
+    return LOADERS[backend].open(image_set / ("betons" if backend == "ffcv" else "data"), split)
+
+
+def stream(backend: str, source, steps: int, augment: str = "none", rank: int = 0, world: int = WORLD, **kwargs):
+    loader = LOADERS[backend].train(source, 32, augment, BATCH, rank, world, SEED, workers=1, **kwargs)
+    batches = list(islice(loader, steps))
+    loader.close()
+    return batches
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("augment", ["pad_crop_flip", "random_resized_crop", "none"])
+def test_batch_contract(image_set: Path, backend: str, augment: str) -> None:
+    for batch in stream(backend, data_of(image_set, backend), 4, augment):
+        assert batch.images.shape == (BATCH, 3, 32, 32) and batch.images.dtype == torch.uint8
+        assert batch.images.is_contiguous()
+        assert batch.labels.dtype == batch.indices.dtype == torch.int64
+        assert batch.labels.shape == batch.indices.shape == (BATCH,)
+        assert batch.patches is None and batch.perm is None
+
+
+def test_all_backends_read_the_same_images_at_every_step(image_set: Path) -> None:
+    steps = 3 * ShardedBatchSampler(30, BATCH, 0, WORLD, SEED).steps_per_epoch  # three epochs
+    for rank in range(WORLD):
+        runs = {b: stream(b, data_of(image_set, b), steps, "none", rank) for b in BACKENDS}
+        for step, batches in enumerate(zip(*runs.values(), strict=True)):
+            reference = batches[0]
+            for backend, batch in zip(runs, batches, strict=True):
+                assert torch.equal(batch.indices, reference.indices), (backend, rank, step)
+                assert torch.equal(batch.labels, reference.labels), (backend, rank, step)
+                # Lossless PNG and raw .beton pixels, no augmentation: the images themselves agree.
+                assert torch.equal(batch.images, reference.images), (backend, rank, step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_epoch_reads_every_image_once_over_disjoint_rank_shards(image_set: Path, backend: str) -> None:
+    source = data_of(image_set, backend)
+    per_epoch = ShardedBatchSampler(len(source), BATCH, 0, WORLD, SEED).steps_per_epoch  # 3: 24 of 30 images
+    shards = [stream(backend, source, 2 * per_epoch, "pad_crop_flip", rank) for rank in range(WORLD)]
+    for epoch in range(2):
+        seen = [
+            torch.cat([b.indices for b in shard[epoch * per_epoch : (epoch + 1) * per_epoch]]).tolist()
+            for shard in shards
+        ]
+        assert not set(seen[0]) & set(seen[1])
+        every = seen[0] + seen[1]
+        assert len(every) == len(set(every)) == per_epoch * BATCH * WORLD
+        labels = torch.cat([b.labels for shard in shards for b in shard[epoch * per_epoch : (epoch + 1) * per_epoch]])
+        assert labels.tolist() == [int(source.labels[i]) for i in every]
+    first = [torch.cat([b.indices for b in s[:per_epoch]]) for s in shards]
+    second = [torch.cat([b.indices for b in s[per_epoch:]]) for s in shards]
+    assert not all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_reads_the_images_an_uninterrupted_run_would(image_set: Path, backend: str) -> None:
+    source = data_of(image_set, backend)
+    straight = stream(backend, source, 8, "none", rank=1)
+    loader = LOADERS[backend].train(source, 32, "none", BATCH, 1, WORLD, SEED, start_step=5, workers=1)
+    resumed = list(islice(loader, 3))
+    for a, b in zip(straight[5:], resumed, strict=True):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labeled_subsets_stream_their_own_positions(image_set: Path, backend: str) -> None:
+    base = data_of(image_set, backend)
+    subset = SubsetSource(base, np.array([1, 4, 7, 12, 15, 21, 22, 29]))
+    for batch in stream(backend, subset, 4, "none", world=1):
+        assert batch.indices.max() < len(subset)
+        assert batch.labels.tolist() == [int(subset.labels[i]) for i in batch.indices]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_evaluation_counts_every_image_once(image_set: Path, backend: str, world: int) -> None:
+    source = data_of(image_set, backend, "test")
+    reference = data_of(image_set, "torch", "test")
+    seen = []
+    for rank in range(world):
+        for batch in LOADERS[backend].evaluate(source, 32, 2, rank, world, workers=1):
+            assert batch.images.shape[1:] == (3, 32, 32) and len(batch.images) <= 2
+            seen += batch.indices.tolist()
+            for image, index in zip(batch.images, batch.indices, strict=True):
+                assert torch.equal(image, torch.from_numpy(np.asarray(reference.load(int(index)))).permute(2, 0, 1))
+    assert seen == list(range(9))
+
+
+def test_dali_evaluation_leaves_an_unreadable_image_out(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "val", classes=2, per_class=3, size=32)
+    (root / "class1" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    source = open_source(root)
+    batches = list(LOADERS["dali"].evaluate(source, 32, 4, 0, 1, workers=1))
+    assert [i for b in batches for i in b.indices.tolist()] == [0, 1, 2, 3, 5]
+    assert any("1.png: truncated PNG" in entry for b in batches for entry in b.skipped)
+
+
+def test_dali_training_replaces_an_unreadable_image_and_names_it(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "train", classes=2, per_class=4, size=32)
+    (root / "class0" / "2.png").write_bytes(b"")
+    source = open_source(root)
+    batches = stream("dali", source, 4, "none", world=1)
+    assert 2 not in torch.cat([b.indices for b in batches]).tolist()
+    assert any("2.png: empty file" in entry for b in batches for entry in b.skipped)
+    with pytest.raises(DataError, match="2.png: empty file"):
+        stream("dali", source, 4, "none", world=1, fail_on_corrupt=True)
+
+
+def test_dali_reads_cifar_through_its_external_source(tmp_path: Path) -> None:
+    cifar = open_source(make_cifar(tmp_path / "cifar", per_batch=4), "train")
+    for backend_batch, torch_batch in zip(stream("dali", cifar, 3, world=1), stream("torch", cifar, 3, world=1)):
+        assert torch.equal(backend_batch.indices, torch_batch.indices)
+        assert torch.equal(backend_batch.images, torch_batch.images)
+
+
+def test_ffcv_pipeline_patch_op_equals_the_reference(image_set: Path) -> None:
+    spec = PatchSpec(8, 5, IMAGENET_MEAN, IMAGENET_STD)
+    source = data_of(image_set, "ffcv")
+    patched = stream("ffcv", source, 4, "none", world=1, patch_spec=spec)
+    plain = stream("ffcv", source, 4, "none", world=1)
+    for with_patches, images in zip(patched, plain, strict=True):
+        assert with_patches.images is None and torch.equal(with_patches.indices, images.indices)
+        assert with_patches.patches.shape == (BATCH * 16, 3, 8, 8) and with_patches.perm.shape == (BATCH, 16)
+        assert all(sorted(row) == list(range(16)) for row in with_patches.perm.tolist())
+        expected = patchify_and_mask(images.images, with_patches.perm, 8, 5)
+        assert torch.equal(with_patches.patches.view(torch.int32), expected.view(torch.int32))
+    assert not torch.equal(patched[0].perm, patched[1].perm)
+
+
+def test_split_patch_buffer_layout() -> None:
+    spec = PatchSpec(2, 1, IMAGENET_MEAN, IMAGENET_STD)
+    buffer = torch.arange(2 * (4 * 3 * 4 + 4), dtype=torch.float32).view(2, -1)
+    patches, perm = split_patch_buffer(buffer, spec)
+    assert patches.shape == (8, 3, 2, 2) and perm.tolist() == [[96, 97, 98, 99], [100, 101, 102, 103]]
+    assert patches.data_ptr() == buffer.data_ptr()  # a view: no copy
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_images_of_another_size_are_resized_whole(tmp_path: Path, backend: str) -> None:
+    root = tmp_path / "data" / "train"
+    ramp = np.linspace(0, 255, 64)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(4):  # 40 x 64 horizontal gradients: a center crop would lose both ends
+            image = np.broadcast_to(ramp[None, :, None] * (0.5 + 0.1 * i), (40, 64, 3))
+            Image.fromarray(image.astype(np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    (tmp_path / "betons").mkdir()
+    convert(root, tmp_path / "betons" / "train.beton", options=ConvertOptions(write_mode="raw", workers=1))
+    source = LOADERS[backend].open(tmp_path / ("betons" if backend == "ffcv" else "data"), "train")
+    expected = open_source(root)
+    for batch in stream(backend, source, 2, "none", world=1):
+        for image, index in zip(batch.images, batch.indices, strict=True):
+            whole = np.asarray(expected.load(int(index)).resize((32, 32), Image.BILINEAR), dtype=np.float64)
+            assert np.abs(image.permute(1, 2, 0).numpy() - whole).max() <= 4  # interpolation differences only
+
+
+def test_backends_refuse_data_they_cannot_read(image_set: Path) -> None:
+    with pytest.raises(DataError, match="--loader ffcv reads .beton files.*python -m pipeline.convert"):
+        LOADERS["ffcv"].open(image_set / "data", "train")
+    betons = LOADERS["ffcv"].open(image_set / "betons", "train")
+    assert isinstance(betons, BetonSource)
+    with pytest.raises(DataError, match="--loader dali reads image folders"):
+        stream("dali", betons, 1)
+    with pytest.raises(DataError, match="--loader ffcv reads .beton files"):
+        stream("ffcv", open_source(image_set / "data"), 1)
+    with pytest.raises(DataError, match="one process only"):
+        stream("ffcv", betons, 1, quasi_random=True)
+    with pytest.raises(DataError, match="a single .beton has no test split"):
+        LOADERS["ffcv"].open(image_set / "betons" / "train.beton", "test")
