@@ -151,7 +151,9 @@ def test_dali_training_replaces_an_unreadable_image_and_names_it(tmp_path: Path)
 
 def test_dali_reads_cifar_through_its_external_source(tmp_path: Path) -> None:
     cifar = open_source(make_cifar(tmp_path / "cifar", per_batch=4), "train")
-    for backend_batch, torch_batch in zip(stream("dali", cifar, 3, world=1), stream("torch", cifar, 3, world=1)):
+    for backend_batch, torch_batch in zip(
+        stream("dali", cifar, 3, world=1), stream("torch", cifar, 3, world=1), strict=True
+    ):
         assert torch.equal(backend_batch.indices, torch_batch.indices)
         assert torch.equal(backend_batch.images, torch_batch.images)
 
