@@ -28,6 +28,7 @@ a resumed run reads the same images but draws other crops than the uninterrupted
 
 from __future__ import annotations
 
+import gc
 from collections import deque
 from collections.abc import Iterator
 
@@ -222,6 +223,15 @@ def _encoded(source: Source | SubsetSource) -> bool:
 
 
 def _run(pipe, feed: _Feed, device: torch.device) -> Iterator[Batch]:
+    """The pipeline's batches as `Batch`es; closing the stream frees the pipeline (its threads and pool)."""
+    try:
+        yield from _outputs(pipe, feed, device)
+    finally:
+        del pipe
+        gc.collect()
+
+
+def _outputs(pipe, feed: _Feed, device: torch.device) -> Iterator[Batch]:
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
     while True:

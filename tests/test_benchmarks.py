@@ -1,8 +1,10 @@
 """Smoke runs of the benchmark scripts: they run and print their table (no timing assertions)."""
 
+import json
+
 import pytest
 
-from benchmarks import patch_op
+from benchmarks import loaders, patch_op
 
 
 def test_patch_op_benchmark_prints_a_row_per_op_and_shape(capsys: pytest.CaptureFixture) -> None:
@@ -13,3 +15,37 @@ def test_patch_op_benchmark_prints_a_row_per_op_and_shape(capsys: pytest.Capture
         if line.startswith("| 32/8") or line.startswith("| 224/32")
     ]
     assert len(rows) == 4 and {row.split("|")[2].strip() for row in rows} == {"reference", "numba"}
+
+
+def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "loaders.json"
+    loaders.main(
+        [
+            "--images",
+            "24",
+            "--size",
+            "64",
+            "--patch",
+            "16",
+            "--batch",
+            "4",
+            "--workers",
+            "1",
+            "--warmup",
+            "1",
+            "--window",
+            "1",
+            "--windows",
+            "2",
+            "--cache",
+            str(tmp_path),
+            "--json",
+            str(out),
+        ]
+    )
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in table[-3:]}
+    assert set(rows) == {"torch", "dali", "ffcv"} and rows["torch"].endswith("1.00x")
+    record = json.loads(out.read_text())
+    assert set(record["results"]) == {"torch", "dali", "ffcv"}
+    assert all(r["min"] <= r["median"] <= r["max"] for r in record["results"].values())

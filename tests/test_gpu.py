@@ -45,3 +45,32 @@ def test_classifier_bf16_channels_last_matches_fp32_on_gpu(arch: str) -> None:
     with torch.autocast("cuda", dtype=torch.bfloat16):
         bf16 = model(images.contiguous(memory_format=torch.channels_last)).float()
     torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_gpu_loaders_deliver_the_cpu_images_on_the_device(tmp_path, backend: str) -> None:
+    """DALI's `mixed` decoder (nvJPEG) and FFCV's device copy against the same backend on the CPU.
+    Lossless PNG/raw input without augmentation: the decoded pixels must agree exactly."""
+    from itertools import islice
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.convert import ConvertOptions, convert
+    from pipeline.loaders import LOADERS
+
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / f"c{c}" / f"{i}.png"
+            )
+    convert(tmp_path / "data", tmp_path / "train.beton", options=ConvertOptions(write_mode="raw", workers=1))
+    source = LOADERS[backend].open(tmp_path / ("train.beton" if backend == "ffcv" else "data"), "train")
+    gpu = list(islice(LOADERS[backend].train(source, 32, "none", 4, 0, 1, 0, workers=1, device="cuda"), 3))
+    cpu = list(islice(LOADERS[backend].train(source, 32, "none", 4, 0, 1, 0, workers=1), 3))
+    for on_gpu, on_cpu in zip(gpu, cpu, strict=True):
+        assert on_gpu.images.device.type == "cuda" and on_gpu.images.dtype == torch.uint8
+        assert on_gpu.images.is_contiguous() and torch.equal(on_gpu.indices.cpu(), on_cpu.indices)
+        assert torch.equal(on_gpu.images.cpu(), on_cpu.images)

@@ -196,6 +196,9 @@ RESUMABLE_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.cpu_threads",
         "data.workers",
+        # Every backend reads the same images at every step: a run may resume through another one.
+        "data.loader",
+        "data.ffcv_os_cache",
         "data.path",
         "data.cache_dir",
     }
