@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import json
 import multiprocessing
 import os
@@ -68,16 +69,27 @@ def sidecar_path(beton: Path) -> Path:
     return beton.with_name(beton.name + ".json")
 
 
+def fingerprint(reader) -> str:
+    """sha1 of a .beton's per-sample metadata and allocation table (where each sample's bytes are, their
+    sizes and modes), from its `ffcv.reader.Reader`: tells one file from another without reading the
+    image data."""
+    return hashlib.sha1(reader.metadata.tobytes() + reader.alloc_table.tobytes()).hexdigest()
+
+
 class _SourceImages:
     """What the FFCV writer's processes read: (HWC uint8 image, label, index) per source position.
 
     The writer hangs when a worker raises, so an unreadable image never raises here: it is flagged in
     shared memory and written as a 1x1 placeholder, and the caller writes the file again without it.
+    With `stop_at_failure`, the first failure makes every later image a placeholder too, so the writer
+    runs out in seconds and the caller can stop.
     """
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, stop_at_failure: bool = False) -> None:
         self.source = source
+        self.stop_at_failure = stop_at_failure
         self.failed = multiprocessing.RawArray(ctypes.c_bool, len(source))
+        self.stopped = multiprocessing.RawValue(ctypes.c_bool, False)
         self.sizes = multiprocessing.RawArray(ctypes.c_int32, 2 * len(source))  # (height, width) as loaded
 
     def __len__(self) -> int:
@@ -85,6 +97,8 @@ class _SourceImages:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int, int]:
         index = int(index)
+        if self.stopped.value:
+            return np.zeros((1, 1, 3), dtype=np.uint8), 0, index
         try:
             if isinstance(self.source, CifarSource):
                 image = self.source.images[index]
@@ -92,6 +106,7 @@ class _SourceImages:
                 image = np.asarray(self.source.load(index))
         except Exception:  # noqa: BLE001 (any failure must reach the caller, not hang the writer)
             self.failed[index] = True
+            self.stopped.value = self.stop_at_failure
             image = np.zeros((1, 1, 3), dtype=np.uint8)
         self.sizes[2 * index], self.sizes[2 * index + 1] = image.shape[0], image.shape[1]
         return image, int(self.source.labels[index]), index
@@ -142,6 +157,8 @@ def convert(
     fail_on_corrupt: bool = False,
 ) -> dict:
     """Write `src` (its `split`) to the `.beton` file `dst` and its sidecar; returns the sidecar's content."""
+    from ffcv.reader import Reader
+
     options.check()
     dst = Path(dst)
     if dst.suffix != ".beton":
@@ -149,7 +166,7 @@ def convert(
     if not dst.parent.is_dir():
         raise DataError(f"--dst {dst}: folder {dst.parent} does not exist")
     source = open_source(src, split)
-    images = _SourceImages(source)
+    images = _SourceImages(source, stop_at_failure=fail_on_corrupt)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     sidecar_tmp = tmp.with_name(tmp.name + ".json")
     started = time.perf_counter()
@@ -159,7 +176,7 @@ def convert(
         failed = np.flatnonzero(np.frombuffer(images.failed, dtype=np.bool_))
         skipped = [_decode_error(source, int(i)) for i in failed]
         if len(failed) and fail_on_corrupt:
-            raise DataError(f"{len(failed)} unreadable image(s) in {src}, first: {skipped[0]} (--fail-on-corrupt)")
+            raise DataError(f"unreadable image {skipped[0]} in {src} (--fail-on-corrupt)")
         if len(failed) == len(source):
             raise DataError(f"{src}: none of its {len(source)} images is readable; first: {skipped[0]}")
         if len(failed):
@@ -182,6 +199,7 @@ def convert(
             "skipped": skipped,
             "options": asdict(options),
             "bytes": tmp.stat().st_size,
+            "fingerprint": fingerprint(Reader(str(tmp))),
             "seconds": round(elapsed, 2),
         }
         sidecar_tmp.write_text(json.dumps(info, indent=1))

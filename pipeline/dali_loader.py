@@ -31,12 +31,15 @@ from __future__ import annotations
 import gc
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.data import (
     AUGMENT_STREAM,
+    DECODE_ERRORS,
     EVAL_CROP_FRACTION,
     MAX_CONSECUTIVE_BAD_FILES,
     Batch,
@@ -74,11 +77,18 @@ def signature_error(data: np.ndarray) -> str | None:
 class _Feed:
     """DALI's external source: per batch, (image data list, labels, indices) in `specs` order.
 
-    Image data is the file's bytes (folders) or the HWC pixels (CIFAR). What it skips is queued in
-    `skipped`, one entry per emitted batch, in the order DALI will return the batches."""
+    Image data is the file's bytes (folders) or the HWC pixels (CIFAR); a batch's files are read by a
+    thread pool (file reads release the GIL), since DALI calls this in the training process's thread.
+    What it skips and the names it sends are queued in `skipped` and `names`, one entry per emitted
+    batch, in the order DALI will return the batches."""
 
     def __init__(
-        self, source: Source | SubsetSource, specs: Iterator[BatchSpec], evaluation: bool, fail_on_corrupt: bool
+        self,
+        source: Source | SubsetSource,
+        specs: Iterator[BatchSpec],
+        evaluation: bool,
+        fail_on_corrupt: bool,
+        readers: int = 4,
     ) -> None:
         self.source = source.source if isinstance(source, SubsetSource) else source
         self.rows = source.indices if isinstance(source, SubsetSource) else None
@@ -87,6 +97,11 @@ class _Feed:
         self.evaluation = evaluation
         self.fail_on_corrupt = fail_on_corrupt
         self.skipped: deque[tuple[str, ...]] = deque()
+        self.names: deque[tuple[str, ...]] = deque()
+        self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="dali-feed")
+
+    def name(self, index: int) -> str:
+        return self.source.name(int(self.rows[index]) if self.rows is not None else index)
 
     def _read(self, index: int) -> tuple[np.ndarray | None, str | None]:
         row = int(self.rows[index]) if self.rows is not None else index
@@ -113,10 +128,11 @@ class _Feed:
                     print(f"warning: unreadable test image, not counted: {entry}")
                 raise
             data, indices = [], []
-            for index in spec.indices:
+            first_reads = self.pool.map(self._read, spec.indices)
+            for index, first_read in zip(spec.indices, first_reads, strict=True):
                 for attempt in range(1 if self.evaluation else MAX_CONSECUTIVE_BAD_FILES):
                     candidate = (index + attempt) % self.size
-                    array, problem = self._read(candidate)
+                    array, problem = first_read if attempt == 0 else self._read(candidate)
                     if array is not None:
                         data.append(array)
                         indices.append(candidate)
@@ -126,13 +142,14 @@ class _Feed:
                     skipped.append(problem)
                 else:
                     if not self.evaluation:
-                        raise DataError(f"{self.source.name(index)} and the next files are unreadable")
+                        raise DataError(f"{self.name(index)} and the next files are unreadable")
             if data:  # an evaluation batch with nothing readable is folded into the next one's report
                 break
         indices = np.asarray(indices, dtype=np.int64)
         rows = self.rows[indices] if self.rows is not None else indices
         labels = self.source.labels[rows]
         self.skipped.append(tuple(skipped))
+        self.names.append(tuple(self.name(int(i)) for i in indices))
         return data, labels, indices
 
 
@@ -149,7 +166,6 @@ def _build_pipeline(
     seed: int,
 ):
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali import math as dmath
 
     gpu = device_id is not None
     size = [image_size, image_size]
@@ -187,8 +203,7 @@ def _build_pipeline(
         if augment == "random_resized_crop":
             images = fn.resize(images, size=size) if encoded else images
         elif augment == "center_crop":
-            shorter = fn.cast(dmath.min(shape[0], shape[1]), dtype=types.FLOAT)
-            needs_resize = fn.cast(shorter != image_size, dtype=types.FLOAT)
+            needs_resize = fn.cast((shape[0] != image_size) | (shape[1] != image_size), dtype=types.FLOAT)
             target = image_size + needs_resize * (image_size / EVAL_CROP_FRACTION - image_size)
             images = fn.crop(fn.resize(images, resize_shorter=target), crop=size)
         elif encoded or image_size != 32:  # CIFAR pixels are already 32 x 32
@@ -229,6 +244,7 @@ def _run(pipe, feed: _Feed, device: torch.device) -> Iterator[Batch]:
     finally:
         del pipe
         gc.collect()
+        feed.pool.shutdown(wait=False)
 
 
 def _outputs(pipe, feed: _Feed, device: torch.device) -> Iterator[Batch]:
@@ -240,19 +256,37 @@ def _outputs(pipe, feed: _Feed, device: torch.device) -> Iterator[Batch]:
         except StopIteration:
             return
         except RuntimeError as error:
-            raise DataError(f"DALI could not decode a batch: {str(error).splitlines()[0]}") from error
+            raise DataError(_decode_failure(feed.names[0], error)) from error
         if device.type == "cuda":
             shape = images.as_tensor().shape()
             out = torch.empty(shape, dtype=torch.uint8, device=device)
             feed_ndarray(images, out, cuda_stream=torch.cuda.current_stream(device))
         else:
             out = torch.from_numpy(np.array(images.as_tensor()))
+        feed.names.popleft()
         yield Batch(
             out,
             torch.from_numpy(np.array(labels.as_tensor())).reshape(-1).to(device, non_blocking=True),
             torch.from_numpy(np.array(indices.as_tensor())).reshape(-1).to(device, non_blocking=True),
             feed.skipped.popleft(),
         )
+
+
+def _decode_failure(names: tuple[str, ...], error: RuntimeError) -> str:
+    """A file that passed the signature check but not DALI's decoder (corrupt inside) fails its whole
+    batch, and the pipeline cannot go on; name the file(s) PIL cannot decode either."""
+    bad = []
+    for name in names:
+        try:
+            with Image.open(name) as image:
+                image.load()
+        except DECODE_ERRORS as pil_error:
+            bad.append(f"{name} ({pil_error})")
+    where = ", ".join(bad) if bad else f"one of {len(names)} files from {names[0]} on"
+    return (
+        f"DALI could not decode {where}: {str(error).strip().splitlines()[0]}; remove or re-encode it, or "
+        "use --loader torch, which skips unreadable images"
+    )
 
 
 def _device_id(device: torch.device) -> int | None:

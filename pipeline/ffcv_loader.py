@@ -20,8 +20,10 @@ The ops, in order, for the `image` field (labels and source indices are decoded 
    op compiled into the pipeline, so the loader's threads emit the group-major float32 patch tensor
    and the permutations (`Batch.patches`, `Batch.perm`) ready for P.
 
-FFCV's random ops draw from numba's generator, which cannot be seeded per run: which images a step
-reads is reproducible, the crops, flips and (3b) masks are not.
+FFCV's crop and flip ops draw from numba's generator, unseeded: which images a step reads is
+reproducible, its crops and flips are not. The masks of (3b) are: each sample's generator is seeded
+from the run's seed, its batch and its row, so a resumed run draws the masks the uninterrupted one would
+(they differ from the masks the other backends draw in the step, which depend on the step's seed).
 """
 
 from __future__ import annotations
@@ -36,8 +38,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.convert import FIELD_NAMES, sidecar_path
-from pipeline.data import EVAL_CROP_FRACTION, Batch, DataError, ShardedBatchSampler
+from pipeline.convert import FIELD_NAMES, fingerprint, sidecar_path
+from pipeline.data import (
+    EPOCH_ORDER_STREAM,
+    EVAL_CROP_FRACTION,
+    MASK_STREAM,
+    Batch,
+    DataError,
+    ShardedBatchSampler,
+    derive_seed,
+)
 from pipeline.patches import PatchSpec, scaled_stats
 from pipeline.subsets import SubsetSource
 
@@ -64,6 +74,11 @@ class BetonSource:
             self.reader = Reader(str(self.path))
         except Exception as error:  # noqa: BLE001 (FFCV raises AssertionError and others on a bad file)
             raise DataError(f"{self.path}: not a readable .beton file ({error!r})") from error
+        if fingerprint(self.reader) != self.info.get("fingerprint"):
+            raise DataError(
+                f"{self.path}: its sidecar {sidecar.name} describes another file (a conversion interrupted "
+                "while replacing it?); convert it again"
+            )
         if self.reader.field_names != list(FIELD_NAMES) or self.reader.num_samples != self.info.get("images"):
             raise DataError(
                 f"{self.path}: holds fields {self.reader.field_names} and {self.reader.num_samples} images, "
@@ -98,6 +113,17 @@ class BetonSource:
             return decoded.convert("RGB")
 
 
+def _noted(source: BetonSource) -> BetonSource:
+    """Images the conversion left out are said again wherever the file is used."""
+    skipped = source.info.get("skipped") or []
+    if skipped:
+        print(
+            f"note: {source.path} leaves out {len(skipped)} unreadable source image(s), first {skipped[0]} "
+            f"(all listed in {sidecar_path(source.path).name})"
+        )
+    return source
+
+
 def open_betons(path: str | Path, split: str) -> BetonSource:
     """`path` is a .beton (the train split) or a folder holding train.beton and val.beton/test.beton."""
     root = Path(path)
@@ -107,16 +133,27 @@ def open_betons(path: str | Path, split: str) -> BetonSource:
                 f"--data {root}: a single .beton has no test split; pass a folder holding "
                 "train.beton and val.beton (or test.beton)"
             )
-        return BetonSource(root)
+        return _noted(BetonSource(root))
     names = ("train.beton",) if split == "train" else ("val.beton", "test.beton")
     for name in names:
         if (root / name).is_file():
-            return BetonSource(root / name)
+            return _noted(BetonSource(root / name))
     raise DataError(
         f"--data {root}: --loader ffcv reads .beton files, and {root} holds no {' or '.join(names)}; "
         f"write it with: python -m pipeline.convert --src {root / ('train' if split == 'train' else 'val')} "
         f"--dst {root / names[0]}"
     )
+
+
+@numba.njit(cache=True)
+def _mask_seed(run_seed, first_row, last_row, row):  # pragma: no cover (compiled)
+    """A 32-bit seed for one sample's mask from the run's seed, its batch (first and last rows: the
+    batches of a reshuffled epoch differ) and its row: reproducible from the traversal order alone."""
+    h = np.uint64(run_seed) ^ np.uint64(0xCBF29CE484222325)
+    for value in (np.uint64(first_row), np.uint64(last_row), np.uint64(row)):
+        h = (h ^ value) * np.uint64(0x100000001B3)
+        h ^= h >> np.uint64(29)
+    return np.uint32(h & np.uint64(0xFFFFFFFF))
 
 
 @numba.njit(cache=True)  # not fastmath (FFCV compiles its ops with it): the division must round as torch's does
@@ -157,27 +194,31 @@ def _selfie_patches_op():
         """HWC uint8 batch -> one float32 buffer per batch: group-major normalised patches, then the
         permutations; `split_patch_buffer` turns it into views (B * N, C, p, p) and (B, N)."""
 
-        def __init__(self, spec: PatchSpec) -> None:
+        def __init__(self, spec: PatchSpec, seed: int) -> None:
             super().__init__()
             self.spec = spec
+            self.seed = seed
 
         def generate_code(self):
             spec = self.spec
             my_range = Compiler.get_iterator()
             mean255 = scaled_stats(tuple(spec.mean), torch.device("cpu")).numpy().copy()
             std255 = scaled_stats(tuple(spec.std), torch.device("cpu")).numpy().copy()
-            patch, num_context = spec.patch_size, spec.num_context
+            patch, num_context, run_seed = spec.patch_size, spec.num_context, self.seed
 
-            def selfie_patches(images, dst):
+            def selfie_patches(images, dst, indices):
                 batch = images.shape[0]
                 num_patches = (images.shape[1] // patch) ** 2
                 flat = dst.reshape(-1)
                 for sample in my_range(batch):
+                    # Reseeded per sample, in the thread that draws: the masks depend on the order only.
+                    np.random.seed(_mask_seed(run_seed, indices[0], indices[batch - 1], indices[sample]))
                     noise = np.random.random(num_patches)
                     _patch_sample(images[sample], noise, patch, num_context, batch, sample, mean255, std255, flat)
                 return dst[:batch]
 
             selfie_patches.is_parallel = True
+            selfie_patches.with_indices = True
             return selfie_patches
 
         def declare_state_and_memory(self, previous_state: State):
@@ -212,39 +253,51 @@ def image_ops(
     crop_scale: tuple[float, float],
     device: torch.device,
     patch_spec: PatchSpec | None,
+    mask_seed: int = 0,
 ) -> list:
     """The ordered op list of the image field (see the module docstring)."""
-    from ffcv.fields.rgb_image import (
-        CenterCropRGBImageDecoder,
-        RandomResizedCropRGBImageDecoder,
-        SimpleRGBImageDecoder,
-    )
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
 
     size = (image_size, image_size)
     if augment == "random_resized_crop":
         ops = [RandomResizedCropRGBImageDecoder(size, scale=tuple(crop_scale)), RandomHorizontalFlip()]
     elif augment == "center_crop" and source.uniform_size != size:
-        ops = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
+        ops = [_resized_crop_decoder(_eval_crop(image_size))(size)]
     else:
-        ops = [SimpleRGBImageDecoder() if source.uniform_size == size else _whole_image_decoder()(size)]
+        ops = [SimpleRGBImageDecoder() if source.uniform_size == size else _resized_crop_decoder(_whole_crop)(size)]
         if augment == "pad_crop_flip":
             ops += [RandomHorizontalFlip(), RandomTranslate(padding=pad)]
     if patch_spec is not None:
-        return [*ops, _selfie_patches_op()(patch_spec), ToTensor()]
+        return [*ops, _selfie_patches_op()(patch_spec, mask_seed), ToTensor()]
     ops += [ToTensor(), ToTorchImage(channels_last=False)]
     return ops + ([ToDevice(device, non_blocking=True)] if device.type == "cuda" else [])
 
 
 def _whole_crop(height, width, scale, ratio):  # pragma: no cover (compiled by FFCV)
+    """The whole image (resized to S x S after), as the other backends do for images not already S x S."""
     return np.uint32(0), np.uint32(0), height, width
 
 
-def _whole_image_decoder():
-    """Decode + resize the whole image to S x S, as the other backends do for images not already S x S."""
+def _eval_crop(image_size: int):
+    """Evaluation's crop, as the other backends take it: an S x S image whole, any other the center square
+    of 0.875 of its shorter side (then resized to S: the same as resizing to S / 0.875 and cropping S)."""
+
+    def eval_crop(height, width, scale, ratio):  # pragma: no cover (compiled by FFCV)
+        if height == image_size and width == image_size:
+            return np.uint32(0), np.uint32(0), height, width
+        side = np.uint32(EVAL_CROP_FRACTION * min(height, width))
+        return (height - side) // np.uint32(2), (width - side) // np.uint32(2), side, side
+
+    return eval_crop
+
+
+def _resized_crop_decoder(crop):
+    """An FFCV decoder that decodes, takes `crop(height, width, scale, ratio) -> (top, left, h, w)` and
+    resizes it to the output size, in one compiled pass."""
     from ffcv.fields.rgb_image import ResizedCropRGBImageDecoder
 
-    class WholeImageRGBDecoder(ResizedCropRGBImageDecoder):
+    class CropRGBDecoder(ResizedCropRGBImageDecoder):
         def __init__(self, output_size) -> None:
             super().__init__(output_size)
             self.scale = None
@@ -252,9 +305,9 @@ def _whole_image_decoder():
 
         @property
         def get_crop_generator(self):
-            return _whole_crop
+            return crop
 
-    return WholeImageRGBDecoder
+    return CropRGBDecoder
 
 
 def _beton_rows(source: BetonSource | SubsetSource) -> tuple[BetonSource, np.ndarray]:
@@ -315,7 +368,7 @@ def ffcv_loader(
     if patch_spec is not None and device.type != "cpu":
         raise ValueError("the in-pipeline patch op is the CPU path; on a GPU the device patch op runs in the step")
     if quasi_random and world_size > 1:
-        raise DataError("--data.ffcv_order=quasi_random works in one process only (FFCV lacks it distributed)")
+        raise DataError("--data.ffcv_quasi_random=true works in one process only (FFCV lacks it distributed)")
     sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
     steps_per_epoch = sampler.steps_per_epoch
     first_epoch, skip = divmod(start_step, steps_per_epoch)
@@ -325,7 +378,7 @@ def ffcv_loader(
     def positions_of_pass(k: int, inner) -> np.ndarray:
         epoch = first_epoch + k
         if inner is not None:
-            order = np.asarray(inner.sample_order(epoch), dtype=np.int64)
+            order = np.asarray(inner.sample_order(epoch), dtype=np.int64)[: steps_per_epoch * batch_size]
         else:
             order = sampler.epoch_order(epoch).numpy()[: steps_per_epoch * batch_size * world_size]
             order = rows[order.reshape(steps_per_epoch, world_size, batch_size)[:, rank].reshape(-1)]
@@ -333,7 +386,9 @@ def ffcv_loader(
 
     threads = torch.get_num_threads()
     pipelines = {
-        "image": image_ops(beton, image_size, augment, pad, crop_scale, device, patch_spec),
+        "image": image_ops(
+            beton, image_size, augment, pad, crop_scale, device, patch_spec, derive_seed(seed, MASK_STREAM, rank)
+        ),
         "label": _int_ops(),
         "index": _int_ops(),
     }
@@ -347,6 +402,7 @@ def ffcv_loader(
         pipelines=pipelines,
         drop_last=True,
         batches_ahead=batches_ahead,
+        seed=derive_seed(seed, EPOCH_ORDER_STREAM) % 2**31,  # quasi-random order: the run's, not a random draw
     )
     loader.traversal_order = _order_class(positions_of_pass, quasi_random)(loader)
     torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count; keep the run's

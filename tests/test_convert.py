@@ -166,13 +166,19 @@ def test_cli_reports_and_rejects_bad_options(tmp_path: Path) -> None:
         assert not (tmp_path / "x.beton").exists()
 
 
-def test_loader_refuses_a_beton_without_its_sidecar_or_a_foreign_file(tmp_path: Path) -> None:
+def test_loader_refuses_a_beton_without_its_own_sidecar_or_a_foreign_file(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "train")
     convert(root, tmp_path / "t.beton", options=ConvertOptions(write_mode="raw", workers=1))
+    convert(root, tmp_path / "j.beton", options=ConvertOptions(write_mode="jpg", workers=1))
+    # A replacement interrupted between its two renames: the old file beside the new sidecar.
+    sidecar_path(tmp_path / "j.beton").replace(sidecar_path(tmp_path / "t.beton"))
+    with pytest.raises(DataError, match="t.beton: its sidecar t.beton.json describes another file"):
+        BetonSource(tmp_path / "t.beton")
     sidecar_path(tmp_path / "t.beton").unlink()
     with pytest.raises(DataError, match="sidecar t.beton.json is missing"):
         BetonSource(tmp_path / "t.beton")
     (tmp_path / "junk.beton").write_bytes(b"\0" * 100)
-    sidecar_path(tmp_path / "junk.beton").write_text(json.dumps({"images": 1, "classes": ["a"], "source": "x"}))
+    sidecar = {"images": 1, "classes": ["a"], "source": "x", "fingerprint": "?"}
+    sidecar_path(tmp_path / "junk.beton").write_text(json.dumps(sidecar))
     with pytest.raises(DataError, match="not a readable .beton"):
         BetonSource(tmp_path / "junk.beton")

@@ -183,7 +183,9 @@ def test_two_processes_count_every_test_image_once(
     # 200 + 199 files over two ranks in batches of 63; the unreadable one is left out, none is counted twice.
     assert summary["test_images"] == (398 if loader == "ffcv" else 399)
     assert summary["seeds"][0]["test_images"] == 398
-    if loader != "ffcv":
+    if loader == "ffcv":
+        assert "leaves out 1 unreadable source image(s), first" in result.stdout and "coffee/0007.png" in result.stdout
+    else:
         assert "unreadable test image, not counted" in result.stdout and "coffee/0007.png" in result.stdout
     assert "2 process(es)" in result.stdout and result.stdout.count("\naccuracy: ") == 1
     log = [json.loads(line) for line in (run / "seed_0" / "log.jsonl").read_text().splitlines()]

@@ -45,7 +45,8 @@ def data_of(image_set: Path, backend: str, split: str = "train"):
 
 
 def stream(backend: str, source, steps: int, augment: str = "none", rank: int = 0, world: int = WORLD, **kwargs):
-    loader = LOADERS[backend].train(source, 32, augment, BATCH, rank, world, SEED, workers=1, **kwargs)
+    kwargs.setdefault("workers", 1)
+    loader = LOADERS[backend].train(source, 32, augment, BATCH, rank, world, SEED, **kwargs)
     batches = list(islice(loader, steps))
     loader.close()
     return batches
@@ -158,11 +159,12 @@ def test_dali_reads_cifar_through_its_external_source(tmp_path: Path) -> None:
         assert torch.equal(backend_batch.images, torch_batch.images)
 
 
-def test_ffcv_pipeline_patch_op_equals_the_reference(image_set: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])  # 2: the parallel (prange) compilation of the op
+def test_ffcv_pipeline_patch_op_equals_the_reference(image_set: Path, workers: int) -> None:
     spec = PatchSpec(8, 5, IMAGENET_MEAN, IMAGENET_STD)
     source = data_of(image_set, "ffcv")
-    patched = stream("ffcv", source, 4, "none", world=1, patch_spec=spec)
-    plain = stream("ffcv", source, 4, "none", world=1)
+    patched = stream("ffcv", source, 4, "none", world=1, patch_spec=spec, workers=workers)
+    plain = stream("ffcv", source, 4, "none", world=1, workers=workers)
     for with_patches, images in zip(patched, plain, strict=True):
         assert with_patches.images is None and torch.equal(with_patches.indices, images.indices)
         assert with_patches.patches.shape == (BATCH * 16, 3, 8, 8) and with_patches.perm.shape == (BATCH, 16)
@@ -212,3 +214,50 @@ def test_backends_refuse_data_they_cannot_read(image_set: Path) -> None:
         stream("ffcv", betons, 1, quasi_random=True)
     with pytest.raises(DataError, match="a single .beton has no test split"):
         LOADERS["ffcv"].open(image_set / "betons" / "train.beton", "test")
+
+
+@pytest.mark.parametrize("workers", [1, 2])  # 2: FFCV compiles the op's loop as numba's parallel prange
+def test_ffcv_pipeline_masks_are_reproducible_and_resume(image_set: Path, workers: int) -> None:
+    spec = PatchSpec(8, 5, IMAGENET_MEAN, IMAGENET_STD)
+    source = data_of(image_set, "ffcv")
+    one = stream("ffcv", source, 6, "none", world=1, patch_spec=spec, workers=workers)
+    two = stream("ffcv", source, 6, "none", world=1, patch_spec=spec, workers=workers)
+    loader = LOADERS["ffcv"].train(
+        source, 32, "none", BATCH, 0, 1, SEED, start_step=4, workers=workers, patch_spec=spec
+    )
+    resumed = list(islice(loader, 2))
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a.perm, b.perm) and torch.equal(a.patches, b.patches)
+    for a, b in zip(one[4:], resumed, strict=True):
+        assert torch.equal(a.perm, b.perm) and torch.equal(a.patches, b.patches)
+    assert len({tuple(b.perm[0].tolist()) for b in one}) == len(one)  # masks vary from batch to batch
+
+
+def test_dali_names_a_file_corrupt_inside(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "train", classes=2, per_class=4, size=32)
+    bad = root / "class1" / "0.png"
+    data = bytearray(bad.read_bytes())
+    data[60:400] = bytes(340)  # valid signature and IEND, garbage pixel data
+    bad.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"DALI could not decode .*class1/0.png"):
+        stream("dali", open_source(root), 4, "none", world=1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_crops_alike_on_mixed_sizes(tmp_path: Path, backend: str) -> None:
+    """S x S images pass whole, others lose their border the same way in every backend."""
+    root = tmp_path / "data" / "val"
+    ramp = np.linspace(0, 255, 64)
+    for c, (height, width) in enumerate([(32, 32), (32, 48), (40, 64)]):
+        (root / f"c{c}").mkdir(parents=True)
+        image = np.broadcast_to(ramp[None, :width, None] * np.ones((height, 1, 3)), (height, width, 3))
+        Image.fromarray(image.astype(np.uint8)).save(root / f"c{c}" / "0.png")
+    (tmp_path / "betons").mkdir()
+    convert(tmp_path / "data", tmp_path / "betons" / "val.beton", "test", ConvertOptions(write_mode="raw", workers=1))
+    source = LOADERS[backend].open(tmp_path / ("betons" if backend == "ffcv" else "data"), "test")
+    reference = [
+        b.images for b in LOADERS["torch"].evaluate(open_source(tmp_path / "data", "test"), 32, 3, 0, 1, workers=0)
+    ]
+    got = [b.images for b in LOADERS[backend].evaluate(source, 32, 3, 0, 1, workers=1)]
+    assert torch.equal(got[0][0], reference[0][0])  # the 32 x 32 image, untouched
+    assert (got[0].float() - reference[0].float()).abs().max() <= 8  # interpolation differences only

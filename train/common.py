@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.data import Batch, DataError, Source
@@ -81,7 +81,8 @@ def validate_run(config: Any) -> None:
 def open_data(config: Any, split: str) -> tuple[Source, str]:
     """The data `--loader` reads for `split` ("train" | "test"), and its path (default: the demo data)."""
     backend = LOADERS[config.data.loader]
-    path = config.data.path or str(backend.demo(config.data.cache_dir))
+    with PartialState().main_process_first():  # one process builds (or converts) the demo data
+        path = config.data.path or str(backend.demo(config.data.cache_dir))
     return backend.open(path, split), path
 
 
@@ -310,10 +311,19 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def training_state(
-    kind: str, model, optimizer, scheduler, accelerator: Accelerator, step: int, config: Any, rng_states: list
+    kind: str,
+    model,
+    optimizer,
+    scheduler,
+    accelerator: Accelerator,
+    step: int,
+    config: Any,
+    rng_states: list,
+    num_images: int,
 ) -> dict[str, Any]:
     """The one checkpoint dict: everything a resumed run needs to continue bit for bit."""
     return {
+        "images": num_images,  # the training data's size: it fixes every epoch's order
         "format": CHECKPOINT_FORMAT,
         "kind": kind,
         "step": step,
@@ -327,11 +337,19 @@ def training_state(
     }
 
 
-def restore_training_state(path: Path, kind: str, model, optimizer, scheduler, accelerator: Accelerator) -> int:
+def restore_training_state(
+    path: Path, kind: str, model, optimizer, scheduler, accelerator: Accelerator, num_images: int
+) -> int:
     """Load a `training_state` checkpoint into the prepared objects on every rank; returns its step."""
     state = load_checkpoint(path)
     if state.get("kind") != kind:
         raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {kind!r} one")
+    if state.get("images", num_images) != num_images:
+        raise ConfigError(
+            f"{path}: the run trained on {state['images']} images and --data now holds {num_images}, so every "
+            "epoch's order would differ; resume with the data it started with (a .beton written without "
+            "unreadable files holds fewer images than its folder)"
+        )
     try:
         accelerator.unwrap_model(model).load_state_dict(state["model"])
     except RuntimeError as error:

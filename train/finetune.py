@@ -303,7 +303,7 @@ def finetune_seed(
     start_step = 0
     if config.train.resume and checkpoints.latest() is not None:
         start_step = restore_training_state(
-            checkpoints.latest(), CHECKPOINT_KIND, model, optimizer, scheduler, accelerator
+            checkpoints.latest(), CHECKPOINT_KIND, model, optimizer, scheduler, accelerator, len(train_source)
         )
     logger = JsonlLogger(seed_dir / "log.jsonl", accelerator.is_main_process)
     if accelerator.is_main_process:
@@ -397,7 +397,15 @@ def run_steps(
                 rng_states = all_rng_states(accelerator)
                 if accelerator.is_main_process:
                     state = training_state(
-                        CHECKPOINT_KIND, model, optimizer, scheduler, accelerator, done, config, rng_states
+                        CHECKPOINT_KIND,
+                        model,
+                        optimizer,
+                        scheduler,
+                        accelerator,
+                        done,
+                        config,
+                        rng_states,
+                        len(labeled.source),  # the whole training set: the labelled subset is drawn from it
                     )
                     checkpoints.save({**state, "seed": seed}, done)
                 accelerator.wait_for_everyone()

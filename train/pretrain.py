@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     start_step = 0
     if config.train.resume:
         start_step = restore_training_state(
-            checkpoints.latest(), CHECKPOINT_KIND, model, optimizer, scheduler, accelerator
+            checkpoints.latest(), CHECKPOINT_KIND, model, optimizer, scheduler, accelerator, len(source)
         )
     logger = JsonlLogger(run_dir / "log.jsonl", accelerator.is_main_process)
     if config.train.resume and accelerator.is_main_process:
@@ -276,7 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
             rng_states = all_rng_states(accelerator)
             if accelerator.is_main_process:
                 checkpoints.save(
-                    training_state(CHECKPOINT_KIND, model, optimizer, scheduler, accelerator, done, config, rng_states),
+                    training_state(
+                        CHECKPOINT_KIND, model, optimizer, scheduler, accelerator, done, config, rng_states, len(source)
+                    ),
                     done,
                 )
                 pictures.write(accelerator.unwrap_model(model), run_dir / "pictures" / f"patches_step_{done:08d}.png")
