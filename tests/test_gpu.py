@@ -74,3 +74,42 @@ def test_gpu_loaders_deliver_the_cpu_images_on_the_device(tmp_path, backend: str
         assert on_gpu.images.device.type == "cuda" and on_gpu.images.dtype == torch.uint8
         assert on_gpu.images.is_contiguous() and torch.equal(on_gpu.indices.cpu(), on_cpu.indices)
         assert torch.equal(on_gpu.images.cpu(), on_cpu.images)
+
+
+@pytest.mark.parametrize("backend", ["dali", "ffcv"])
+def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> None:
+    """JPEG through DALI's nvJPEG (`mixed`) or FFCV + device copy: close to the CPU decode, every augment
+    runs on the device, and evaluation on the device counts every image once."""
+    from itertools import islice
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.convert import ConvertOptions, convert
+    from pipeline.loaders import LOADERS
+
+    ramp = np.linspace(0, 255, 96)
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for i in range(6):
+                image = (ramp[:, None, None] * 0.5 + ramp[None, :72, None] * 0.5) * np.ones(3) * (0.6 + 0.05 * i)
+                Image.fromarray(image.astype(np.uint8)).save(
+                    tmp_path / "data" / split / f"c{c}" / f"{i}.jpg", quality=90
+                )
+    for split, name in (("train", "train"), ("test", "val")):
+        convert(tmp_path / "data", tmp_path / f"{name}.beton", split, ConvertOptions(write_mode="jpg", workers=1))
+    where = tmp_path if backend == "ffcv" else tmp_path / "data"
+    train, test = LOADERS[backend].open(where, "train"), LOADERS[backend].open(where, "test")
+    on = dict(workers=1, device="cuda")
+    gpu = list(islice(LOADERS[backend].train(train, 64, "none", 4, 0, 1, 0, **on), 2))
+    cpu = list(islice(LOADERS[backend].train(train, 64, "none", 4, 0, 1, 0, workers=1), 2))
+    for a, b in zip(gpu, cpu, strict=True):
+        assert a.images.device.type == "cuda" and torch.equal(a.indices.cpu(), b.indices)
+        difference = (a.images.cpu().float() - b.images.float()).abs()
+        assert difference.mean() < 2 and difference.max() < 40  # decoders may round the IDCT differently
+    for augment in ("random_resized_crop", "pad_crop_flip"):
+        batch = next(iter(LOADERS[backend].train(train, 64, augment, 4, 0, 1, 0, **on)))
+        assert batch.images.shape == (4, 3, 64, 64) and batch.images.device.type == "cuda"
+    seen = [i for b in LOADERS[backend].evaluate(test, 64, 5, 0, 1, **on) for i in b.indices.tolist()]
+    assert sorted(seen) == list(range(12))
