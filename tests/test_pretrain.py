@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT, TINY, demo_data_for, kill_when_exists, pretrain, run_script
 
@@ -232,3 +233,18 @@ def test_resume_refuses_a_different_config(tmp_path: Path, demo_root: Path) -> N
     longer = pretrain([*args[:-1], "4", "--resume"], tmp_path)  # a longer horizon is allowed
     assert longer.returncode == 0, longer.stderr
     assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_resume_may_switch_loader_but_not_the_data_size(tmp_path: Path, demo_root: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "train", data / "train")
+    run = tmp_path / "run"
+    args = [*TINY, "--out", str(run)]
+    assert pretrain([*args, "--data", str(data), "--steps", "2"], tmp_path).returncode == 0
+    switched = pretrain([*args, "--data", str(data), "--steps", "3", "--loader", "dali", "--resume"], tmp_path)
+    assert switched.returncode == 0, switched.stderr[-2000:]  # the same images at step 3 whatever the backend
+    (data / "train" / "coffee" / "0005.png").write_bytes(b"broken")  # the .beton will hold one image fewer
+    convert(data, data / "train.beton", options=ConvertOptions(write_mode="raw", workers=1))
+    fewer = pretrain([*args, "--data", str(data), "--steps", "4", "--loader", "ffcv", "--resume"], tmp_path)
+    assert fewer.returncode == 2 and "trained on 1600 images and --data now holds 1599" in fewer.stderr
+    assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3]
