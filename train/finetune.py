@@ -9,6 +9,8 @@ Launch:
         --data ~/data/imagenet --init runs/in224 --per-class 60 --out runs/in224-ft60
     accelerate launch train/finetune.py --config cifar10 --data ~/data/cifar-10-batches-py --init runs/c10 \
         --out runs/c10-ft --resume
+    accelerate launch train/finetune.py --config imagenet224 --loader ffcv --data ~/data/imagenet-betons \
+        --init runs/in224 --label-fraction 0.1              # a folder with train.beton and val.beton
     python train/compare.py --init runs/demo-XXXX                   # pretrained vs. supervised over label fractions
 
 The labelled subset is stratified per class and depends only on the seed (pipeline/subsets.py), so the

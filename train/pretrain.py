@@ -6,6 +6,10 @@ Launch:
     accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 \
         --data /data/imagenet --out runs/in224
     accelerate launch train/pretrain.py --config imagenet224 --data /data/imagenet --out runs/in224 --resume
+    accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 --loader dali \
+        --data /data/imagenet --out runs/in224-dali                         # nvJPEG decode on the GPUs
+    python -m pipeline.convert --src /data/imagenet/train --dst /data/imagenet/train.beton --max-resolution 256
+    accelerate launch train/pretrain.py --config imagenet224 --loader ffcv --data /data/imagenet/train.beton
     torchrun --nproc_per_node 2 train/pretrain.py --steps 20              # 2 CPU processes (gloo)
     python train/pretrain.py --steps 50 --model.position_on_context=false
 
