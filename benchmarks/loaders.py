@@ -65,6 +65,24 @@ def jpeg_set(cache: Path, images: int) -> Path:
     return root
 
 
+def benchmark_data(data: str, cache_dir: str, images: int, beton: str | None = None) -> tuple[Path, Path]:
+    """(image folder, its .beton): `data` is "jpeg" (the built-in JPEG set), "demo" or a folder; the
+    .beton is converted once into the cache unless given (JPEG at quality 90; raw for the demo's PNGs)."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    if data == "jpeg":
+        folder = jpeg_set(cache, images) / "train"
+    elif data == "demo":
+        folder = demo_dataset(cache) / "train"
+    else:
+        folder = Path(data)
+    beton_path = Path(beton) if beton else cache / f"{folder.parent.name}-{folder.name}.beton"
+    if not beton_path.exists():
+        mode = "raw" if data == "demo" else "jpg"
+        convert(folder, beton_path, options=ConvertOptions(write_mode=mode, jpeg_quality=90))
+    return folder, beton_path
+
+
 def time_backend(backend: str, source, args, device: torch.device) -> list[float]:
     """Images/s of each timed window."""
     num_patches = (args.size // args.patch) ** 2
@@ -122,18 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    if args.data == "jpeg":
-        folder = jpeg_set(cache, args.images) / "train"
-    elif args.data == "demo":
-        folder = demo_dataset(cache) / "train"
-    else:
-        folder = Path(args.data)
-    beton = Path(args.beton) if args.beton else cache / f"{folder.parent.name}-{folder.name}.beton"
-    if not beton.exists():
-        mode = "raw" if args.data == "demo" else "jpg"
-        convert(folder, beton, options=ConvertOptions(write_mode=mode, jpeg_quality=90))
+    folder, beton = benchmark_data(args.data, args.cache, args.images, args.beton)
     sources = {"torch": open_source(folder), "dali": open_source(folder), "ffcv": LOADERS["ffcv"].open(beton, "train")}
     backends = args.backends.split(",")
     print(

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import loaders, patch_op
+from benchmarks import loaders, patch_op, throughput
 
 
 def test_patch_op_benchmark_prints_a_row_per_op_and_shape(capsys: pytest.CaptureFixture) -> None:
@@ -49,3 +49,41 @@ def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFi
     record = json.loads(out.read_text())
     assert set(record["results"]) == {"torch", "dali", "ffcv"}
     assert all(r["min"] <= r["median"] <= r["max"] for r in record["results"].values())
+
+
+def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    tiny = ["--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--set", "model.attn_intermediate=32"]
+    record = throughput.main(
+        [
+            *tiny,
+            "--width",
+            "0.125",
+            "--batch",
+            "4",
+            "--workers",
+            "1",
+            "--warmup",
+            "1",
+            "--window",
+            "1",
+            "--windows",
+            "2",
+            "--cache",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "t.json"),
+            "--plot",
+            str(tmp_path / "t.png"),
+        ]
+    )
+    assert list(record["results"]) == list(throughput.ALL_MODES)
+    for mode, result in record["results"].items():
+        assert result["min"] <= result["median"] <= result["max"], mode
+    stages = record["results"]["torch"]["stages_ms"]
+    assert set(stages) == {"data", "patch op", "forward", "backward", "optimizer"}
+    assert set(record["results"]["no-model:dali"]["stages_ms"]) == {"data", "patch op"}
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["config"]["train"]["batch_size"] == 4 and saved["versions"]["ffcv"]
+    assert (tmp_path / "t.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "| synthetic |" in out and "| naive |" in out and "1.00x" in out

@@ -21,6 +21,8 @@ Fine-tune the result with train/finetune.py --init RUN_DIR.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -140,32 +142,38 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
+    stage: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask, embed every patch in one call, pool, score, step. Returns detached (loss, accuracy).
 
-    A batch whose loader already cut the patches (`batch.patches`, `batch.perm`) skips the patch op."""
+    A batch whose loader already cut the patches (`batch.patches`, `batch.perm`) skips the patch op.
+    `stage(name)` wraps each stage (benchmarks.throughput times them with it)."""
     patches, perm = batch.patches, batch.perm
     if patches is None:
-        images = batch.images
-        perm = sample_context_permutation(
-            images.shape[0], grid_size(images.shape[-1], config.selfie.patch_size) ** 2, mask_generator
-        )
-        patches = patch_op(
-            images,
-            perm,
-            config.selfie.patch_size,
-            num_context,
-            config.data.mean,
-            config.data.std,
-            channels_last=config.train.channels_last,
-        )
-    out = model(patches, perm[:, :num_context], perm[:, num_context:])
-    accelerator.backward(out.loss)
-    if config.optim.grad_clip > 0:
-        accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        with stage("patch op"):
+            images = batch.images
+            perm = sample_context_permutation(
+                images.shape[0], grid_size(images.shape[-1], config.selfie.patch_size) ** 2, mask_generator
+            )
+            patches = patch_op(
+                images,
+                perm,
+                config.selfie.patch_size,
+                num_context,
+                config.data.mean,
+                config.data.std,
+                channels_last=config.train.channels_last,
+            )
+    with stage("forward"):
+        out = model(patches, perm[:, :num_context], perm[:, num_context:])
+    with stage("backward"):
+        accelerator.backward(out.loss)
+    with stage("optimizer"):
+        if config.optim.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
     return out.loss.detach(), out.accuracy.detach()
 
 
