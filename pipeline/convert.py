@@ -33,8 +33,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_source
+
+# Importing ffcv sets torch's intra-op thread count to 1 (ffcv.pipeline.compiler runs
+# `Compiler.set_num_threads(1)`, which calls torch.set_num_threads); every ffcv import in this project
+# comes after this one, which puts the count back.
+_threads = torch.get_num_threads()
+import ffcv  # noqa: E402, F401
+
+torch.set_num_threads(_threads)
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
 FIELD_NAMES = ("image", "label", "index")

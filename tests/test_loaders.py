@@ -1,5 +1,7 @@
 """Every loader backend against the same contract: shapes, identities, sharding, evaluation."""
 
+import subprocess
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from pipeline.ffcv_loader import BetonSource, split_patch_buffer
 from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, patchify_and_mask
 from pipeline.subsets import SubsetSource
+from tests.conftest import ROOT
 from tests.test_data import make_cifar, make_folder
 
 BACKENDS = sorted(LOADERS)
@@ -261,3 +264,17 @@ def test_evaluation_crops_alike_on_mixed_sizes(tmp_path: Path, backend: str) -> 
     got = [b.images for b in LOADERS[backend].evaluate(source, 32, 3, 0, 1, workers=1)]
     assert torch.equal(got[0][0], reference[0][0])  # the 32 x 32 image, untouched
     assert (got[0].float() - reference[0].float()).abs().max() <= 8  # interpolation differences only
+
+
+def test_using_ffcv_keeps_the_runs_torch_thread_count(image_set: Path) -> None:
+    """Importing ffcv sets torch's intra-op threads to 1; a CPU run through the ffcv backend must not lose them."""
+    code = (
+        "import torch; torch.set_num_threads(2)\n"
+        "from pipeline.loaders import LOADERS\n"
+        f"source = LOADERS['ffcv'].open({str(image_set / 'betons')!r}, 'train')\n"
+        "stream = LOADERS['ffcv'].train(source, 32, 'none', 4, 0, 1, 0, workers=1)\n"
+        "next(stream); next(stream); stream.close()\n"
+        "print('threads', torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "threads 2" in result.stdout, result.stdout + result.stderr[-2000:]

@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
                 plot_curves(logger.path, run_dir / "curves.png", f"Selfie pretraining: {run_dir.name}")
             accelerator.wait_for_everyone()
     progress.close()
+    loader.close()  # stops the backend's workers and threads before the process winds down
     accelerator.print(
         f"done: step {last.get('step')}, loss {last.get('loss')}, patch-selection accuracy "
         f"{last.get('patch_acc', 0):.1%} (chance {chance:.1%}); {window.skipped_total} unreadable images skipped; "
