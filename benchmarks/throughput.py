@@ -35,6 +35,7 @@ import os
 import platform
 import random
 import statistics
+import textwrap
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -431,10 +432,15 @@ def plot(results: dict, path: Path, title: str) -> None:
         [results[m]["median"] - results[m]["min"] for m in modes],
         [results[m]["max"] - results[m]["median"] for m in modes],
     ]
-    figure, axes = plt.subplots(figsize=(8, 4))
+    figure, axes = plt.subplots(figsize=(9, 4.5))
     axes.bar(modes, medians, yerr=errors, capsize=4, color="#4c72b0")
-    axes.set_ylabel("images/s (median window; bars: slowest .. fastest)")
-    axes.set_title(title, fontsize=9)
+    axes.set_yscale("log")  # the data-side modes run orders of magnitude above the training step
+    for x, value in enumerate(medians):
+        axes.annotate(
+            f"{value:,.0f}", (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
+        )
+    axes.set_ylabel("images/s (median window;\nbars: slowest .. fastest)")
+    axes.set_title(textwrap.fill(title, 120), fontsize=8)
     axes.tick_params(axis="x", rotation=30)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
