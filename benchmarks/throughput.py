@@ -23,7 +23,9 @@ Each mode runs --warmup untimed steps, then --windows timed windows of --window 
 synchronised before each clock read. The table gives the median window's images/s, the slowest and
 fastest, and ratios of medians to `synthetic` and `naive`; a second table splits a step into stages
 (data wait, patch op, forward, backward, optimizer; host->device copies are inside the loader's data
-wait). --json writes both with the machine, device, versions, resolved config and date.
+wait). Last, one step's FLOPs (torch's FlopCounterMode) and a measured square-matmul peak in the step's
+dtype give each training mode's achieved TFLOP/s and its fraction of that peak. --json writes all of it
+with the machine, device, versions, resolved config and date.
 """
 
 from __future__ import annotations
@@ -388,6 +390,36 @@ def run_mode(bench: Bench, mode: str) -> dict:
         steps.close()
 
 
+def step_flops(bench: Bench) -> int:
+    """FLOPs of one training step (forward + backward of P, A and the loss), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bench.reset()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        next(synthetic_steps(bench))(StageClock(bench.device))
+    bench.reset()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """Measured FLOP/s of a square matmul in the step's dtype: the device's practical peak."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times)
+
+
 def versions() -> dict:
     found = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("numba", "triton", "ffcv", "nvidia.dali", "accelerate"):
@@ -500,6 +532,24 @@ def main(argv: list[str] | None = None) -> dict:
         results[mode] = run_mode(bench, mode)
         print(f"{mode}: {results[mode]['median']:,.0f} images/s", flush=True)
     table = format_tables(results)
+    flops = step_flops(bench)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    peak = matmul_peak(bench.device, dtype, 8192 if bench.device.type == "cuda" else 2048)
+    compute = {"step_gflop": round(flops / 1e9, 3), "matmul_peak_tflops": round(peak / 1e12, 4)}
+    for mode, r in results.items():
+        if mode in ("synthetic", *LOADERS):
+            achieved = flops * r["median"] / args.batch
+            r["achieved_tflops"] = round(achieved / 1e12, 4)
+            r["fraction_of_peak"] = round(achieved / peak, 4)
+    table += (
+        f"\n\nOne step: {flops / 1e9:,.1f} GFLOP (forward + backward, torch's FlopCounterMode); measured "
+        f"{args.precision} matmul peak {peak / 1e12:,.3f} TFLOP/s; achieved: "
+        + ", ".join(
+            f"{m} {r['achieved_tflops']:.4f} TFLOP/s ({r['fraction_of_peak']:.1%})"
+            for m, r in results.items()
+            if "achieved_tflops" in r
+        )
+    )
     print(table)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -510,6 +560,7 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: v for k, v in vars(args).items() if k != "mode_list"},
         "config": to_dict(config),
         "results": results,
+        "compute": compute,
         "table": table,
     }
     if args.json:

@@ -85,5 +85,7 @@ def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFi
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["config"]["train"]["batch_size"] == 4 and saved["versions"]["ffcv"]
     assert (tmp_path / "t.png").stat().st_size > 0
+    assert record["compute"]["step_gflop"] > 0 and record["compute"]["matmul_peak_tflops"] > 0
+    assert 0 < record["results"]["synthetic"]["fraction_of_peak"] < 1.5
     out = capsys.readouterr().out
     assert "| synthetic |" in out and "| naive |" in out and "1.00x" in out
