@@ -12,11 +12,13 @@ Modes (side by side in one invocation, same config):
   synthetic             the same step on one uint8 batch already on the device: the ceiling a perfect
                         data pipeline would reach;
   no-model:LOADER       the pipeline alone, up to patches ready for P: the data side's limit;
-  raw-ffcv              FFCV's loader doing only decode + random resized crop on the same .beton (the
-                        reference for "the patch op must add almost nothing");
+  raw-ffcv              FFCV's loader doing only decode + random resized crop on the same .beton, in its
+                        own random order, with no flip, labels, copy-out or device copy (the reference for
+                        "the patch op must add almost nothing");
   naive                 what most people would write: a per-image `Dataset` decoding with PIL in a torch
-                        `DataLoader`, masks drawn by a Python loop over samples, and P called per image on
-                        its context and on its masked patches, the loss per image;
+                        `DataLoader`, masks drawn by a Python loop over samples (the host->device copy and
+                        normalisation count as its patch op), and P called per image on its context and
+                        on its masked patches, the loss per image;
   no-model:naive        the naive baseline's data side alone (its loader and Python masking loop).
 
 Each mode runs --warmup untimed steps, then --windows timed windows of --window steps; the device is
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -77,7 +81,9 @@ STAGES = ("data", "patch op", "forward", "backward", "optimizer")
 
 
 class StageClock:
-    """Seconds per named stage, summed over steps; CUDA events on a GPU (read after the window's sync)."""
+    """Seconds per named stage, summed over steps. On a GPU the compute stages use CUDA events (read after
+    the window's sync); "data" is always the host's wall-clock wait for the next batch, which is what a
+    data-bound step loses."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -86,7 +92,7 @@ class StageClock:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        if self.cuda:
+        if self.cuda and name != "data":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             yield
@@ -120,12 +126,16 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
     }
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = json.loads(value) if value[:1] in "0123456789-[{tf" or value in ("null",) else value
+        try:
+            overrides[key] = json.loads(value)
+        except ValueError:  # a bare word: the string itself
+            overrides[key] = value
     return load_config(PretrainConfig, "demo" if args.image_size <= 64 else "imagenet224", overrides)
 
 
 class Bench:
-    """One model, optimizer and accelerator shared by the modes; each mode restarts from the same weights."""
+    """One model, optimizer and accelerator shared by the modes; each mode restarts from the same weights
+    (the optimizer's momentum carries over: it changes no timing)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -136,6 +146,7 @@ class Bench:
         self.patch_op_name, self.patch_op = choose_patch_op(self.config, self.device, self.num_context)
         torch.manual_seed(0)
         model = build_model(self.config)
+        self.net: Selfie = model  # the plain module, under any DDP or compile wrapper
         self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.optimizer = build_sgd(model, self.config.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10, 10**9))
@@ -150,11 +161,11 @@ class Bench:
         self.mask_generator = torch.Generator(device=self.device).manual_seed(0)
 
     def reset(self) -> None:
-        self.accelerator.unwrap_model(self.model).load_state_dict(self.initial)
+        self.net.load_state_dict(self.initial)
         self.model.train()
 
     def source(self, loader: str):
-        return LOADERS[loader].open(self.beton if loader == "ffcv" else self.folder.parent, "train")
+        return LOADERS[loader].open(self.beton if loader == "ffcv" else self.folder, "train")
 
     def stream(self, loader: str) -> Iterator[Batch]:
         config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, loader=loader))
@@ -190,32 +201,44 @@ class Bench:
                 )
 
 
-def timed(steps: Iterator[Callable[[StageClock], None]], args, device, images_per_step: int) -> dict:
-    """Run --warmup steps, then --windows windows of --window steps; images/s per window and stage seconds."""
+def queued_batches(mode: str, workers: int) -> int:
+    """How many batches a mode's loader holds ready: a warm-up drains them, or a fast consumer (no model)
+    would time the queue instead of the loader."""
+    loader = mode.split(":")[-1]
+    workers = max(1, workers)
+    return {"torch": 4 * workers, "naive": 2 * workers, "dali": 2, "ffcv": 3, "raw-ffcv": 3}.get(loader, 0)
+
+
+def timed(steps: Iterator[Callable[[StageClock], None]], args, device, images_per_step: int, queued: int = 0) -> dict:
+    """Run --warmup (+ `queued`) steps, then --windows windows of --window steps; images/s per window,
+    over all timed steps, and stage seconds."""
     clock = StageClock(device)
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    for run in islice(steps, args.warmup):
+    for run in islice(steps, args.warmup + queued):
         run(clock)
     clock.collect()
     clock.seconds.clear()
-    rates = []
+    rates, total = [], 0.0
     for _ in range(args.windows):
         sync()
         start = time.perf_counter()
         for run in islice(steps, args.window):
             run(clock)
         sync()
-        rates.append(args.window * images_per_step / (time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        total += seconds
+        rates.append(args.window * images_per_step / seconds)
     stage_seconds = clock.collect()
     steps_timed = args.windows * args.window
     return {
         "median": statistics.median(rates),
         "min": min(rates),
         "max": max(rates),
+        "overall": steps_timed * images_per_step / total,
         "stages_ms": {k: round(1000 * v / steps_timed, 3) for k, v in stage_seconds.items()},
     }
 
@@ -268,23 +291,33 @@ def raw_ffcv_steps(bench: Bench) -> Iterator[Callable[[StageClock], None]]:
 
     def batches() -> Iterator:
         while True:
-            yield from loader
+            epoch = iter(loader)
+            try:
+                yield from epoch
+            finally:
+                epoch.close()  # stops FFCV's loading thread when the mode ends
 
     stream = batches()
 
     def run(clock: StageClock) -> None:
         with clock.stage("data"):
             next(stream)
+        if torch.get_num_threads() != threads:  # each FFCV epoch sets torch's threads to its worker count
+            torch.set_num_threads(threads)
 
-    while True:
-        yield run
+    try:
+        while True:
+            yield run
+    finally:
+        stream.close()
+        torch.set_num_threads(threads)
 
 
 class NaiveImages(torch.utils.data.Dataset):
     """Per-image decode and augmentation with PIL, the usual way: one sample per `__getitem__`."""
 
     def __init__(self, folder: Path, size: int, pad: int) -> None:
-        self.source = open_source(folder.parent)
+        self.source = open_source(folder)
         self.size, self.pad = size, pad
 
     def __len__(self) -> int:
@@ -319,7 +352,7 @@ def naive_steps(bench: Bench, model: bool = True) -> Iterator[Callable[[StageClo
         drop_last=True,
         persistent_workers=bench.args.workers > 0,
     )
-    net: Selfie = bench.accelerator.unwrap_model(bench.model)
+    net = bench.net
 
     def step(images: torch.Tensor, clock: StageClock) -> None:
         with clock.stage("patch op"):  # masks by a Python loop, patches cut one by one
@@ -343,12 +376,14 @@ def naive_steps(bench: Bench, model: bool = True) -> Iterator[Callable[[StageClo
                 context = net.embed_patches(torch.stack(cut[: bench.num_context]))
                 masked = net.embed_patches(torch.stack(cut[bench.num_context :]))
                 where = torch.tensor(positions, device=device)
-                u = net.pool((context + net.position(where[: bench.num_context]))[None])
+                if net.position_on_context:
+                    context = context + net.position(where[: bench.num_context])
+                u = net.pool(context[None])
                 queries = u[:, None] + net.position(where[bench.num_context :])[None]
                 losses.append(patch_selection_loss(queries, masked[None]).loss)
             loss = torch.stack(losses).mean()
         with clock.stage("backward"):
-            loss.backward()
+            bench.accelerator.backward(loss)  # through the fp16 scaler when there is one
         with clock.stage("optimizer"):
             bench.optimizer.step()
             bench.optimizer.zero_grad(set_to_none=True)
@@ -364,8 +399,24 @@ def naive_steps(bench: Bench, model: bool = True) -> Iterator[Callable[[StageClo
             images = next(stream)
         step(images, clock)
 
-    while True:
-        yield run
+    try:
+        while True:
+            yield run
+    finally:
+        stream.close()  # the DataLoader (and its persistent workers) goes with this generator's frame
+
+
+def release_memory(device: torch.device) -> None:
+    """What one mode leaves behind (loader threads, DALI's and torch's device pools) before the next."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        try:
+            from nvidia.dali.backend import ReleaseUnusedMemory
+
+            ReleaseUnusedMemory()
+        except ImportError:
+            pass
 
 
 def run_mode(bench: Bench, mode: str) -> dict:
@@ -385,7 +436,7 @@ def run_mode(bench: Bench, mode: str) -> dict:
     else:
         raise SystemExit(f"error: --modes {mode}: expected some of {', '.join(ALL_MODES)}")
     try:
-        return timed(steps, bench.args, bench.device, bench.args.batch)
+        return timed(steps, bench.args, bench.device, bench.args.batch, queued_batches(mode, bench.args.workers))
     finally:
         steps.close()
 
@@ -421,29 +472,31 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: in
 
 
 def versions() -> dict:
-    found = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("numba", "triton", "ffcv", "nvidia.dali", "accelerate"):
+    """Installed distributions' versions (ffcv's own `__version__` still says 0.0.3rc1 in 1.0.2)."""
+    found = {"python": platform.python_version()}
+    for name in ("torch", "accelerate", "numba", "triton", "ffcv", "nvidia-dali-cuda130", "numpy"):
         try:
-            module = __import__(name, fromlist=["__version__"])
-            found[name] = getattr(module, "__version__", "?")
-        except ImportError:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
             found[name] = None
     return found
 
 
 def format_tables(results: dict) -> str:
     synthetic = results.get("synthetic", {}).get("median")
-    # Without the model, the baseline is the naive data side.
-    naive = (results.get("naive") or results.get("no-model:naive") or {}).get("median")
     lines = [
-        "| mode | images/s | slowest .. fastest | vs synthetic | vs naive |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| mode | images/s | slowest .. fastest | all timed steps | vs synthetic | vs naive |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for mode, r in results.items():
-        vs_synthetic = f"{r['median'] / synthetic:.2f}x" if synthetic else "-"
+        data_side = mode.startswith("no-model") or mode == "raw-ffcv"
+        # Training modes against the naive step, data-side modes against the naive data side.
+        naive = results.get("no-model:naive" if data_side else "naive", {}).get("median")
+        vs_synthetic = f"{r['median'] / synthetic:.2f}x" if synthetic and not data_side else "-"
         vs_naive = f"{r['median'] / naive:.2f}x" if naive else "-"
         lines.append(
-            f"| {mode} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} | {vs_synthetic} | {vs_naive} |"
+            f"| {mode} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} | {r['overall']:,.0f} "
+            f"| {vs_synthetic} | {vs_naive} |"
         )
     lines += ["", "| mode | " + " | ".join(f"{s} ms" for s in STAGES) + " |", "| --- |" + " ---: |" * len(STAGES)]
     for mode, r in results.items():
@@ -509,7 +562,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     picked = [*args.loader, *(["synthetic"] if args.synthetic else []), *(["naive"] if args.naive else [])]
     picked += [f"no-model:{loader}" for loader in args.loader] if args.no_model else []
-    args.mode_list = picked or [m for m in args.modes.split(",") if m]
+    wanted = picked or [m for m in args.modes.split(",") if m]
+    unknown = [m for m in wanted if m not in ALL_MODES]
+    if unknown:
+        parser.error(f"--modes {','.join(unknown)}: expected some of {', '.join(ALL_MODES)}")
+    args.mode_list = [m for m in ALL_MODES if m in wanted]  # forking modes first, whatever the order given
     return args
 
 
@@ -531,6 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
     for mode in args.mode_list:
         results[mode] = run_mode(bench, mode)
         print(f"{mode}: {results[mode]['median']:,.0f} images/s", flush=True)
+        release_memory(bench.device)
     table = format_tables(results)
     flops = step_flops(bench)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
