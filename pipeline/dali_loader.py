@@ -50,6 +50,7 @@ from pipeline.data import (
     ShardedBatchSampler,
     Source,
     derive_seed,
+    eval_chunks,
 )
 from pipeline.subsets import SubsetSource
 
@@ -345,8 +346,7 @@ def dali_eval_loader(
     """Every image once over all ranks, center-cropped, in order; the sharding of `pipeline.data.eval_loader`
     (contiguous slices, a short last batch instead of DALI's padding), so summed counts count each image once."""
     device = torch.device(device)
-    shard = np.array_split(np.arange(len(source)), world_size)[rank]
-    chunks = [chunk for chunk in np.split(shard, range(batch_size, len(shard), batch_size)) if len(chunk)]
+    chunks = eval_chunks(len(source), batch_size, rank, world_size)
     if not chunks:
         return iter(())
     feed = _Feed(source, iter(BatchSpec(0, tuple(c.tolist()), 0) for c in chunks), True, fail_on_corrupt)

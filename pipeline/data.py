@@ -196,18 +196,33 @@ class ShardedBatchSampler:
         generator = torch.Generator().manual_seed(derive_seed(self.seed, EPOCH_ORDER_STREAM, epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
+    def rank_batches(self, epoch: int) -> np.ndarray:
+        """(steps per epoch, B) int64: this rank's batches of `epoch`, the r-th B of every global batch."""
+        used = self.epoch_order(epoch).numpy()[: self.steps_per_epoch * self.batch_size * self.world_size]
+        return used.reshape(self.steps_per_epoch, self.world_size, self.batch_size)[:, self.rank]
+
     def __iter__(self) -> Iterator[BatchSpec]:
         step = self.start_step
-        epoch, order = -1, None
+        epoch, batches = -1, None
         while True:
             if step // self.steps_per_epoch != epoch:
                 epoch = step // self.steps_per_epoch
-                order = self.epoch_order(epoch)
-            start = (step % self.steps_per_epoch) * self.batch_size * self.world_size
-            start += self.rank * self.batch_size
-            indices = tuple(order[start : start + self.batch_size].tolist())
+                batches = self.rank_batches(epoch)
+            indices = tuple(batches[step % self.steps_per_epoch].tolist())
             yield BatchSpec(step, indices, derive_seed(self.seed, AUGMENT_STREAM, step, self.rank))
             step += 1
+
+
+def eval_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
+    """Rank r's positions for evaluation: the r-th of `world_size` contiguous, near-equal slices (possibly
+    empty), so counts summed over ranks count every sample once and nothing is padded."""
+    return np.array_split(np.arange(num_samples), world_size)[rank]
+
+
+def eval_chunks(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[np.ndarray]:
+    """`eval_shard` cut into batches of `batch_size` (the last one short)."""
+    shard = eval_shard(num_samples, rank, world_size)
+    return [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
 
 
 class BatchAssembler(torch.utils.data.Dataset):
@@ -349,11 +364,10 @@ def eval_loader(
     An unreadable image is left out of its batch and named in `skipped` (or fatal with `fail_on_corrupt`).
     """
     device = torch.device(device)
-    shard = np.array_split(np.arange(len(source)), world_size)[rank]
-    chunks = np.split(shard, range(batch_size, len(shard), batch_size))
+    chunks = eval_chunks(len(source), batch_size, rank, world_size)
     loader = torch.utils.data.DataLoader(
         BatchAssembler(source, image_size, "center_crop", fail_on_corrupt=fail_on_corrupt),
-        sampler=[BatchSpec(0, tuple(chunk.tolist()), 0) for chunk in chunks if len(chunk)],
+        sampler=[BatchSpec(0, tuple(chunk.tolist()), 0) for chunk in chunks],
         batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",

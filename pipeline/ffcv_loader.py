@@ -21,9 +21,11 @@ The ops, in order, for the `image` field (labels and source indices are decoded 
    and the permutations (`Batch.patches`, `Batch.perm`) ready for P.
 
 FFCV's crop and flip ops draw from numba's generator, unseeded: which images a step reads is
-reproducible, its crops and flips are not. The masks of (3b) are: each sample's generator is seeded
-from the run's seed, its batch and its row, so a resumed run draws the masks the uninterrupted one would
-(they differ from the masks the other backends draw in the step, which depend on the step's seed).
+reproducible, its crops and flips are not (with (3b) they draw from thread states that op reseeded for
+the previous batch, which leaves their distribution as it was: checked over 384 images). The masks of
+(3b) are reproducible: each sample's generator is seeded from the run's seed, its batch and its row, so
+a resumed run draws the masks the uninterrupted one would (they differ from the masks the other
+backends draw in the step, which depend on the step's seed).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from pipeline.data import (
     DataError,
     ShardedBatchSampler,
     derive_seed,
+    eval_shard,
 )
 from pipeline.patches import PatchSpec, scaled_stats
 from pipeline.subsets import SubsetSource
@@ -321,6 +324,13 @@ def _beton_rows(source: BetonSource | SubsetSource) -> tuple[BetonSource, np.nda
     )
 
 
+def _view_of_row(beton: BetonSource, rows: np.ndarray) -> np.ndarray:
+    """Position in the loader's source (a subset view or the whole file) of each .beton row; -1 outside."""
+    view = np.full(len(beton), -1, dtype=np.int64)
+    view[rows] = np.arange(len(rows))
+    return view
+
+
 def _order_class(positions_of_pass, quasi_random: bool):
     """A TraversalOrder class whose k-th pass reads `positions_of_pass(k, inner_order)` (beton rows)."""
     from ffcv.traversal_order import QuasiRandom
@@ -372,16 +382,13 @@ def ffcv_loader(
     sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
     steps_per_epoch = sampler.steps_per_epoch
     first_epoch, skip = divmod(start_step, steps_per_epoch)
-    view_of_row = np.full(len(beton), -1, dtype=np.int64)
-    view_of_row[rows] = np.arange(len(rows))
 
     def positions_of_pass(k: int, inner) -> np.ndarray:
         epoch = first_epoch + k
         if inner is not None:
             order = np.asarray(inner.sample_order(epoch), dtype=np.int64)[: steps_per_epoch * batch_size]
         else:
-            order = sampler.epoch_order(epoch).numpy()[: steps_per_epoch * batch_size * world_size]
-            order = rows[order.reshape(steps_per_epoch, world_size, batch_size)[:, rank].reshape(-1)]
+            order = rows[sampler.rank_batches(epoch).reshape(-1)]
         return order[(skip if k == 0 else 0) * batch_size :].astype(np.uint64)
 
     threads = torch.get_num_threads()
@@ -406,7 +413,7 @@ def ffcv_loader(
     )
     loader.traversal_order = _order_class(positions_of_pass, quasi_random)(loader)
     torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count; keep the run's
-    return _batches(loader, beton, view_of_row, device, patch_spec, threads)
+    return _batches(loader, beton, _view_of_row(beton, rows), device, patch_spec, threads)
 
 
 def _int_ops() -> list:
@@ -466,9 +473,7 @@ def ffcv_eval_loader(
 
     device = torch.device(device)
     beton, rows = _beton_rows(source)
-    view_of_row = np.full(len(beton), -1, dtype=np.int64)
-    view_of_row[rows] = np.arange(len(rows))
-    shard = np.array_split(rows, world_size)[rank]
+    shard = rows[eval_shard(len(rows), rank, world_size)]
     if not len(shard):
         return iter(())
     threads = torch.get_num_threads()
@@ -486,4 +491,4 @@ def ffcv_eval_loader(
         drop_last=False,
     )
     torch.set_num_threads(threads)
-    return _batches(loader, beton, view_of_row, device, None, threads, endless=False)
+    return _batches(loader, beton, _view_of_row(beton, rows), device, None, threads, endless=False)
