@@ -59,7 +59,7 @@ from model.selfie import Selfie, patch_selection_loss
 from pipeline.augment import random_resized_crop_box
 from pipeline.data import Batch, open_source
 from pipeline.loaders import LOADERS
-from pipeline.patches import normalize
+from pipeline.patches import normalize, sample_context_permutation
 from train.common import build_sgd, make_accelerator, train_batches, warmup_cosine
 from train.config import PretrainConfig, load_config, to_dict
 from train.pretrain import build_model, choose_patch_op, in_loader_patch_spec, train_step, validate
@@ -189,7 +189,7 @@ class Bench:
     def patches_only(self, batch: Batch, clock: StageClock) -> None:
         if batch.patches is None:
             with clock.stage("patch op"):
-                perm = torch.rand(len(batch.labels), self.num_patches, device=self.device).argsort(dim=1)
+                perm = sample_context_permutation(len(batch.labels), self.num_patches, self.mask_generator)
                 self.patch_op(
                     batch.images,
                     perm,
