@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.convert import ConvertOptions, convert
 from pipeline.data import open_source
 from pipeline.demo import _photos, default_cache_dir, demo_dataset
 from pipeline.fused_patches import select_patch_op
@@ -78,6 +77,11 @@ def benchmark_data(data: str, cache_dir: str, images: int, beton: str | None = N
         folder = Path(data)
     beton_path = Path(beton) if beton else cache / f"{folder.parent.name}-{folder.name}.beton"
     if not beton_path.exists():
+        try:  # FFCV is optional where only the torch and DALI loaders are timed
+            from pipeline.convert import ConvertOptions, convert
+        except ImportError as error:
+            print(f"note: no {beton_path.name} ({error}): the ffcv modes cannot run here")
+            return folder, beton_path
         mode = "raw" if data == "demo" else "jpg"
         convert(folder, beton_path, options=ConvertOptions(write_mode=mode, jpeg_quality=90))
     return folder, beton_path

@@ -1,21 +1,23 @@
-"""Images/s reaching the patch-selection loss: every loader end to end, against the ceiling and a naive baseline.
+"""Images/s reaching the pretext loss: every loader end to end, against the ceiling and a naive baseline.
 
     python -m benchmarks.throughput                                   # 32/8 on the demo data, all modes
+    python -m benchmarks.throughput --method patch_rotnet --set model.backbone=resnet8 --modes synthetic,torch
     python -m benchmarks.throughput --image-size 224 --patch-size 32 --width 1 --precision bf16 \
         --channels-last --batch 256 --json runs/bench224.json --plot runs/bench224.png
     python -m benchmarks.throughput --modes synthetic,ffcv --compile
 
 Modes (side by side in one invocation, same config):
   torch | dali | ffcv   end to end: files (or the .beton) -> loader -> `train.pretrain.train_step` (the
-                        function the trainer calls: patch op, P on all patches in one call, A, the loss,
-                        backward, optimizer);
+                        function the trainer calls: the method's op (Selfie's patch op, the rotation
+                        methods' view op), the model on all of it in one call, the loss, backward,
+                        optimizer);
   synthetic             the same step on one uint8 batch already on the device: the ceiling a perfect
                         data pipeline would reach;
-  no-model:LOADER       the pipeline alone, up to patches ready for P: the data side's limit;
+  no-model:LOADER       the pipeline alone, up to patches (or views) ready for the model: the data side's limit;
   raw-ffcv              FFCV's loader doing only decode + random resized crop on the same .beton, in its
                         own random order, with no flip, labels, copy-out or device copy (the reference for
                         "the patch op must add almost nothing");
-  naive                 what most people would write: a per-image `Dataset` decoding with PIL in a torch
+  naive                 (Selfie only) what most people would write: a per-image `Dataset` decoding with PIL in a torch
                         `DataLoader`, masks drawn by a Python loop over samples (the host->device copy and
                         normalisation count as its patch op), and P called per image on its context and
                         on its masked patches, the loss per image;
@@ -24,8 +26,9 @@ Modes (side by side in one invocation, same config):
 Each mode runs --warmup untimed steps, then --windows timed windows of --window steps; the device is
 synchronised before each clock read. The table gives the median window's images/s, the slowest and
 fastest, and ratios of medians to `synthetic` and `naive`; a second table splits a step into stages
-(data wait, patch op, forward, backward, optimizer; host->device copies are inside the loader's data
-wait). Last, one step's FLOPs (torch's FlopCounterMode) and a measured square-matmul peak in the step's
+(data wait, patch or view op, forward, backward, optimizer; host->device copies are inside the loader's
+data wait). Images/s counts source images: a rotation method's step handles 4 or 8 views of each.
+Last, one step's FLOPs (torch's FlopCounterMode) and a measured square-matmul peak in the step's
 dtype give each training mode's achieved TFLOP/s and its fraction of that peak. --json writes all of it
 with the machine, device, versions, resolved config and date.
 """
@@ -59,10 +62,10 @@ from model.selfie import Selfie, patch_selection_loss
 from pipeline.augment import random_resized_crop_box
 from pipeline.data import Batch, open_source
 from pipeline.loaders import LOADERS
-from pipeline.patches import normalize, sample_context_permutation
+from pipeline.patches import normalize
 from train.common import build_sgd, make_accelerator, train_batches, warmup_cosine
 from train.config import PretrainConfig, load_config, to_dict
-from train.pretrain import build_model, choose_patch_op, in_loader_patch_spec, train_step, validate
+from train.pretrain import METHODS, build_model, make_task, train_step
 
 # Modes that fork loader processes run before those that leave threads behind (forking a threaded process is unsafe).
 ALL_MODES = (
@@ -77,7 +80,8 @@ ALL_MODES = (
     "no-model:ffcv",
     "raw-ffcv",
 )
-STAGES = ("data", "patch op", "forward", "backward", "optimizer")
+STAGES = ("data", "patch op", "view op", "forward", "backward", "optimizer")
+SELFIE_ONLY_MODES = ("naive", "no-model:naive")
 
 
 class StageClock:
@@ -114,6 +118,7 @@ class StageClock:
 
 def build_config(args: argparse.Namespace) -> PretrainConfig:
     overrides = {
+        "method": args.method,
         "data.image_size": args.image_size,
         "data.augment": "pad_crop_flip" if args.image_size <= 64 else "random_resized_crop",
         "data.workers": args.workers,
@@ -140,13 +145,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.config = build_config(args)
-        self.num_patches, self.num_context = validate(self.config)
         self.accelerator = make_accelerator(self.config.train)
         self.device = self.accelerator.device
-        self.patch_op_name, self.patch_op = choose_patch_op(self.config, self.device, self.num_context)
+        self.task = make_task(self.config, self.device)
         torch.manual_seed(0)
         model = build_model(self.config)
-        self.net: Selfie = model  # the plain module, under any DDP or compile wrapper
+        self.net = model  # the plain module, under any DDP or compile wrapper
         self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.optimizer = build_sgd(model, self.config.optim)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10, 10**9))
@@ -158,7 +162,7 @@ class Bench:
             args.cache,
             args.images,
         )
-        self.mask_generator = torch.Generator(device=self.device).manual_seed(0)
+        self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def reset(self) -> None:
         self.net.load_state_dict(self.initial)
@@ -169,36 +173,27 @@ class Bench:
 
     def stream(self, loader: str) -> Iterator[Batch]:
         config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, loader=loader))
-        spec = in_loader_patch_spec(config, self.patch_op_name, self.num_context)
+        spec = self.task.in_loader_patch_spec(loader)
         return train_batches(config, self.source(loader), self.args.batch, 0, 0, self.accelerator, spec)
 
     def step(self, batch: Batch, clock: StageClock) -> None:
         train_step(
             self.model,
             batch,
-            self.mask_generator,
-            self.config,
-            self.num_context,
-            self.patch_op,
+            self.task,
+            self.generator,
             self.optimizer,
             self.scheduler,
             self.accelerator,
+            self.config.optim.grad_clip,
             clock.stage,
         )
 
-    def patches_only(self, batch: Batch, clock: StageClock) -> None:
+    def inputs_only(self, batch: Batch, clock: StageClock) -> None:
+        """The data side of a step: the method's op on the loader's batch (nothing when FFCV cut the patches)."""
         if batch.patches is None:
-            with clock.stage("patch op"):
-                perm = sample_context_permutation(len(batch.labels), self.num_patches, self.mask_generator)
-                self.patch_op(
-                    batch.images,
-                    perm,
-                    self.config.selfie.patch_size,
-                    self.num_context,
-                    self.config.data.mean,
-                    self.config.data.std,
-                    channels_last=self.config.train.channels_last,
-                )
+            with clock.stage(self.task.op_stage):
+                self.task.inputs(batch, self.generator)
 
 
 def queued_batches(mode: str, workers: int) -> int:
@@ -251,7 +246,7 @@ def loader_steps(bench: Bench, loader: str, model: bool) -> Iterator[Callable[[S
             def run(clock: StageClock) -> None:
                 with clock.stage("data"):
                     batch = next(stream)
-                (bench.step if model else bench.patches_only)(batch, clock)
+                (bench.step if model else bench.inputs_only)(batch, clock)
 
             yield run
     finally:
@@ -352,7 +347,8 @@ def naive_steps(bench: Bench, model: bool = True) -> Iterator[Callable[[StageClo
         drop_last=True,
         persistent_workers=bench.args.workers > 0,
     )
-    net = bench.net
+    net: Selfie = bench.net
+    num_context = bench.task.num_context
 
     def step(images: torch.Tensor, clock: StageClock) -> None:
         with clock.stage("patch op"):  # masks by a Python loop, patches cut one by one
@@ -373,13 +369,13 @@ def naive_steps(bench: Bench, model: bool = True) -> Iterator[Callable[[StageClo
         with clock.stage("forward"), bench.accelerator.autocast():
             losses = []
             for positions, cut in samples:
-                context = net.embed_patches(torch.stack(cut[: bench.num_context]))
-                masked = net.embed_patches(torch.stack(cut[bench.num_context :]))
+                context = net.embed_patches(torch.stack(cut[:num_context]))
+                masked = net.embed_patches(torch.stack(cut[num_context:]))
                 where = torch.tensor(positions, device=device)
                 if net.position_on_context:
-                    context = context + net.position(where[: bench.num_context])
+                    context = context + net.position(where[:num_context])
                 u = net.pool(context[None])
-                queries = u[:, None] + net.position(where[bench.num_context :])[None]
+                queries = u[:, None] + net.position(where[num_context:])[None]
                 losses.append(patch_selection_loss(queries, masked[None]).loss)
             loss = torch.stack(losses).mean()
         with clock.stage("backward"):
@@ -498,9 +494,10 @@ def format_tables(results: dict) -> str:
             f"| {mode} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} | {r['overall']:,.0f} "
             f"| {vs_synthetic} | {vs_naive} |"
         )
-    lines += ["", "| mode | " + " | ".join(f"{s} ms" for s in STAGES) + " |", "| --- |" + " ---: |" * len(STAGES)]
+    stages = [s for s in STAGES if any(s in r["stages_ms"] for r in results.values())]
+    lines += ["", "| mode | " + " | ".join(f"{s} ms" for s in stages) + " |", "| --- |" + " ---: |" * len(stages)]
     for mode, r in results.items():
-        cells = [f"{r['stages_ms'][s]:.2f}" if s in r["stages_ms"] else "-" for s in STAGES]
+        cells = [f"{r['stages_ms'][s]:.2f}" if s in r["stages_ms"] else "-" for s in stages]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -539,11 +536,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--synthetic", action="store_true", help="add the synthetic mode")
     parser.add_argument("--no-model", action="store_true", help="add the no-model mode of every --loader")
     parser.add_argument("--naive", action="store_true", help="add the naive baseline")
+    parser.add_argument("--method", default="selfie", choices=sorted(METHODS), help="pretext task (default selfie)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--patch-size", type=int, default=8)
     parser.add_argument("--context-fraction", type=float, default=0.75)
     parser.add_argument("--batch", type=int, default=64, help="images per step")
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier of P")
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the backbone")
     parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -566,6 +564,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [m for m in wanted if m not in ALL_MODES]
     if unknown:
         parser.error(f"--modes {','.join(unknown)}: expected some of {', '.join(ALL_MODES)}")
+    if args.method != "selfie":
+        asked = [m for m in wanted if m in SELFIE_ONLY_MODES]
+        if asked and (picked or args.modes != ",".join(ALL_MODES)):
+            parser.error(f"--modes {','.join(asked)}: the naive baseline is Selfie's (per-image P calls); drop it")
+        wanted = [m for m in wanted if m not in SELFIE_ONLY_MODES]
     args.mode_list = [m for m in ALL_MODES if m in wanted]  # forking modes first, whatever the order given
     return args
 
@@ -577,10 +580,10 @@ def main(argv: list[str] | None = None) -> dict:
     device_name = f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""
     header = (
         f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, device "
-        f"{bench.device}{device_name}; {config.data.image_size}/{config.selfie.patch_size}, {bench.num_context} "
-        f"of {bench.num_patches} patches as context, batch {args.batch}, width {config.model.width}, "
+        f"{bench.device}{device_name}; {args.method} on {config.data.image_size}px: {bench.task.describe()}; "
+        f"{config.model.backbone} backbone, width {config.model.width}, batch {args.batch} images, "
         f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
-        f"{bench.patch_op_name} patch op; data {bench.folder} (ffcv: {bench.beton}); {args.workers} workers; "
+        f"data {bench.folder} (ffcv: {bench.beton}); {args.workers} workers; "
         f"{args.windows} windows of {args.window} steps after {args.warmup}"
     )
     print(header)

@@ -1,16 +1,18 @@
-"""Classifiers fine-tuned from a Selfie patch network P (paper §2.3, §4.2), or trained from scratch.
+"""Classifiers fine-tuned from a pretrained backbone (Selfie §2.3, §4.2; Patch RotNet §4), or trained from scratch.
 
-  resnet50       ResNet-50 v2 on the full image; stem + stages 1-3 come from P, stage 4, the final norm and
-                 the head start fresh; global average pooling, linear head (paper Figure 5, left).
+  resnet50       ResNet-50 v2 on the full image. From a resnet36 backbone (Selfie's P) its stem and stages
+                 1-3 are loaded and stage 4, the final norm and the head start fresh (Selfie Figure 5, left);
+                 from a resnet50 backbone, all of it.
   resnet36_attn  P on the full image; the pretrained attention pooling A reads the final feature map's
-                 H' x W' positions (u0's output is the image vector); linear head (paper Figure 5, right).
-                 No position embeddings: the pretrained ones index the patch grid, not the feature map.
-  resnet36       P on the full image, global average pooling, linear head: P's own features, the natural
-                 backbone of a linear probe.
+                 H' x W' positions (u0's output is the image vector) (Selfie Figure 5, right). No position
+                 embeddings: the pretrained ones index the patch grid, not the feature map.
+  resnet36, resnet8, resnet32
+                 the pretrained backbone itself, global average pooling, then the head.
 
-A linear probe (`frozen=True`) freezes everything but the head, keeps the backbone's batch norm in eval
-mode, and puts a parameter-free batch norm before the linear layer (as MAE's linear probe does) so the
-head sees standardised features whatever their pretrained scale.
+The head is `linear` (one layer) or `mlp` (two fully connected layers with batch norm and ReLU between:
+the rotation paper's evaluation head). A linear probe (`frozen=True`) freezes everything but the head,
+keeps the backbone's batch norm in eval mode, and puts a parameter-free batch norm before the head (as
+MAE's linear probe does) so the head sees standardised features whatever their pretrained scale.
 """
 
 from __future__ import annotations
@@ -19,18 +21,51 @@ import torch
 from torch import nn
 
 from model.attention_pool import AttentionPooling
-from model.resnet_v2 import ResNetV2, resnet36_v2, resnet50_v2
+from model.backbones import build_backbone
 
-ARCHS = ("resnet50", "resnet36_attn", "resnet36")
-# The parts of ResNet-50 v2 that P (ResNet-36 v2) provides; its final norm has P's width, not ResNet-50's.
+# The backbone (model/backbones.py) under each classifier.
+ARCH_BACKBONES = {
+    "resnet50": "resnet50",
+    "resnet36_attn": "resnet36",
+    "resnet36": "resnet36",
+    "resnet8": "resnet8",
+    "resnet32": "resnet32",
+}
+ARCHS = tuple(ARCH_BACKBONES)
+HEADS = ("linear", "mlp")
+# The parts of ResNet-50 v2 that ResNet-36 v2 provides; its final norm has P's width, not ResNet-50's.
 RESNET50_FROM_P = ("stem.", "stages.0.", "stages.1.", "stages.2.")
+
+
+def pretrained_backbones(arch: str) -> tuple[str, ...]:
+    """The pretraining backbones that can initialise `arch`: its own, and resnet36 for resnet50."""
+    own = ARCH_BACKBONES[arch]
+    return (own, "resnet36") if arch == "resnet50" else (own,)
+
+
+def build_head(dim: int, num_classes: int, kind: str = "linear", hidden: int = 512) -> nn.Module:
+    """`linear`: one layer; `mlp`: two fully connected layers. The last layer starts at zero."""
+    if kind not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {kind!r}")
+    last = nn.Linear(dim if kind == "linear" else hidden, num_classes)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    if kind == "linear":
+        return last
+    return nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), last)
 
 
 class Classifier(nn.Module):
     """Images (B, 3, S, S) -> `forward_features` (B, D) -> `forward_head` (B, num_classes)."""
 
     def __init__(
-        self, backbone: ResNetV2, num_classes: int, pool: AttentionPooling | None = None, frozen: bool = False
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        pool: AttentionPooling | None = None,
+        frozen: bool = False,
+        head: str = "linear",
+        head_hidden: int = 512,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -38,9 +73,7 @@ class Classifier(nn.Module):
         self.frozen = frozen
         dim = backbone.num_features
         self.head_norm = nn.BatchNorm1d(dim, affine=False) if frozen else nn.Identity()
-        self.head = nn.Linear(dim, num_classes)
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        self.head = build_head(dim, num_classes, head, head_hidden)
         if frozen:
             backbone.requires_grad_(False)
             if pool is not None:
@@ -79,42 +112,58 @@ def build_classifier(
     attn_heads: int = 32,
     attn_dropout: float = 0.1,
     frozen: bool = False,
+    head: str = "linear",
+    head_hidden: int = 512,
 ) -> Classifier:
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    if arch == "resnet50":
-        return Classifier(resnet50_v2(width=width, stem=stem), num_classes, frozen=frozen)
-    patch_net = resnet36_v2(width=width, stem=stem)
+    backbone = build_backbone(ARCH_BACKBONES[arch], width=width, stem=stem)
     pool = None
     if arch == "resnet36_attn":
-        pool = AttentionPooling(patch_net.num_features, attn_layers, attn_intermediate, attn_heads, attn_dropout)
-    return Classifier(patch_net, num_classes, pool, frozen=frozen)
+        pool = AttentionPooling(backbone.num_features, attn_layers, attn_intermediate, attn_heads, attn_dropout)
+    return Classifier(backbone, num_classes, pool, frozen=frozen, head=head, head_hidden=head_hidden)
 
 
-def pretrained_parts(arch: str, selfie_state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The tensors of a Selfie state dict that initialise `arch`, per submodule: {"backbone": ..., "pool": ...}."""
-    patch_net = {k.removeprefix("patch_net."): v for k, v in selfie_state.items() if k.startswith("patch_net.")}
-    if arch == "resnet50":
-        patch_net = {k: v for k, v in patch_net.items() if k.startswith(RESNET50_FROM_P)}
-    parts = {"backbone": patch_net}
+def pretrained_parts(
+    arch: str, state: dict[str, torch.Tensor], encoder_prefix: str = "patch_net.", backbone: str = "resnet36"
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of a pretext model's state dict that initialise `arch`, per submodule:
+    {"backbone": ..., "pool": ...}. `encoder_prefix` names its backbone ("patch_net." in Selfie,
+    "backbone." in the rotation methods), `backbone` that backbone's kind."""
+    if backbone not in pretrained_backbones(arch):
+        raise ValueError(
+            f"a {backbone} backbone cannot initialise --arch {arch}; expected one pretrained as "
+            f"{' or '.join(pretrained_backbones(arch))}"
+        )
+    encoder = {k.removeprefix(encoder_prefix): v for k, v in state.items() if k.startswith(encoder_prefix)}
+    if arch == "resnet50" and backbone == "resnet36":
+        encoder = {k: v for k, v in encoder.items() if k.startswith(RESNET50_FROM_P)}
+    parts = {"backbone": encoder}
     if arch == "resnet36_attn":
-        parts["pool"] = {k.removeprefix("pool."): v for k, v in selfie_state.items() if k.startswith("pool.")}
+        parts["pool"] = {k.removeprefix("pool."): v for k, v in state.items() if k.startswith("pool.")}
     return parts
 
 
-def load_pretrained(classifier: Classifier, arch: str, selfie_state: dict[str, torch.Tensor]) -> list[str]:
-    """Copy P (and A for resnet36_attn) from a Selfie model's state dict into `classifier`.
+def load_pretrained(
+    classifier: Classifier,
+    arch: str,
+    state: dict[str, torch.Tensor],
+    encoder_prefix: str = "patch_net.",
+    backbone: str = "resnet36",
+) -> list[str]:
+    """Copy the pretrained backbone (and A for resnet36_attn) from a pretext model's state dict into
+    `classifier` (see `pretrained_parts` for the arguments).
 
     Every tensor the arch needs must be present with the right shape, or ValueError says which is not.
     Returns the names loaded, as `classifier.state_dict()` names them.
     """
     loaded = []
-    for part, tensors in pretrained_parts(arch, selfie_state).items():
+    for part, tensors in pretrained_parts(arch, state, encoder_prefix, backbone).items():
         module = getattr(classifier, part)
         target = module.state_dict()
         wanted = (
             [k for k in target if k.startswith(RESNET50_FROM_P)]
-            if arch == "resnet50" and part == "backbone"
+            if arch == "resnet50" and part == "backbone" and backbone == "resnet36"
             else target
         )
         missing = [k for k in wanted if k not in tensors]

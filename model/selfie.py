@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.attention_pool import AttentionPooling
-from model.resnet_v2 import ResNetV2, resnet36_v2
+from model.backbones import build_backbone
 from pipeline.patches import split_context_masked
 
 POSITION_KINDS = ("auto", "full", "rowcol")
@@ -75,7 +75,7 @@ def patch_selection_loss(queries: torch.Tensor, candidates: torch.Tensor) -> Sel
 class Selfie(nn.Module):
     def __init__(
         self,
-        patch_net: ResNetV2,
+        patch_net: nn.Module,
         grid: int,
         attn_layers: int = 3,
         attn_intermediate: int = 640,
@@ -106,9 +106,9 @@ class Selfie(nn.Module):
         return patch_selection_loss(queries, masked)
 
 
-def build_selfie(width: float = 1.0, stem: str = "small", grid: int = 4, **kwargs) -> Selfie:
-    """Selfie with P = ResNet-36 v2 (paper: width 1, 1024-d patch vectors, A of 3 blocks, 32 heads).
-
-    `kwargs` go to `Selfie` (attention sizes, position embedding kind and placement).
-    """
-    return Selfie(resnet36_v2(width=width, stem=stem), grid, **kwargs)
+def build_selfie(
+    width: float = 1.0, stem: str = "small", grid: int = 4, backbone: str = "resnet36", **kwargs
+) -> Selfie:
+    """Selfie with P = `backbone` (paper: resnet36, ResNet-36 v2 at width 1, 1024-d patch vectors; A of 3
+    blocks, 32 heads). `kwargs` go to `Selfie` (attention sizes, position embedding kind and placement)."""
+    return Selfie(build_backbone(backbone, width, stem), grid, **kwargs)

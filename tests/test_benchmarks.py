@@ -89,3 +89,24 @@ def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFi
     assert 0 < record["results"]["synthetic"]["fraction_of_peak"] < 1.5
     out = capsys.readouterr().out
     assert "| synthetic |" in out and "| naive |" in out and "1.00x" in out
+
+
+@pytest.mark.parametrize("method", ["rotnet", "patch_relnet"])
+def test_throughput_benchmark_times_a_rotation_step(tmp_path, capsys: pytest.CaptureFixture, method: str) -> None:
+    args = ["--method", method, "--set", "model.backbone=resnet8", "--width", "0.25", "--batch", "4"]
+    args += ["--modes", "synthetic,torch,no-model:torch", "--workers", "1", "--warmup", "1", "--window", "1"]
+    record = throughput.main([*args, "--windows", "2", "--cache", str(tmp_path)])
+    assert list(record["results"]) == ["synthetic", "torch", "no-model:torch"]
+    assert set(record["results"]["torch"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
+    assert set(record["results"]["no-model:torch"]["stages_ms"]) == {"data", "view op"}
+    out = capsys.readouterr().out
+    assert f"{4 if method == 'rotnet' else 8} views per image" in out and "| view op ms |" in out
+
+
+def test_throughput_benchmark_refuses_the_naive_baseline_for_a_rotation_method(
+    tmp_path, capsys: pytest.CaptureFixture
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        throughput.main(["--method", "rotnet", "--modes", "naive", "--cache", str(tmp_path)])
+    assert exit_info.value.code != 0
+    assert "--modes naive: the naive baseline is Selfie's" in capsys.readouterr().err

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.classifier import ARCHS
+from model.classifier import ARCHS, pretrained_backbones
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT, TINY, finetune, kill_when_exists, pretrain, run_script
@@ -88,13 +88,32 @@ def test_seeds_results_and_summary(tmp_path: Path, demo_root: Path, pretrained_r
     assert (run / "seed_0" / "result.json").stat().st_mtime_ns == before
 
 
+@pytest.fixture(scope="module")
+def pretrained_with(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, pretrained_run: Path):
+    """backbone -> a finished pretraining of it: Selfie's for resnet36, a short RotNet for the others."""
+    runs = {"resnet36": pretrained_run}
+
+    def run_for(backbone: str) -> Path:
+        if backbone not in runs:
+            folder = tmp_path_factory.mktemp(backbone)
+            args = [*TINY, "--method", "rotnet", f"--model.backbone={backbone}", "--steps", "2"]
+            result = pretrain([*args, "--data", str(demo_root), "--out", str(folder / "run")], folder)
+            assert result.returncode == 0, result.stderr[-2000:]
+            runs[backbone] = folder / "run"
+        return runs[backbone]
+
+    return run_for
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    ("arch", "backbone"), [(arch, backbone) for arch in ARCHS for backbone in pretrained_backbones(arch)]
+)
 def test_every_arch_fine_tunes_from_pretraining_and_from_scratch(
-    tmp_path: Path, demo_root: Path, pretrained_run: Path, arch: str
+    tmp_path: Path, demo_root: Path, pretrained_with, arch: str, backbone: str
 ) -> None:
     hashes = []
-    for init in ("none", str(pretrained_run)):
+    for init in ("none", str(pretrained_with(backbone))):
         run = tmp_path / init.replace("/", "_")
         result = finetune(
             [*FAST, "--data", str(demo_root), "--arch", arch, "--init", init, "--out", str(run)], tmp_path
@@ -218,8 +237,10 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         (["--init", str(pretrained_run), "--model.width=0.25"], "pretrained with model.width=0.125"),
         (["--init", str(pretrained_run), "--arch", "resnet36_attn", "--model.attn_heads=8"], "model.attn_heads=4"),
         (["--init", str(tmp_path / "nowhere")], "no such file or folder"),
-        (["--linear-probe"], "resnet50's stage 4 is not pretrained"),
-        (["--arch", "vit"], "--arch vit: expected one of resnet50, resnet36_attn, resnet36"),
+        (["--init", str(pretrained_run), "--linear-probe"], "resnet50's stage 4 is not pretrained"),
+        (["--arch", "vit"], "--arch vit: expected one of resnet50, resnet36_attn, resnet36, resnet8, resnet32"),
+        (["--head", "deep"], "--head deep: expected one of linear, mlp"),
+        (["--init", str(pretrained_run), "--arch", "resnet8"], "a resnet36 backbone cannot initialise --arch resnet8"),
         (["--seeds", "0"], "--seeds 0"),
         (["--label-fraction", "0.01"], "the labelled subset has 16 images, fewer than one global batch of 32"),
     ]
@@ -271,3 +292,36 @@ def test_compare_writes_table_and_plot_and_reuses_finished_cells(
         early = run_script([*args, *bad, "--out", str(tmp_path / "early")], tmp_path)
         assert early.returncode == 2 and message in early.stderr, early.stderr[-2000:]
         assert not (tmp_path / "early").exists()  # refused before any cell ran
+
+
+@pytest.fixture(scope="module")
+def rotation_run(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> Path:
+    folder = tmp_path_factory.mktemp("rotation")
+    args = [*TINY, "--method", "patch_relnet", "--model.backbone=resnet8", "--steps", "3"]
+    result = pretrain([*args, "--data", str(demo_root), "--out", str(folder / "run")], folder)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return folder / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("linear_probe", [True, False])
+def test_a_rotation_checkpoint_initialises_the_backbone_under_a_two_layer_head(
+    tmp_path: Path, demo_root: Path, rotation_run: Path, linear_probe: bool
+) -> None:
+    """The rotation paper's protocol: the pretext backbone under two fully connected layers, frozen
+    ("linear") or trained with them ("tuned")."""
+    run = tmp_path / "eval"
+    args = [*FAST, "--data", str(demo_root), "--init", str(rotation_run), "--out", str(run), "--arch", "resnet8"]
+    args += ["--head", "mlp", "--finetune.head_hidden=16", "--steps", "3"]
+    result = finetune([*args, *(["--linear-probe"] if linear_probe else [])], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=False)["model"]
+    pretext = torch.load(sorted((rotation_run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    names = [k for k in tuned if k.startswith("backbone.")]
+    assert names and all(name in pretext for name in names)  # the same names under the same prefix
+    unchanged = [torch.equal(tuned[name], pretext[name]) for name in names]
+    assert all(unchanged) if linear_probe else not all(unchanged)
+    assert tuned["head.0.weight"].shape == (16, 8)  # TINY ResNet-8 (width 0.125): 8 features -> 16 -> 10 classes
+    assert tuned["head.3.weight"].shape == (10, 16) and tuned["head.3.weight"].abs().sum() > 0
+    saved = results_of(run)
+    assert saved["head"] == "mlp" and saved["init_method"] == "patch_relnet"

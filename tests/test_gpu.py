@@ -113,3 +113,51 @@ def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> No
         assert batch.images.shape == (4, 3, 64, 64) and batch.images.device.type == "cuda"
     seen = [i for b in LOADERS[backend].evaluate(test, 64, 5, 0, 1, **on) for i in b.indices.tolist()]
     assert sorted(seen) == list(range(12))
+
+
+def test_rotation_views_on_gpu_equal_cpu() -> None:
+    """Turns and pastes are exact on either device; only the antialiased resize may round differently."""
+    from pipeline.rotations import paste, quarter_turns, rotation_views
+
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    gpu = rotation_views(images.cuda(), 8, 0.4, mean, std, torch.Generator("cuda").manual_seed(0))
+    cpu = rotation_views(images, 8, 0.4, mean, std)
+    torch.testing.assert_close(gpu.views[: 4 * 6].cpu(), cpu.views[: 4 * 6], rtol=0, atol=1e-6)
+    assert torch.equal(gpu.labels.cpu(), cpu.labels)
+    turned = quarter_turns(torch.rand(6, 3, 13, 13))
+    background = torch.rand(6, 3, 32, 32)
+    positions = gpu.positions.cpu()
+    assert torch.equal(
+        paste(background.cuda(), turned.cuda(), gpu.positions).cpu(), paste(background, turned, positions)
+    )
+    resized = torch.nn.functional.interpolate(
+        cpu.views[:6], size=(13, 13), mode="bilinear", antialias=True, align_corners=False
+    )
+    expected = paste(cpu.views[:6], quarter_turns(resized), positions).flatten(0, 1)
+    torch.testing.assert_close(gpu.views[4 * 6 :].cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rotnet", "patch_rotnet", "patch_relnet"])
+def test_rotation_bf16_channels_last_step_on_gpu_matches_fp32_loss_closely(method: str) -> None:
+    from model.rotation import ROTATION_METHODS, build_rotation
+    from pipeline.rotations import rotation_views
+
+    torch.manual_seed(0)
+    model = build_rotation(method, "resnet32", width=1.0).cuda().eval()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    views = ROTATION_METHODS[method].num_views
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    fp32_views = rotation_views(images, views, 0.4, mean, std, torch.Generator("cuda").manual_seed(0))
+    fp32 = model(fp32_views.views, fp32_views.labels)
+    model = model.to(memory_format=torch.channels_last)
+    bf16_views = rotation_views(
+        images, views, 0.4, mean, std, torch.Generator("cuda").manual_seed(0), torch.bfloat16, channels_last=True
+    )
+    assert torch.equal(bf16_views.positions, fp32_views.positions)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        bf16 = model(bf16_views.views, bf16_views.labels)
+    assert bf16.logits.dtype == torch.float32
+    torch.testing.assert_close(bf16.loss, fp32.loss, rtol=0.05, atol=0.05)
+    bf16.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)

@@ -5,6 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -202,6 +203,9 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--batch-size", "0"], "--batch-size 0"),
         (["--seed", "-1"], "--seed -1"),
         (["--selfie.patch_op=magic"], "selfie.patch_op: patch op must be one of"),
+        (["--method", "jigsaw"], "--method jigsaw: expected one of selfie, rotnet, patch_rotnet, patch_relnet"),
+        (["--method", "patch_rotnet", "--patch-ratio", "1.2"], "--patch-ratio 1.2: patch ratio must lie in (0, 1)"),
+        (["--model.backbone=vgg"], "model.backbone 'vgg': expected one of resnet36, resnet50, resnet8, resnet32"),
     ]
 
 
@@ -248,3 +252,28 @@ def test_resume_may_switch_loader_but_not_the_data_size(tmp_path: Path, demo_roo
     fewer = pretrain([*args, "--data", str(data), "--steps", "4", "--loader", "ffcv", "--resume"], tmp_path)
     assert fewer.returncode == 2 and "trained on 1600 images and --data now holds 1599" in fewer.stderr
     assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+@pytest.mark.parametrize("method", ["rotnet", "patch_rotnet", "patch_relnet"])
+def test_every_rotation_method_trains_with_every_loader(
+    tmp_path: Path, demo_root: Path, method: str, loader: str
+) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "--method", method, "--model.backbone=resnet8", "--loader", loader, "--steps", "3"]
+    args += ["--data", str(demo_data_for(loader, demo_root)), "--out", str(run), "--train.checkpoint_every=3"]
+    result = pretrain(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    views = 4 if method == "rotnet" else 8
+    assert f"{views} views per image" in result.stdout and f"{8 * views} views/step" in result.stdout
+    assert f"{method} view accuracy" in result.stdout
+    records = [r for r in read_log(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    classes = 8 if method == "patch_rotnet" else 4
+    for record in records:
+        assert 0 <= record["rotation_acc"] <= 1 and record["chance_acc"] == 1 / classes
+        assert record["loss"] == pytest.approx(np.log(classes), abs=0.6)  # starts near chance
+    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert state["kind"] == f"{method}_pretrain" and state["encoder_prefix"] == "backbone."
+    assert state["config"]["method"] == method and state["config"]["model"]["backbone"] == "resnet8"
+    assert [p.name for p in (run / "pictures").iterdir()] == ["views_step_00000003.png"]

@@ -168,7 +168,9 @@ def prepare_run_dir(
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint in {folder / Path(checkpoint_glob).parent} to continue from")
         allowed = RESUMABLE_KEYS if resumable_keys is None else resumable_keys
-        check_resumable(load_checkpoint(latest)["config"], to_dict(config), latest, allowed)
+        check_resumable(
+            load_checkpoint(latest)["config"], to_dict(config), latest, allowed, "", to_dict(type(config)())
+        )
     elif latest is not None:
         raise ConfigError(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"
@@ -212,12 +214,16 @@ def check_resumable(
     path: Path,
     allowed: frozenset[str] = RESUMABLE_KEYS,
     prefix: str = "",
+    defaults: dict[str, Any] | None = None,
 ) -> None:
+    """Refuse a resume whose config differs from the checkpoint's in a key outside `allowed`. A key the
+    checkpoint lacks (it predates the key) counts as its value in `defaults`, the config class's defaults."""
+    defaults = defaults or {}
     for key in sorted(saved.keys() | current.keys()):
         dotted = f"{prefix}{key}"
-        old, new = saved.get(key), current.get(key)
+        old, new = saved.get(key, defaults.get(key)), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
-            check_resumable(old, new, path, allowed, dotted + ".")
+            check_resumable(old, new, path, allowed, dotted + ".", defaults.get(key))
         elif old != new and dotted not in allowed:
             raise ConfigError(
                 f"--resume: {dotted} is {new!r} here but {old!r} in {path}; resume with the run's own config "

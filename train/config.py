@@ -77,7 +77,8 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    width: float = 1.0  # ResNet width multiplier (1.0 = ResNet-50 widths, 1024-d patch vectors)
+    backbone: str = "resnet36"  # encoder (model/backbones.py): resnet36 (Selfie's P) | resnet50 | resnet8 | resnet32
+    width: float = 1.0  # width multiplier of the backbone (resnet36 at 1.0: ResNet-50 widths, 1024-d vectors)
     stem: str = "small"  # small (3x3 stride 1, for 8x8 patches) | imagenet (7x7 stride 2 + max-pool)
     attn_layers: int = 3  # attention pooling blocks (paper: 3)
     attn_intermediate: int = 640  # feed-forward size inside each block (paper: 640)
@@ -95,26 +96,34 @@ class SelfieConfig:
 
 
 @dataclass
+class RotationConfig:
+    patch_ratio: float = 0.4  # patch_rotnet/patch_relnet: pasted patch side / image side (paper: 0.3, 0.4, 0.5)
+
+
+@dataclass
 class PretrainConfig:
     STAGE: ClassVar[str] = "pretraining"
+    method: str = "selfie"  # pretext task: selfie | rotnet | patch_rotnet | patch_relnet (train/pretrain.py)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     selfie: SelfieConfig = field(default_factory=SelfieConfig)
-
-
-ARCHS = ("resnet50", "resnet36_attn", "resnet36")
+    rotation: RotationConfig = field(default_factory=RotationConfig)
 
 
 @dataclass
 class FinetuneSection:
-    init: str = "none"  # pretraining run folder or checkpoint file that initialises P (and A); none = supervised
-    arch: str = "resnet50"  # resnet50 (P as stages 1-3 + fresh stage 4) | resnet36_attn (P + pretrained A) | resnet36
+    init: str = "none"  # pretraining run folder or checkpoint file that initialises the backbone; none = from scratch
+    # resnet50 (a pretrained resnet36 as stages 1-3 + fresh stage 4, or a whole resnet50) | resnet36_attn
+    # (Selfie's P + its pretrained A) | resnet36 | resnet8 | resnet32 (the pretrained backbone itself)
+    arch: str = "resnet50"
     label_fraction: float = 1.0  # fraction of the training split used with labels, in (0, 1]; stratified per class
     per_class: int = 0  # labelled images per class; when > 0 it replaces label_fraction
     seeds: int = 1  # runs with seeds train.seed, train.seed + 1, ...; reports mean ± std (paper: 5)
-    linear_probe: bool = False  # freeze the pretrained backbone (batch norm in eval mode); train a linear head
+    linear_probe: bool = False  # freeze the pretrained backbone (batch norm in eval mode); train only the head
+    head: str = "linear"  # linear | mlp (two fully connected layers: the rotation paper's Linear/Tuned protocol)
+    head_hidden: int = 512  # hidden units of the mlp head (the paper does not give its size)
     eval_every: int = 0  # steps between test-set evaluations in log.jsonl; 0 = only after the last step
     eval_batch_size: int = 256  # global batch size of test-set evaluation
 

@@ -5,7 +5,9 @@
 Pretraining writes both into its run folder at every checkpoint: pictures/patches_step_XXXXXXXX.png
 shows, for a few fixed images under one fixed mask, each image (left), what the model is given with the
 masked slots greyed out (middle), and the patch the model puts into each masked slot (right) framed white
-when it is the right one and red when it is not. Fine-tuning draws curves.png for each seed.
+when it is the right one and red when it is not. The rotation methods draw pictures/views_step_XXXXXXXX.png
+instead: a few fixed images' views (turned, patched), framed white when the model classifies the view (or
+its relation pair) right and red when not. Fine-tuning draws curves.png for each seed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -100,6 +103,30 @@ def patch_picture(
     return render_patch_picture(images.cpu(), perm.cpu(), num_context, patch_size, out.logits.argmax(-1).cpu())
 
 
+def view_picture(
+    views: torch.Tensor, right: torch.Tensor, num_images: int, mean: Sequence[float], std: Sequence[float]
+) -> np.ndarray:
+    """View-major views (V * B, C, S, S), normalised, and whether each was classified right (V * B,) ->
+    uint8 RGB picture: one row per image, its V views side by side, framed white when classified right
+    and red when not."""
+    pixels = views * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    num_views = len(views) // num_images
+    size, frame = views.shape[-1], 2
+    cell = size + 2 * frame
+    picture = np.full((num_images * cell, num_views * cell, 3), 255, dtype=np.uint8)
+    for v in range(num_views):
+        for b in range(num_images):
+            index = v * num_images + b
+            top, left = b * cell, v * cell
+            picture[top : top + cell, left : left + cell] = RIGHT_BORDER if right[index] else WRONG_BORDER
+            picture[top + frame : top + frame + size, left + frame : left + frame + size] = (
+                pixels[index].permute(1, 2, 0).numpy()
+            )
+    scale = max(1, 96 // size)
+    return picture.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
 def write_png(path: Path, picture: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -110,7 +137,7 @@ def write_png(path: Path, picture: np.ndarray) -> None:
 # Panels of the curves figure: title and the log keys drawn in it (those present in the log).
 CURVE_PANELS = (
     ("loss", ("loss", "test_loss")),
-    ("accuracy", ("patch_acc", "chance_acc", "train_acc", "test_acc")),
+    ("accuracy", ("patch_acc", "rotation_acc", "chance_acc", "train_acc", "test_acc")),
     ("learning rate", ("lr",)),
     ("images/s", ("images_per_s",)),
 )

@@ -1,10 +1,12 @@
-"""Fine-tuning and linear evaluation on few labels (Selfie §2.3, §3.1, §4.2; Patch RotNet's Linear/Tuned).
+"""Fine-tuning and linear evaluation on few labels (Selfie §2.3, §3.1, §4.2; Patch RotNet §4's Linear/Tuned).
 
 Launch:
     accelerate launch train/finetune.py --init runs/demo-XXXX      # demo data: 10% of labels, 3 seeds
     accelerate launch train/finetune.py --init none                 # the supervised baseline, same recipe
     accelerate launch train/finetune.py --init runs/demo-XXXX --arch resnet36_attn --label-fraction 0.05 --seeds 5
     accelerate launch train/finetune.py --init runs/demo-XXXX --arch resnet36 --linear-probe
+    accelerate launch train/finetune.py --init runs/rotnet-XXXX --arch resnet8 --head mlp --linear-probe
+                                                                    # rotation paper: frozen + two FC layers
     accelerate launch --multi_gpu --num_processes 8 train/finetune.py --config imagenet224 \
         --data ~/data/imagenet --init runs/in224 --per-class 60 --out runs/in224-ft60
     accelerate launch train/finetune.py --config cifar10 --data ~/data/cifar-10-batches-py --init runs/c10 \
@@ -38,7 +40,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from model.classifier import ARCHS, Classifier, build_classifier, load_pretrained
+from model.classifier import ARCHS, HEADS, Classifier, build_classifier, load_pretrained
 from pipeline.data import (
     AUGMENTS,
     INIT_STREAM,
@@ -80,8 +82,8 @@ CHECKPOINT_KIND = "finetune"
 # A resumed fine-tuning run may add seeds; it may not change the horizon, or finished seeds and the
 # continued one would be averaged over different schedules.
 FINETUNE_RESUMABLE_KEYS = (RESUMABLE_KEYS - {"train.steps"}) | {"finetune.seeds"}
-PRETRAINED_KINDS = ("selfie_pretrain",)
-# Model keys that shape what a checkpoint provides: P's for every arch, A's too for resnet36_attn.
+PRETRAINED_KIND_SUFFIX = "_pretrain"  # selfie_pretrain, rotnet_pretrain, ... (train/pretrain.py)
+# Model keys that shape what a checkpoint provides: the backbone's for every arch, A's too for resnet36_attn.
 PATCH_NET_KEYS = ("width", "stem")
 POOL_KEYS = ("attn_layers", "attn_intermediate", "attn_heads")
 
@@ -92,7 +94,8 @@ STABLE_FLAGS = {
     "--label-fraction": ("finetune.label_fraction", float, "fraction of training labels used, in (0, 1]"),
     "--per-class": ("finetune.per_class", int, "labelled images per class (replaces --label-fraction)"),
     "--seeds": ("finetune.seeds", int, "runs with seeds seed, seed+1, ...; reports mean ± std"),
-    "--linear-probe": ("finetune.linear_probe", "store_true", "frozen backbone, train a linear classifier"),
+    "--linear-probe": ("finetune.linear_probe", "store_true", "frozen backbone, train only the head"),
+    "--head": ("finetune.head", str, f"classifier head: {', '.join(HEADS)} (mlp: two fully connected layers)"),
 }
 
 
@@ -110,11 +113,10 @@ def validate(config: FinetuneConfig) -> None:
         raise ConfigError(f"--per-class {ft.per_class}: expected a positive count (0 = use --label-fraction)")
     if ft.seeds <= 0:
         raise ConfigError(f"--seeds {ft.seeds}: expected a positive number of seeds")
-    if ft.linear_probe and ft.arch == "resnet50":
-        raise ConfigError(
-            "--linear-probe freezes the backbone, and resnet50's stage 4 is not pretrained; "
-            "use --arch resnet36 (P's pooled features) or --arch resnet36_attn (P + A)"
-        )
+    if ft.head not in HEADS:
+        raise ConfigError(f"--head {ft.head}: expected one of {', '.join(HEADS)}")
+    if ft.head_hidden <= 0:
+        raise ConfigError(f"finetune.head_hidden {ft.head_hidden}: expected a positive number of units")
     if ft.eval_every < 0 or ft.eval_batch_size <= 0:
         raise ConfigError("finetune.eval_every must be >= 0 and finetune.eval_batch_size positive")
     try:  # model settings (stem, heads dividing the width, ...) fail here, before a run folder exists
@@ -140,6 +142,9 @@ class Pretrained(NamedTuple):
     path: Path  # the checkpoint file
     model: dict[str, torch.Tensor]  # its model state dict (not its optimizer state: memory)
     step: int
+    method: str  # the pretext task it was trained on
+    backbone: str  # model.backbone of that run
+    encoder_prefix: str  # where the backbone's tensors are in `model`
 
 
 def load_init(config: FinetuneConfig) -> Pretrained | None:
@@ -161,12 +166,21 @@ def load_init(config: FinetuneConfig) -> Pretrained | None:
     elif not path.is_file():
         raise ConfigError(f"--init {init}: no such file or folder; expected a pretraining run folder, a .pt, or none")
     state = load_checkpoint(path)
-    if state.get("kind") not in PRETRAINED_KINDS:
+    kind = str(state.get("kind"))
+    if not kind.endswith(PRETRAINED_KIND_SUFFIX):
         raise ConfigError(
             f"--init {path}: a {state.get('kind')!r} checkpoint; expected a pretraining checkpoint "
-            f"({', '.join(PRETRAINED_KINDS)})"
+            f"(train/pretrain.py's, kind METHOD{PRETRAINED_KIND_SUFFIX})"
         )
     saved = state["config"]["model"]
+    # Checkpoints from before the rotation methods hold Selfie's P, a resnet36, under patch_net.
+    backbone = saved.get("backbone", "resnet36")
+    prefix = state.get("encoder_prefix", "patch_net.")
+    if config.finetune.linear_probe and config.finetune.arch == "resnet50" and backbone == "resnet36":
+        raise ConfigError(
+            f"--init {path}: --linear-probe freezes the backbone, and resnet50's stage 4 is not pretrained "
+            "(the checkpoint holds a resnet36); use --arch resnet36 (its pooled features) or resnet36_attn (P + A)"
+        )
     keys = PATCH_NET_KEYS + (POOL_KEYS if config.finetune.arch == "resnet36_attn" else ())
     for key in keys:
         if saved.get(key) != getattr(config.model, key):
@@ -176,10 +190,11 @@ def load_init(config: FinetuneConfig) -> Pretrained | None:
                 f"--model.{key}={saved.get(key)}"
             )
     try:  # a trial load on the CPU, so a broken checkpoint stops the run before any work starts
-        load_pretrained(build_model(config, num_classes=1), config.finetune.arch, state["model"])
+        load_pretrained(build_model(config, num_classes=1), config.finetune.arch, state["model"], prefix, backbone)
     except ValueError as error:
         raise ConfigError(f"--init {path}: does not fit --arch {config.finetune.arch}: {error}") from error
-    return Pretrained(path, state["model"], int(state["step"]))
+    method = kind.removesuffix(PRETRAINED_KIND_SUFFIX)
+    return Pretrained(path, state["model"], int(state["step"]), method, backbone, prefix)
 
 
 def labeled_subset(config: FinetuneConfig, train_source: Source, seed: int) -> np.ndarray:
@@ -206,6 +221,8 @@ def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
         attn_heads=m.attn_heads,
         attn_dropout=m.attn_dropout,
         frozen=config.finetune.linear_probe,
+        head=config.finetune.head,
+        head_hidden=config.finetune.head_hidden,
     )
     return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 
@@ -294,7 +311,7 @@ def finetune_seed(
     torch.manual_seed(derive_seed(seed, INIT_STREAM))  # same fresh weights for every init and every rank
     model = build_model(config, len(train_source.classes))
     if pretrained is not None:
-        load_pretrained(model, ft.arch, pretrained.model)
+        load_pretrained(model, ft.arch, pretrained.model, pretrained.encoder_prefix, pretrained.backbone)
     optimizer = build_sgd(model, config.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(config.optim.warmup_steps, config.train.steps)
@@ -434,9 +451,14 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ft = config.finetune
     labels = f"{ft.per_class} per class" if ft.per_class else f"{ft.label_fraction:.1%}"
-    init = "none (supervised baseline)" if pretrained is None else f"{pretrained.path} (step {pretrained.step})"
+    init = (
+        "none (from scratch)"
+        if pretrained is None
+        else f"{pretrained.path} ({pretrained.method} {pretrained.backbone}, step {pretrained.step})"
+    )
     accelerator.print(
-        f"finetune: {ft.arch}{' linear probe' if ft.linear_probe else ''}, init {init}; labels {labels} of "
+        f"finetune: {ft.arch}, {ft.head} head{', frozen backbone' if ft.linear_probe else ''}, init {init}; "
+        f"labels {labels} of "
         f"{len(train_source)} training images from {data_path}, {len(train_source.classes)} classes; test on "
         f"{len(test_source)} held-out images; {ft.seeds} seed(s) from {config.train.seed}; "
         f"{config.train.steps} steps of {config.train.batch_size} images ({batch_per_process} per process, "
@@ -454,7 +476,9 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": results,
         "arch": ft.arch,
         "linear_probe": ft.linear_probe,
+        "head": ft.head,
         "init": "none" if pretrained is None else str(pretrained.path),
+        "init_method": None if pretrained is None else pretrained.method,
         "init_step": None if pretrained is None else pretrained.step,
         "label_fraction": None if ft.per_class else ft.label_fraction,
         "per_class": ft.per_class or None,

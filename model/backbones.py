@@ -1,0 +1,32 @@
+"""The encoders every pretext method and classifier can use, by the name `model.backbone` gives.
+
+Each maps an image (or patch) batch (N, 3, H, W) to a feature map with `forward_features` and exposes
+`num_features`; methods pool it themselves.
+
+  resnet36   the first three stages of ResNet-50 v2: Selfie's patch network P (1024-d at width 1)
+  resnet50   ResNet-50 v2 (2048-d)
+  resnet8    CIFAR-style ResNet-8 (64-d): the rotation papers' shallow backbone
+  resnet32   CIFAR-style ResNet-32 (64-d): their deeper one
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from model.resnet_cifar import resnet8, resnet32
+from model.resnet_v2 import resnet36_v2, resnet50_v2
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet36": resnet36_v2,
+    "resnet50": resnet50_v2,
+    "resnet8": resnet8,
+    "resnet32": resnet32,
+}
+
+
+def build_backbone(name: str, width: float = 1.0, stem: str = "small") -> nn.Module:
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be one of {', '.join(BACKBONES)}, got {name!r}")
+    return BACKBONES[name](width=width, stem=stem)

@@ -1,0 +1,110 @@
+"""Rotation pretext views: RotNet (Gidaris et al. 2018), Patch RotNet and Patch RelNet (Pham et al. 2021).
+
+For B images of S x S, `rotation_views` makes every view of the batch in one call of batched tensor ops
+(no loop over images), on the images' device, ready for one backbone call:
+
+- views (V * B, C, S, S), *view-major*: views[v * B + b] is view v of image b, so view v of the whole
+  batch is the contiguous slice [v * B, (v + 1) * B) and the V views of an image share one batch.
+- views 0..3, label k: the image turned by k quarter turns (`torch.rot90` over (H, W), k = 0..3 for
+  0/90/180/270 degrees): exact pixel permutations, no interpolation.
+- views 4..7, label 4 + k: the upright image with a patch pasted on it: the image resized to s x s,
+  s = round(ratio * S) (bilinear, antialiased as PIL resizes), turned by k quarter turns, its top-left
+  corner at `positions[b]` = (row, col). The position is drawn uniformly per image (paper §3) and shared
+  by that image's four patched views, so only the patch's rotation tells them apart.
+- RotNet uses V = 4 views, Patch RotNet and Patch RelNet V = 8.
+
+Pixels are normalised first (per-channel affine), then resized and pasted: bilinear weights sum to one,
+so this equals normalising the resized patch. Resizing once and turning the small image is 4x less
+interpolation than resizing four turned copies; the two agree to float rounding (bilinear sampling on a
+square grid commutes with quarter turns).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.patches import normalize
+
+NUM_ROTATIONS = 4
+PATCH_RATIOS = (0.3, 0.4, 0.5)  # the paper's ratios; 0.4 its best
+
+
+class RotationViews(NamedTuple):
+    views: torch.Tensor  # (V * B, C, S, S) float, view-major, normalised
+    labels: torch.Tensor  # (V * B,) int64: view v of every image has label v
+    positions: torch.Tensor  # (B, 2) int64 (row, col) of the pasted patch's top-left corner; (B, 0) for V = 4
+    patch_side: int  # s, the pasted patch's side in pixels; 0 for V = 4
+
+
+def patch_side(image_size: int, ratio: float) -> int:
+    """s = round(ratio * S); it must leave a patch of at least one pixel that is smaller than the image."""
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f"patch ratio must lie in (0, 1) (paper: {PATCH_RATIOS}), got {ratio}")
+    side = round(ratio * image_size)
+    if not 0 < side < image_size:
+        raise ValueError(f"patch ratio {ratio} of {image_size}px images gives a {side}px patch; expected 1 .. S-1")
+    return side
+
+
+def quarter_turns(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (4, B, C, W, H): turned by 0, 1, 2, 3 quarter turns (rotating back by -k recovers them)."""
+    return torch.stack([torch.rot90(images, k, dims=(-2, -1)) for k in range(NUM_ROTATIONS)])
+
+
+def sample_positions(
+    batch_size: int, image_size: int, side: int, generator: torch.Generator | None = None, device=None
+) -> torch.Tensor:
+    """(B, 2) int64 (row, col) top-left corners, uniform over every place an s x s patch fits."""
+    device = generator.device if generator is not None else device
+    return torch.randint(0, image_size - side + 1, (batch_size, 2), generator=generator, device=device)
+
+
+def paste(background: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """background (B, C, S, S), patches (K, B, C, s, s), positions (B, 2) -> (K, B, C, S, S): K copies of each
+    background with patches[k, b] written at positions[b], by one batched index_put (no loop over images)."""
+    copies, batch, _, side, _ = patches.shape
+    out = background.unsqueeze(0).repeat(copies, 1, 1, 1, 1)
+    offsets = torch.arange(side, device=background.device)
+    rows = (positions[:, 0, None] + offsets)[:, :, None]  # (B, s, 1)
+    cols = (positions[:, 1, None] + offsets)[:, None, :]  # (B, 1, s)
+    image = torch.arange(batch, device=background.device)[:, None, None]  # (B, 1, 1)
+    # The advanced indices (image, rows, cols) are split by the channel slice, so their broadcast shape
+    # (B, s, s) leads: the target is (B, s, s, K, C).
+    out[:, image, :, rows, cols] = patches.permute(1, 3, 4, 0, 2)
+    return out
+
+
+def rotation_views(
+    images: torch.Tensor,
+    num_views: int,
+    ratio: float,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> RotationViews:
+    """uint8 images (B, C, S, S) -> the V = 4 (RotNet) or 8 (Patch RotNet/RelNet) views of each, see the
+    module docstring. `generator` draws the paste positions (on the images' device)."""
+    if num_views not in (NUM_ROTATIONS, 2 * NUM_ROTATIONS):
+        raise ValueError(f"num_views must be 4 (rotations) or 8 (rotations and patched images), got {num_views}")
+    batch, _, height, width = images.shape
+    if height != width:
+        raise ValueError(f"rotation views need square images (quarter turns keep the shape), got {height}x{width}")
+    x = normalize(images, mean, std)
+    parts = [quarter_turns(x)]
+    positions = torch.zeros(batch, 0, dtype=torch.long, device=images.device)
+    side = 0
+    if num_views == 2 * NUM_ROTATIONS:
+        side = patch_side(height, ratio)
+        small = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        positions = sample_positions(batch, height, side, generator, images.device)
+        parts.append(paste(x, quarter_turns(small), positions))
+    views = torch.cat(parts).flatten(0, 1).to(dtype)
+    labels = torch.arange(num_views, device=images.device).repeat_interleave(batch)
+    if channels_last:
+        views = views.contiguous(memory_format=torch.channels_last)
+    return RotationViews(views, labels, positions, side)

@@ -1,0 +1,175 @@
+"""Every pretext method on the same data and backbone, in the layout of Patch RotNet's Table 1.
+
+Launch:
+    python train/pretext_table.py                                   # demo data, config pretext_demo (~25 min, 2 CPUs)
+    python train/pretext_table.py --methods rotnet,patch_relnet --seeds 5 --out runs/t1
+    python train/pretext_table.py --config my_stl10.yaml --data ~/data/stl10 --pretrain "--steps 60000" \
+        --finetune "--label-fraction 0.1"
+    accelerate launch --multi_gpu --num_processes 8 train/pretext_table.py --config my_stl10.yaml --data ...
+
+For each method of --methods it pretrains with train/pretrain.py (OUT/pretrain-<method>), then fine-tunes
+with train/finetune.py twice per seed: "linear" (--linear-probe: the backbone frozen, only the head
+trains) and "tuned" (the whole network). The head is the config's `finetune.head` (the rotation paper's
+protocol, and pretext_demo's: mlp, two fully connected layers). Two baselines run the same evaluations:
+"Random weight" (--init none, linear and tuned) and "Supervised" (--init none, tuned, for
+--supervised-steps, default the pretraining's step count: the labels get the compute pretraining had).
+All runs share the seeds, so every cell is trained on the same labelled subsets.
+
+--pretrain "ARGS" and --finetune "ARGS" pass flags to one stage only; --config, --data and --loader go to
+both. Each run folder is reused: a finished run is read back, an interrupted one resumed, so rerunning
+the same command after a crash finishes the table. Writes OUT/table.md (rows: methods and baselines;
+columns: linear, tuned, and the pretext task's final training accuracy), OUT/table.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from accelerate import PartialState
+
+from train import finetune, pretrain
+from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
+from train.config import ConfigError, FinetuneConfig, PretrainConfig, parse_args
+
+COLUMNS = ("linear", "tuned")
+EVALUATION_FLAGS = {"linear": ["--linear-probe"], "tuned": []}
+
+
+def method_label(method: str, ratio: float) -> str:
+    names = {"selfie": "Selfie", "rotnet": "RotNet", "patch_rotnet": "Patch RotNet", "patch_relnet": "Patch RelNet"}
+    return names[method] + (f" {ratio:g}" if method.startswith("patch_") else "")
+
+
+def has_checkpoint(folder: Path, pattern: str) -> bool:
+    return any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(pattern))
+
+
+def last_record(folder: Path, key: str) -> float | None:
+    """The last value of `key` in the run's log.jsonl (the pretext task's training accuracy)."""
+    log = folder / "log.jsonl"
+    if not log.is_file():
+        return None
+    values = [json.loads(line).get(key) for line in log.read_text().splitlines() if line.strip()]
+    values = [v for v in values if v is not None]
+    return values[-1] if values else None
+
+
+def run_pretraining(out: Path, method: str, args: list[str]) -> Path:
+    folder = out / f"pretrain-{method}"
+    resume = ["--resume"] if has_checkpoint(folder, "checkpoints/*") else []
+    pretrain.main([*args, "--method", method, "--out", str(folder), *resume])
+    return folder
+
+
+def run_evaluation(out: Path, name: str, column: str, init: str, args: list[str]) -> dict:
+    folder = out / f"{name}-{column}"
+    resume = ["--resume"] if has_checkpoint(folder, "seed_*/checkpoints/*") else []
+    return finetune.main([*args, *EVALUATION_FLAGS[column], "--init", init, "--out", str(folder), *resume])
+
+
+def cell(results: dict) -> dict:
+    accuracy = results["accuracy"]
+    return {"mean": accuracy["mean"], "std": accuracy["std"], "seeds": len(accuracy["per_seed"])}
+
+
+def format_table(rows: dict[str, dict], title: str) -> str:
+    """Markdown: one row per method or baseline; cells mean ± sample std (%) over seeds."""
+    lines = [f"**{title}**", "", "| method | linear | tuned | pretext accuracy |", "| --- | ---: | ---: | ---: |"]
+    for name, row in rows.items():
+        cells = [f"{row[c]['mean']:.1f} ± {row[c]['std']:.1f}" if c in row else "" for c in COLUMNS]
+        pretext = row.get("pretext_acc")
+        pretext_text = f"{100 * pretext:.1f} (chance {100 * row['chance_acc']:.1f})" if pretext is not None else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {pretext_text} |")
+    seeds = sorted({row[c]["seeds"] for row in rows.values() for c in COLUMNS if c in row})
+    lines += [
+        "",
+        f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, seeds))} seeds. Linear: "
+        "frozen backbone, the head trained; tuned: the whole network trained. Pretext accuracy: the last "
+        "logged training accuracy of the pretext task (%).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str], list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(pretrain.METHODS), help="comma list of pretext methods")
+    parser.add_argument("--config", default="pretext_demo", help="config for both stages (default pretext_demo)")
+    parser.add_argument("--data", help="data set for both stages (default: the built-in demo data)")
+    parser.add_argument("--loader", help="loader backend for both stages")
+    parser.add_argument("--seeds", type=int, help="fine-tuning seeds per cell (default: the config's)")
+    parser.add_argument("--supervised-steps", type=int, help="steps of the supervised row (default: pretraining's)")
+    parser.add_argument("--pretrain", default="", help='flags for train/pretrain.py only, e.g. "--steps 100"')
+    parser.add_argument("--finetune", default="", help='flags for train/finetune.py only, e.g. "--lr 0.01"')
+    parser.add_argument("--out", help="output folder (default runs/pretext-table-<config>)")
+    parser.add_argument("--title", default="", help="table title")
+    args = parser.parse_args(argv)
+    shared = ["--config", args.config]
+    shared += ["--data", args.data] if args.data else []
+    shared += ["--loader", args.loader] if args.loader else []
+    pretrain_args = [*shared, *shlex.split(args.pretrain)]
+    finetune_args = [*shared, *shlex.split(args.finetune)] + (["--seeds", str(args.seeds)] if args.seeds else [])
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in pretrain.METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods {args.methods}: expected some of {', '.join(pretrain.METHODS)}")
+    own = {"--method", "--out", "--resume", "--init", "--linear-probe", "--train.out", "--train.resume"}
+    own |= {"--finetune.init", "--finetune.linear_probe"}
+    clashes = sorted({t.split("=")[0] for t in [*pretrain_args, *finetune_args]} & own)
+    if clashes:
+        raise ConfigError(f"{', '.join(clashes)}: set by pretext_table.py for each run; use --methods or --out")
+    return args, methods, pretrain_args, finetune_args
+
+
+def check_before_running(methods: list[str], pretrain_args: list[str], finetune_args: list[str]) -> PretrainConfig:
+    """Everything a run would refuse, refused before the first run spends an hour training."""
+    configs = []
+    for method in methods:
+        config, _ = parse_args([*pretrain_args, "--method", method], PretrainConfig, pretrain.STABLE_FLAGS, "")
+        pretrain.validate(config)
+        configs.append(config)
+    for column in COLUMNS:
+        tuning, _ = parse_args([*finetune_args, *EVALUATION_FLAGS[column]], FinetuneConfig, finetune.STABLE_FLAGS, "")
+        finetune.validate(tuning)
+    return configs[0]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, methods, pretrain_args, finetune_args = parse(argv)
+    pretrain_config = check_before_running(methods, pretrain_args, finetune_args)
+    ratio = pretrain_config.rotation.patch_ratio
+    out = Path(args.out or Path("runs") / f"pretext-table-{Path(args.config).stem}")
+    supervised_steps = args.supervised_steps or pretrain_config.train.steps
+    rows: dict[str, dict] = {}
+    rows["Supervised"] = {
+        "tuned": cell(
+            run_evaluation(out, "supervised", "tuned", "none", [*finetune_args, "--steps", str(supervised_steps)])
+        )
+    }
+    rows["Random weight"] = {c: cell(run_evaluation(out, "random", c, "none", finetune_args)) for c in COLUMNS}
+    for method in methods:
+        folder = run_pretraining(out, method, pretrain_args)
+        task = pretrain.METHODS[method]
+        row = {c: cell(run_evaluation(out, method, c, str(folder), finetune_args)) for c in COLUMNS}
+        row["pretext_acc"] = last_record(folder, task.metric)
+        row["chance_acc"] = last_record(folder, "chance_acc")
+        row["pretrain_dir"] = str(folder)
+        rows[method_label(method, ratio)] = row
+    data = args.data or "the demo data"
+    title = args.title or f"{pretrain_config.model.backbone} on {data}: pretext methods (Patch RotNet Table 1 layout)"
+    table = format_table(rows, title)
+    if PartialState().is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "table.md", table.encode())
+        summary = {"title": title, "rows": rows, "supervised_steps": supervised_steps, "argv": argv}
+        write_atomic(out / "table.json", json.dumps(summary, indent=1).encode())
+        print(table)
+        print(f"wrote {out / 'table.md'}, {out / 'table.json'}")
+    return {"out": str(out), "rows": rows}
+
+
+if __name__ == "__main__":
+    run_cli(main)
+    PartialState().destroy_process_group()
