@@ -57,9 +57,11 @@ def quarter_turns(images: torch.Tensor) -> torch.Tensor:
 def sample_positions(
     batch_size: int, image_size: int, side: int, generator: torch.Generator | None = None, device=None
 ) -> torch.Tensor:
-    """(B, 2) int64 (row, col) top-left corners, uniform over every place an s x s patch fits."""
-    device = generator.device if generator is not None else device
-    return torch.randint(0, image_size - side + 1, (batch_size, 2), generator=generator, device=device)
+    """(B, 2) int64 (row, col) top-left corners, uniform over every place an s x s patch fits; drawn on the
+    generator's device, returned on `device` (default: the generator's)."""
+    where = generator.device if generator is not None else device
+    positions = torch.randint(0, image_size - side + 1, (batch_size, 2), generator=generator, device=where)
+    return positions.to(device) if device is not None else positions
 
 
 def paste(background: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

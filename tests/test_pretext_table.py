@@ -52,6 +52,10 @@ def test_one_command_fills_the_table_and_a_rerun_reuses_every_run(tmp_path: Path
         (["--methods", "jigsaw"], "--methods jigsaw: expected some of selfie, rotnet, patch_rotnet, patch_relnet"),
         (["--pretrain", "--out elsewhere"], "--out: set by pretext_table.py for each run"),
         (["--pretrain", "--patch-ratio 1.5"], "patch"),
+        (["--pretrain", "--model.backbone=resnet32"], "model.backbone=resnet32 (pretraining) cannot initialise"),
+        (["--finetune", "--model.width=0.5"], "model.width: 1.0 for pretraining but 0.5 for fine-tuning"),
+        (["--pretrain", "--train.precision=bf16"], "train.precision: bf16 for pretraining but no for fine-tuning"),
+        (["--methods", "rotnet", "--finetune", "--arch resnet36_attn"], "model.backbone=resnet8 (pretraining)"),
     ],
 )
 def test_bad_input_is_refused_before_any_run(tmp_path: Path, args: list[str], message: str) -> None:

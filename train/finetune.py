@@ -176,10 +176,12 @@ def load_init(config: FinetuneConfig) -> Pretrained | None:
     # Checkpoints from before the rotation methods hold Selfie's P, a resnet36, under patch_net.
     backbone = saved.get("backbone", "resnet36")
     prefix = state.get("encoder_prefix", "patch_net.")
+    method = kind.removesuffix(PRETRAINED_KIND_SUFFIX)
     if config.finetune.linear_probe and config.finetune.arch == "resnet50" and backbone == "resnet36":
+        with_pool = " or resnet36_attn (P + A)" if method == "selfie" else ""
         raise ConfigError(
             f"--init {path}: --linear-probe freezes the backbone, and resnet50's stage 4 is not pretrained "
-            "(the checkpoint holds a resnet36); use --arch resnet36 (its pooled features) or resnet36_attn (P + A)"
+            f"(the checkpoint holds a resnet36); use --arch resnet36 (its pooled features){with_pool}"
         )
     keys = PATCH_NET_KEYS + (POOL_KEYS if config.finetune.arch == "resnet36_attn" else ())
     for key in keys:
@@ -193,7 +195,6 @@ def load_init(config: FinetuneConfig) -> Pretrained | None:
         load_pretrained(build_model(config, num_classes=1), config.finetune.arch, state["model"], prefix, backbone)
     except ValueError as error:
         raise ConfigError(f"--init {path}: does not fit --arch {config.finetune.arch}: {error}") from error
-    method = kind.removesuffix(PRETRAINED_KIND_SUFFIX)
     return Pretrained(path, state["model"], int(state["step"]), method, backbone, prefix)
 
 

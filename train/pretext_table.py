@@ -12,7 +12,7 @@ with train/finetune.py twice per seed: "linear" (--linear-probe: the backbone fr
 trains) and "tuned" (the whole network). The head is the config's `finetune.head` (the rotation paper's
 protocol, and pretext_demo's: mlp, two fully connected layers). Two baselines run the same evaluations:
 "Random weight" (--init none, linear and tuned) and "Supervised" (--init none, tuned, for
---supervised-steps, default the pretraining's step count: the labels get the compute pretraining had).
+--supervised-steps, default as many steps as the pretraining had).
 All runs share the seeds, so every cell is trained on the same labelled subsets.
 
 --pretrain "ARGS" and --finetune "ARGS" pass flags to one stage only; --config, --data and --loader go to
@@ -26,10 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
 from accelerate import PartialState
 
+from model.classifier import pretrained_backbones
 from train import finetune, pretrain
 from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
 from train.config import ConfigError, FinetuneConfig, PretrainConfig, parse_args
@@ -93,6 +95,16 @@ def format_table(rows: dict[str, dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def attach_stage_flags(argv: list[str]) -> list[str]:
+    """`--pretrain "--model.width=0.5"` as `--pretrain=--model.width=0.5`: argparse takes a lone value that
+    starts with "--" for a flag of its own."""
+    out, tokens = [], iter(argv)
+    for token in tokens:
+        value = next(tokens, None) if token in ("--pretrain", "--finetune") else None
+        out.append(token if value is None else f"{token}={value}")
+    return out
+
+
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str], list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(pretrain.METHODS), help="comma list of pretext methods")
@@ -105,7 +117,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[s
     parser.add_argument("--finetune", default="", help='flags for train/finetune.py only, e.g. "--lr 0.01"')
     parser.add_argument("--out", help="output folder (default runs/pretext-table-<config>)")
     parser.add_argument("--title", default="", help="table title")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_stage_flags(sys.argv[1:] if argv is None else argv))
     shared = ["--config", args.config]
     shared += ["--data", args.data] if args.data else []
     shared += ["--loader", args.loader] if args.loader else []
@@ -123,6 +135,29 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[s
     return args, methods, pretrain_args, finetune_args
 
 
+def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
+    """What finetune.load_init would refuse once the pretraining exists, and what one process cannot run."""
+    arch = tuning.finetune.arch
+    if method.model.backbone not in pretrained_backbones(arch):
+        raise ConfigError(
+            f"model.backbone={method.model.backbone} (pretraining) cannot initialise finetune.arch={arch}; "
+            f"expected {' or '.join(pretrained_backbones(arch))}"
+        )
+    if arch == "resnet36_attn" and method.method != "selfie":
+        raise ConfigError(f"finetune.arch=resnet36_attn needs Selfie's attention pooling; {method.method} has none")
+    keys = finetune.PATCH_NET_KEYS + (finetune.POOL_KEYS if arch == "resnet36_attn" else ())
+    for key in keys:
+        mine, theirs = getattr(method.model, key), getattr(tuning.model, key)
+        if mine != theirs:
+            raise ConfigError(f"model.{key}: {mine!r} for pretraining but {theirs!r} for fine-tuning; expected one")
+    # Every run shares this process, and Accelerate keeps the first run's mixed precision.
+    if method.train.precision != tuning.train.precision:
+        raise ConfigError(
+            f"train.precision: {method.train.precision} for pretraining but {tuning.train.precision} for "
+            "fine-tuning; pretext_table.py runs both stages in one process, so they need one precision"
+        )
+
+
 def check_before_running(methods: list[str], pretrain_args: list[str], finetune_args: list[str]) -> PretrainConfig:
     """Everything a run would refuse, refused before the first run spends an hour training."""
     configs = []
@@ -133,6 +168,8 @@ def check_before_running(methods: list[str], pretrain_args: list[str], finetune_
     for column in COLUMNS:
         tuning, _ = parse_args([*finetune_args, *EVALUATION_FLAGS[column]], FinetuneConfig, finetune.STABLE_FLAGS, "")
         finetune.validate(tuning)
+        for config in configs:
+            check_fit(config, tuning)
     return configs[0]
 
 

@@ -25,7 +25,7 @@ Launch:
 The run folder (--out, default runs/<config>-<time>) receives config.yaml (the resolved config),
 log.jsonl (one JSON object per logging step), checkpoints/step_XXXXXXXX.pt, and at every checkpoint
 pictures/patches_step_XXXXXXXX.png (Selfie putting masked patches back) or views_step_XXXXXXXX.png (the
-rotation views, framed green where classified right) and curves.png.
+rotation views, framed white where classified right and red where wrong) and curves.png.
 Fine-tune the result with train/finetune.py --init RUN_DIR (its backbone: --arch resnet36, resnet8, ...).
 """
 
