@@ -20,7 +20,7 @@ def table(args: list[str], cwd: Path):
 def test_one_command_fills_the_table_and_a_rerun_reuses_every_run(tmp_path: Path, demo_root: Path) -> None:
     out = tmp_path / "table"
     args = ["--methods", "selfie,patch_relnet", "--data", str(demo_root), "--seeds", "2", "--supervised-steps", "3"]
-    args += ["--pretrain", PRETRAIN, "--finetune", FINETUNE, "--out", str(out)]
+    args += ["--pretrain", PRETRAIN, "--finetune", FINETUNE, "--linear", "--steps 3", "--out", str(out)]
     result = table(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads((out / "table.json").read_text())["rows"]
@@ -35,8 +35,16 @@ def test_one_command_fills_the_table_and_a_rerun_reuses_every_run(tmp_path: Path
     assert "| method | linear | tuned | pretext accuracy |" in markdown
     cell = r"\d+\.\d ± \d+\.\d"
     assert re.search(rf"\| Patch RelNet 0\.4 \| {cell} \| {cell} \| \d+\.\d \(chance 25\.0\) \|", markdown)
-    supervised = yaml.safe_load((out / "supervised-tuned" / "config.yaml").read_text())
-    assert supervised["train"]["steps"] == 3  # --supervised-steps reaches the supervised row only
+    steps = {
+        f.name: yaml.safe_load((f / "config.yaml").read_text())["train"]["steps"] for f in out.iterdir() if f.is_dir()
+    }
+    # --linear reaches the linear column only, --supervised-steps the supervised row only
+    assert {name: n for name, n in steps.items() if n != 2} == {
+        "supervised-tuned": 3,
+        "random-linear": 3,
+        "selfie-linear": 3,
+        "patch_relnet-linear": 3,
+    }
     logs = {p: p.read_text() for p in out.rglob("log.jsonl")}
     assert len(logs) == 2 + 2 * (1 + 2 + 2 * 2)  # 2 pretrainings; per seed: supervised, random x2, methods x2
 

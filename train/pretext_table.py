@@ -1,10 +1,10 @@
 """Every pretext method on the same data and backbone, in the layout of Patch RotNet's Table 1.
 
 Launch:
-    python train/pretext_table.py                                   # demo data, config pretext_demo (~25 min, 2 CPUs)
+    python train/pretext_table.py                # demo data, config pretext_demo (~30 min on 2 CPUs, ~3 on one GPU)
     python train/pretext_table.py --methods rotnet,patch_relnet --seeds 5 --out runs/t1
     python train/pretext_table.py --config my_stl10.yaml --data ~/data/stl10 --pretrain "--steps 60000" \
-        --finetune "--label-fraction 0.1"
+        --finetune "--label-fraction 0.1" --linear "--steps 25000" --tuned "--steps 5000"   # paper: 100 / 20 epochs
     accelerate launch --multi_gpu --num_processes 8 train/pretext_table.py --config my_stl10.yaml --data ...
 
 For each method of --methods it pretrains with train/pretrain.py (OUT/pretrain-<method>), then fine-tunes
@@ -15,10 +15,12 @@ protocol, and pretext_demo's: mlp, two fully connected layers). Two baselines ru
 --supervised-steps, default as many steps as the pretraining had).
 All runs share the seeds, so every cell is trained on the same labelled subsets.
 
---pretrain "ARGS" and --finetune "ARGS" pass flags to one stage only; --config, --data and --loader go to
-both. Each run folder is reused: a finished run is read back, an interrupted one resumed, so rerunning
-the same command after a crash finishes the table. Writes OUT/table.md (rows: methods and baselines;
-columns: linear, tuned, and the pretext task's final training accuracy), OUT/table.json.
+--pretrain "ARGS" and --finetune "ARGS" pass flags to one stage only, --linear "ARGS" and --tuned "ARGS"
+to one evaluation column only (the paper trains the linear head for 100 epochs, the whole network for 20);
+--config, --data and --loader go to every run. Each run folder is reused: a finished run is read back,
+an interrupted one resumed, so rerunning the same command after a crash finishes the table. Writes
+OUT/table.md (rows: methods and baselines; columns: linear, tuned, and the pretext task's final training
+accuracy) and OUT/table.json.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
 from train.config import ConfigError, FinetuneConfig, PretrainConfig, parse_args
 
 COLUMNS = ("linear", "tuned")
-EVALUATION_FLAGS = {"linear": ["--linear-probe"], "tuned": []}
+STAGE_FLAGS = ("--pretrain", "--finetune", "--linear", "--tuned")  # each takes one quoted string of flags
 
 
 def method_label(method: str, ratio: float) -> str:
@@ -67,9 +69,10 @@ def run_pretraining(out: Path, method: str, args: list[str]) -> Path:
 
 
 def run_evaluation(out: Path, name: str, column: str, init: str, args: list[str]) -> dict:
+    """`args`: the column's full fine-tuning flags (see `parse`)."""
     folder = out / f"{name}-{column}"
     resume = ["--resume"] if has_checkpoint(folder, "seed_*/checkpoints/*") else []
-    return finetune.main([*args, *EVALUATION_FLAGS[column], "--init", init, "--out", str(folder), *resume])
+    return finetune.main([*args, "--init", init, "--out", str(folder), *resume])
 
 
 def cell(results: dict) -> dict:
@@ -100,12 +103,13 @@ def attach_stage_flags(argv: list[str]) -> list[str]:
     starts with "--" for a flag of its own."""
     out, tokens = [], iter(argv)
     for token in tokens:
-        value = next(tokens, None) if token in ("--pretrain", "--finetune") else None
+        value = next(tokens, None) if token in STAGE_FLAGS else None
         out.append(token if value is None else f"{token}={value}")
     return out
 
 
-def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str], list[str]]:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str], dict[str, list[str]]]:
+    """(args, methods, pretraining flags, each column's fine-tuning flags)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(pretrain.METHODS), help="comma list of pretext methods")
     parser.add_argument("--config", default="pretext_demo", help="config for both stages (default pretext_demo)")
@@ -115,6 +119,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[s
     parser.add_argument("--supervised-steps", type=int, help="steps of the supervised row (default: pretraining's)")
     parser.add_argument("--pretrain", default="", help='flags for train/pretrain.py only, e.g. "--steps 100"')
     parser.add_argument("--finetune", default="", help='flags for train/finetune.py only, e.g. "--lr 0.01"')
+    parser.add_argument("--linear", default="", help='fine-tuning flags of the linear column only, e.g. "--steps 500"')
+    parser.add_argument("--tuned", default="", help="fine-tuning flags of the tuned column (and supervised row) only")
     parser.add_argument("--out", help="output folder (default runs/pretext-table-<config>)")
     parser.add_argument("--title", default="", help="table title")
     args = parser.parse_args(attach_stage_flags(sys.argv[1:] if argv is None else argv))
@@ -129,10 +135,15 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[s
         raise ConfigError(f"--methods {args.methods}: expected some of {', '.join(pretrain.METHODS)}")
     own = {"--method", "--out", "--resume", "--init", "--linear-probe", "--train.out", "--train.resume"}
     own |= {"--finetune.init", "--finetune.linear_probe"}
-    clashes = sorted({t.split("=")[0] for t in [*pretrain_args, *finetune_args]} & own)
+    column_args = {
+        "linear": [*finetune_args, *shlex.split(args.linear), "--linear-probe"],
+        "tuned": [*finetune_args, *shlex.split(args.tuned)],
+    }
+    given = [*pretrain_args, *finetune_args, *shlex.split(args.linear), *shlex.split(args.tuned)]
+    clashes = sorted({t.split("=")[0] for t in given} & own)
     if clashes:
         raise ConfigError(f"{', '.join(clashes)}: set by pretext_table.py for each run; use --methods or --out")
-    return args, methods, pretrain_args, finetune_args
+    return args, methods, pretrain_args, column_args
 
 
 def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
@@ -158,7 +169,7 @@ def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
         )
 
 
-def check_before_running(methods: list[str], pretrain_args: list[str], finetune_args: list[str]) -> PretrainConfig:
+def check_before_running(methods: list[str], pretrain_args: list[str], column_args: dict) -> PretrainConfig:
     """Everything a run would refuse, refused before the first run spends an hour training."""
     configs = []
     for method in methods:
@@ -166,7 +177,7 @@ def check_before_running(methods: list[str], pretrain_args: list[str], finetune_
         pretrain.validate(config)
         configs.append(config)
     for column in COLUMNS:
-        tuning, _ = parse_args([*finetune_args, *EVALUATION_FLAGS[column]], FinetuneConfig, finetune.STABLE_FLAGS, "")
+        tuning, _ = parse_args(column_args[column], FinetuneConfig, finetune.STABLE_FLAGS, "")
         finetune.validate(tuning)
         for config in configs:
             check_fit(config, tuning)
@@ -174,22 +185,19 @@ def check_before_running(methods: list[str], pretrain_args: list[str], finetune_
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, methods, pretrain_args, finetune_args = parse(argv)
-    pretrain_config = check_before_running(methods, pretrain_args, finetune_args)
+    args, methods, pretrain_args, column_args = parse(argv)
+    pretrain_config = check_before_running(methods, pretrain_args, column_args)
     ratio = pretrain_config.rotation.patch_ratio
     out = Path(args.out or Path("runs") / f"pretext-table-{Path(args.config).stem}")
     supervised_steps = args.supervised_steps or pretrain_config.train.steps
     rows: dict[str, dict] = {}
-    rows["Supervised"] = {
-        "tuned": cell(
-            run_evaluation(out, "supervised", "tuned", "none", [*finetune_args, "--steps", str(supervised_steps)])
-        )
-    }
-    rows["Random weight"] = {c: cell(run_evaluation(out, "random", c, "none", finetune_args)) for c in COLUMNS}
+    supervised_args = [*column_args["tuned"], "--steps", str(supervised_steps)]
+    rows["Supervised"] = {"tuned": cell(run_evaluation(out, "supervised", "tuned", "none", supervised_args))}
+    rows["Random weight"] = {c: cell(run_evaluation(out, "random", c, "none", column_args[c])) for c in COLUMNS}
     for method in methods:
         folder = run_pretraining(out, method, pretrain_args)
         task = pretrain.METHODS[method]
-        row = {c: cell(run_evaluation(out, method, c, str(folder), finetune_args)) for c in COLUMNS}
+        row = {c: cell(run_evaluation(out, method, c, str(folder), column_args[c])) for c in COLUMNS}
         row["pretext_acc"] = last_record(folder, task.metric)
         row["chance_acc"] = last_record(folder, "chance_acc")
         row["pretrain_dir"] = str(folder)
