@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from model.resnet_v2 import STEMS, ActLayer, NormLayer, _relu
+from model.resnet_v2 import ActLayer, NormLayer, _relu, check_stem_and_width, init_resnet
 
 CIFAR_STAGE_WIDTHS = (16, 32, 64)
 
@@ -53,12 +53,9 @@ class CifarResNet(nn.Module):
         act: ActLayer = _relu,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        check_stem_and_width(stem, width)
         if blocks_per_stage < 1:
             raise ValueError(f"blocks per stage must be >= 1, got {blocks_per_stage}")
-        if width <= 0:
-            raise ValueError(f"width multiplier must be > 0, got {width}")
         widths = [max(4, round(w * width)) for w in CIFAR_STAGE_WIDTHS]
         # The "imagenet" stem adds ResNet's 7x7 stride-2 convolution and max-pool for large inputs.
         first = nn.Conv2d(3, widths[0], *((7, 2, 3) if stem == "imagenet" else (3, 1, 1)), bias=False)
@@ -77,12 +74,7 @@ class CifarResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.num_features = in_ch
         self.head = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_resnet(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.stages(self.stem(x))

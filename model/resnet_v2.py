@@ -54,6 +54,27 @@ class PreActBottleneck(nn.Module):
         return out + identity
 
 
+def check_stem_and_width(stem: str, width: float) -> None:
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+    if width <= 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+
+
+def init_resnet(model: nn.Module) -> None:
+    """He et al. initialisation of every convolution (as the reference ResNets), unit norms, zero head."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear):
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+
+
 class ResNetV2(nn.Module):
     """Pre-activation bottleneck ResNet.
 
@@ -71,12 +92,9 @@ class ResNetV2(nn.Module):
         act: ActLayer = _relu,
     ) -> None:
         super().__init__()
-        if stem not in STEMS:
-            raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+        check_stem_and_width(stem, width)
         if not 0 < len(depths) <= len(RESNET50_DEPTHS):
             raise ValueError(f"depths must list 1 to 4 stages, got {list(depths)}")
-        if width <= 0:
-            raise ValueError(f"width multiplier must be > 0, got {width}")
         stem_ch = max(8, round(64 * width))
         if stem == "imagenet":
             self.stem = nn.Sequential(
@@ -99,19 +117,7 @@ class ResNetV2(nn.Module):
         self.num_features = in_ch
         self.final_norm = nn.Sequential(norm(in_ch), act())
         self.head = nn.Linear(in_ch, num_classes) if num_classes > 0 else nn.Identity()
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # He et al. initialisation as in the reference ResNet v2; the head starts at zero.
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        if isinstance(self.head, nn.Linear):
-            nn.init.zeros_(self.head.weight)
-            nn.init.zeros_(self.head.bias)
+        init_resnet(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_norm(self.stages(self.stem(x)))
