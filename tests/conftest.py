@@ -5,7 +5,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ if not torch.cuda.is_available():
 from pipeline.demo import demo_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
 # A Selfie small enough that a few steps take a second on one CPU core.
 TINY = [
     "--model.width=0.125",
@@ -49,6 +53,13 @@ def run_script(
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     command = (launcher or [sys.executable]) + args
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_concurrently(calls: list[Callable[[], T]], jobs: int | None = None) -> list[T]:
+    """Each call's result, in order; the calls run side by side. Most of a short CLI run is starting
+    Python and importing torch on one core, so independent runs overlap well on a CI machine's cores."""
+    with ThreadPoolExecutor(max_workers=jobs or max(2, os.cpu_count() or 2)) as pool:
+        return list(pool.map(lambda call: call(), calls))
 
 
 def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 from pipeline.convert import ConvertOptions, convert, sidecar_path
 from pipeline.data import DataError, open_source
 from pipeline.ffcv_loader import BetonSource
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_concurrently
 from tests.test_data import make_cifar, make_folder
 
 
@@ -157,13 +158,19 @@ def test_cli_reports_and_rejects_bad_options(tmp_path: Path) -> None:
         (["--max-resolution", "0"], "--max-resolution 0"),
         (["--src", str(tmp_path / "nowhere")], "no such file or folder"),
     ]
-    for extra, message in cases:
-        args = ["--src", str(root), "--dst", str(tmp_path / "x.beton"), *extra]
-        result = subprocess.run(
-            [sys.executable, "-m", "pipeline.convert", *args], cwd=ROOT, capture_output=True, text=True
+    runs = [
+        partial(
+            subprocess.run,
+            [sys.executable, "-m", "pipeline.convert", "--src", str(root), "--dst", str(tmp_path / "x.beton"), *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
+        for extra, _ in cases
+    ]
+    for (extra, message), result in zip(cases, run_concurrently(runs), strict=True):
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr)
-        assert not (tmp_path / "x.beton").exists()
+    assert not (tmp_path / "x.beton").exists()
 
 
 def test_loader_refuses_a_beton_without_its_own_sidecar_or_a_foreign_file(tmp_path: Path) -> None:

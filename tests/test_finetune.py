@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from model.classifier import ARCHS, pretrained_backbones
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
-from tests.conftest import ROOT, TINY, finetune, kill_when_exists, pretrain, run_script
+from tests.conftest import ROOT, TINY, finetune, kill_when_exists, pretrain, run_concurrently, run_script
 from train.compare import format_table
 from train.finetune import format_accuracy, summarize
 
@@ -112,14 +113,17 @@ def pretrained_with(tmp_path_factory: pytest.TempPathFactory, demo_root: Path, p
 def test_every_arch_fine_tunes_from_pretraining_and_from_scratch(
     tmp_path: Path, demo_root: Path, pretrained_with, arch: str, backbone: str
 ) -> None:
-    hashes = []
-    for init in ("none", str(pretrained_with(backbone))):
-        run = tmp_path / init.replace("/", "_")
-        result = finetune(
-            [*FAST, "--data", str(demo_root), "--arch", arch, "--init", init, "--out", str(run)], tmp_path
+    inits = ("none", str(pretrained_with(backbone)))
+    runs = [tmp_path / init.replace("/", "_") for init in inits]
+    calls = [
+        partial(
+            finetune, [*FAST, "--data", str(demo_root), "--arch", arch, "--init", init, "--out", str(run)], tmp_path
         )
+        for init, run in zip(inits, runs, strict=True)
+    ]
+    for result in run_concurrently(calls):
         assert result.returncode == 0, result.stderr[-3000:]
-        hashes.append(results_of(run)["seeds"][0]["labeled_subset_sha1"])
+    hashes = [results_of(run)["seeds"][0]["labeled_subset_sha1"] for run in runs]
     assert hashes[0] == hashes[1]  # the same labelled images for the baseline and the pretrained run
 
 
@@ -244,10 +248,12 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         (["--seeds", "0"], "--seeds 0"),
         (["--label-fraction", "0.01"], "the labelled subset has 16 images, fewer than one global batch of 32"),
     ]
-    for args, message in cases:
+    runs = []
+    for args, _ in cases:
         data = [] if "--data" in args else ["--data", str(demo_root)]
         batch = ["--batch-size", "32"] if "0.01" in args else []
-        result = finetune([*FAST, *data, *args, *batch], tmp_path, timeout=60)
+        runs.append(partial(finetune, [*FAST, *data, *args, *batch], tmp_path))
+    for (args, message), result in zip(cases, run_concurrently(runs), strict=True):
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, args

@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
-from tests.conftest import ROOT, TINY, demo_data_for, kill_when_exists, pretrain, run_script
+from tests.conftest import ROOT, TINY, demo_data_for, kill_when_exists, pretrain, run_concurrently, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -210,10 +211,12 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
 
 
 def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(tmp_path: Path, demo_root: Path) -> None:
-    for args, message in bad_inputs(tmp_path):
-        result = pretrain(
-            [*TINY, *args] if "--data" in args else [*TINY, "--data", str(demo_root), *args], tmp_path, timeout=60
-        )
+    cases = bad_inputs(tmp_path)
+    runs = [
+        partial(pretrain, [*TINY, *args] if "--data" in args else [*TINY, "--data", str(demo_root), *args], tmp_path)
+        for args, _ in cases
+    ]
+    for (args, message), result in zip(cases, run_concurrently(runs), strict=True):
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, args
