@@ -1,7 +1,7 @@
 """Every pretext method on the same data and backbone, in the layout of Patch RotNet's Table 1.
 
 Launch:
-    python train/pretext_table.py                # demo data, config pretext_demo (~30 min on 2 CPUs, ~3 on one GPU)
+    python train/pretext_table.py                # demo data, config pretext_demo (<1 h on 2 CPUs, ~3 min on one GPU)
     python train/pretext_table.py --methods rotnet,patch_relnet --seeds 5 --out runs/t1
     python train/pretext_table.py --config my_stl10.yaml --data ~/data/stl10 --pretrain "--steps 60000" \
         --finetune "--label-fraction 0.1" --linear "--steps 25000" --tuned "--steps 5000"   # paper: 100 / 20 epochs
