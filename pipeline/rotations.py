@@ -64,19 +64,17 @@ def sample_positions(
     return positions.to(device) if device is not None else positions
 
 
-def paste(background: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """background (B, C, S, S), patches (K, B, C, s, s), positions (B, 2) -> (K, B, C, S, S): K copies of each
-    background with patches[k, b] written at positions[b], by one batched index_put (no loop over images)."""
+def paste(out: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor) -> None:
+    """Write patches (K, B, C, s, s) into out (K, B, C, S, S), patches[k, b] with its top-left corner at
+    positions[b] (B, 2), in place, by one batched index_put (no loop over images)."""
     copies, batch, _, side, _ = patches.shape
-    out = background.unsqueeze(0).repeat(copies, 1, 1, 1, 1)
-    offsets = torch.arange(side, device=background.device)
+    offsets = torch.arange(side, device=out.device)
     rows = (positions[:, 0, None] + offsets)[:, :, None]  # (B, s, 1)
     cols = (positions[:, 1, None] + offsets)[:, None, :]  # (B, 1, s)
-    image = torch.arange(batch, device=background.device)[:, None, None]  # (B, 1, 1)
+    image = torch.arange(batch, device=out.device)[:, None, None]  # (B, 1, 1)
     # The advanced indices (image, rows, cols) are split by the channel slice, so their broadcast shape
     # (B, s, s) leads: the target is (B, s, s, K, C).
-    out[:, image, :, rows, cols] = patches.permute(1, 3, 4, 0, 2)
-    return out
+    out[:, image, :, rows, cols] = patches.permute(1, 3, 4, 0, 2).to(out.dtype)
 
 
 def rotation_views(
@@ -90,23 +88,28 @@ def rotation_views(
     channels_last: bool = False,
 ) -> RotationViews:
     """uint8 images (B, C, S, S) -> the V = 4 (RotNet) or 8 (Patch RotNet/RelNet) views of each, see the
-    module docstring. `generator` draws the paste positions (on the images' device)."""
+    module docstring. `generator` draws the paste positions (on the images' device). Every view is written
+    once, straight into the output's dtype and memory format."""
     if num_views not in (NUM_ROTATIONS, 2 * NUM_ROTATIONS):
         raise ValueError(f"num_views must be 4 (rotations) or 8 (rotations and patched images), got {num_views}")
-    batch, _, height, width = images.shape
+    batch, channels, height, width = images.shape
     if height != width:
         raise ValueError(f"rotation views need square images (quarter turns keep the shape), got {height}x{width}")
     x = normalize(images, mean, std)
-    parts = [quarter_turns(x)]
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    views = torch.empty((num_views * batch, channels, height, width), dtype=dtype, device=images.device)
+    views = views.contiguous(memory_format=layout)
+    blocks = views.unflatten(0, (num_views, batch))  # a view: blocks[v] is view v of every image
+    for k in range(NUM_ROTATIONS):
+        blocks[k].copy_(torch.rot90(x, k, dims=(-2, -1)))
     positions = torch.zeros(batch, 0, dtype=torch.long, device=images.device)
     side = 0
     if num_views == 2 * NUM_ROTATIONS:
         side = patch_side(height, ratio)
         small = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
         positions = sample_positions(batch, height, side, generator, images.device)
-        parts.append(paste(x, quarter_turns(small), positions))
-    views = torch.cat(parts).flatten(0, 1).to(dtype)
+        patched = blocks[NUM_ROTATIONS:]
+        patched.copy_(x.expand_as(patched))
+        paste(patched, quarter_turns(small), positions)
     labels = torch.arange(num_views, device=images.device).repeat_interleave(batch)
-    if channels_last:
-        views = views.contiguous(memory_format=torch.channels_last)
     return RotationViews(views, labels, positions, side)

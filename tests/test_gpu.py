@@ -126,15 +126,18 @@ def test_rotation_views_on_gpu_equal_cpu() -> None:
     torch.testing.assert_close(gpu.views[: 4 * 6].cpu(), cpu.views[: 4 * 6], rtol=0, atol=1e-6)
     assert torch.equal(gpu.labels.cpu(), cpu.labels)
     turned = quarter_turns(torch.rand(6, 3, 13, 13))
-    background = torch.rand(6, 3, 32, 32)
+    background = torch.rand(4, 6, 3, 32, 32)
     positions = gpu.positions.cpu()
-    assert torch.equal(
-        paste(background.cuda(), turned.cuda(), gpu.positions).cpu(), paste(background, turned, positions)
-    )
+    on_gpu, on_cpu = background.cuda(), background.clone()
+    paste(on_gpu, turned.cuda(), gpu.positions)
+    paste(on_cpu, turned, positions)
+    assert torch.equal(on_gpu.cpu(), on_cpu)
     resized = torch.nn.functional.interpolate(
         cpu.views[:6], size=(13, 13), mode="bilinear", antialias=True, align_corners=False
     )
-    expected = paste(cpu.views[:6], quarter_turns(resized), positions).flatten(0, 1)
+    expected = cpu.views[:6].repeat(4, 1, 1, 1, 1)
+    paste(expected, quarter_turns(resized), positions)
+    expected = expected.flatten(0, 1)
     torch.testing.assert_close(gpu.views[4 * 6 :].cpu(), expected, rtol=1e-5, atol=1e-5)
 
 

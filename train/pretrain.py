@@ -117,6 +117,7 @@ class SelfieTask:
     are put back (model/selfie.py)."""
 
     metric = "patch_acc"
+    accuracy_name = "patch-selection"
     op_stage = "patch op"
     picture_name = "patches"
     encoder_prefix = "patch_net."
@@ -196,6 +197,7 @@ class RotationTask:
     the backbone classifies them in one call (model/rotation.py)."""
 
     metric = "rotation_acc"
+    accuracy_name = "view"
     op_stage = "view op"
     picture_name = "views"
     encoder_prefix = "backbone."
@@ -456,9 +458,8 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator.wait_for_everyone()
     progress.close()
     loader.close()  # stops the backend's workers and threads before the process winds down
-    what = "patch-selection" if config.method == "selfie" else f"{config.method} view"
     accelerator.print(
-        f"done: step {last.get('step')}, loss {last.get('loss')}, {what} accuracy "
+        f"done: step {last.get('step')}, loss {last.get('loss')}, {config.method} {task.accuracy_name} accuracy "
         f"{last.get(task.metric, 0):.1%} (chance {task.chance:.1%}); {window.skipped_total} unreadable images "
         f"skipped; run folder {run_dir}"
     )
