@@ -1,0 +1,100 @@
+"""The weights every method and fine-tuning reach after 20 fixed-seed, one-thread CPU steps, as hashes.
+
+    python -m tests.behaviour_hashes OUT.json   # write them as JSON (what tests/behaviour_hashes.json pins)
+
+Recorded before the trainer was refactored into one loop with method plug-ins (issue 13), so a test can
+show that the redesign changed no computation: every run here must reach bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+STEPS = "20"
+TINY = [
+    "--model.width=0.125",
+    "--model.attn_heads=4",
+    "--model.attn_intermediate=32",
+    "--model.attn_layers=1",
+    "--data.workers=0",
+    "--batch-size=8",
+    "--train.log_every=5",
+    "--train.checkpoint_every=20",
+    "--train.cpu_threads=1",
+    "--steps",
+    STEPS,
+]
+# (name, pretraining flags); the rotation family runs on the CIFAR ResNet-8.
+PRETRAINING = (
+    ("selfie", []),
+    ("rotnet", ["--method", "rotnet", "--model.backbone=resnet8"]),
+    ("patch_rotnet", ["--method", "patch_rotnet", "--model.backbone=resnet8"]),
+    ("patch_relnet", ["--method", "patch_relnet", "--model.backbone=resnet8"]),
+)
+# (name, the pretraining run it starts from or None, fine-tuning flags)
+FINETUNING = (
+    ("finetune_scratch_resnet50", None, ["--arch", "resnet50", "--seeds", "2"]),
+    ("finetune_selfie_resnet36_attn", "selfie", ["--arch", "resnet36_attn"]),
+    ("finetune_rotnet_mlp_probe", "rotnet", ["--arch", "resnet8", "--head", "mlp", "--linear-probe"]),
+)
+
+
+def state_hash(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def run_hash(folder: Path) -> str:
+    """One hash over the newest checkpoint's model of every checkpoints/ folder in a run (one per seed)."""
+    digest = hashlib.sha256()
+    for checkpoints in sorted(folder.glob("**/checkpoints")):
+        newest = sorted(checkpoints.glob("step_*.pt"))[-1]
+        model = torch.load(newest, map_location="cpu", weights_only=False)["model"]
+        digest.update(f"{newest.relative_to(folder)}:{state_hash(model)}".encode())
+    return digest.hexdigest()
+
+
+def compute(demo_root: Path, out: Path) -> dict[str, str]:
+    from train import finetune, pretrain
+
+    threads = torch.get_num_threads()
+    hashes, runs = {}, {}
+    try:
+        for name, flags in PRETRAINING:
+            runs[name] = out / name
+            pretrain.main([*TINY, *flags, "--data", str(demo_root), "--out", str(runs[name])])
+            hashes[name] = run_hash(runs[name])
+        for name, init, flags in FINETUNING:
+            folder = out / name
+            init_flag = str(runs[init]) if init else "none"
+            result = finetune.main([*TINY, *flags, "--init", init_flag, "--data", str(demo_root), "--out", str(folder)])
+            hashes[name] = run_hash(folder)
+            hashes[name + ":test_accuracy"] = str(result["accuracy"]["per_seed"])
+    finally:
+        torch.set_num_threads(threads)
+    return hashes
+
+
+def main() -> None:
+    from pipeline.demo import demo_dataset
+
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_root = demo_dataset(Path(tmp) / "cache")
+        hashes = compute(demo_root, Path(tmp) / "runs")
+    hashes["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    hashes["torch"] = torch.__version__
+    Path(sys.argv[1]).write_text(json.dumps(hashes, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
