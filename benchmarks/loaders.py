@@ -1,15 +1,16 @@
-"""Loader-only images/s: files (or a .beton) to the patch tensor ready for P, every backend side by side.
+"""Loader-only images/s: files (or a .beton) to the model's inputs (Selfie: the patch tensor ready for P),
+every backend side by side.
 
     python -m benchmarks.loaders                                  # 224/32 on a built-in JPEG set
-    python -m benchmarks.loaders --size 32 --patch 8 --augment pad_crop_flip --data demo
+    python -m benchmarks.loaders --size 32 --patch-size 8 --augment pad_crop_flip --data demo
     python -m benchmarks.loaders --data ~/data/imagenet/train --beton ~/data/imagenet/train.beton
 
-Each backend runs the training stream exactly as `train/pretrain.py` builds it (rank 0 of 1, the patch
-op chosen for the device: numba on a CPU, Triton on a GPU; FFCV on a CPU cuts the patches inside its
-pipeline), after --warmup untimed batches. The timed batches are split into windows; the table gives
-the median window and the slowest and fastest, and the ratio of medians to the torch `DataLoader`
-backend. The device is synchronised before each clock read. No model runs: this is the data side's
-limit (`python -m benchmarks.throughput`, issue 5, measures images/s reaching the loss).
+Each backend runs the training stream exactly as `train/pretrain.py` builds it for `--method` (rank 0 of
+1, the method's input op as the trainer chooses it: Selfie's patch op is numba on a CPU, Triton on a GPU,
+and FFCV on a CPU cuts the patches inside its pipeline), after --warmup untimed batches, timed by
+benchmarks/harness.py. The timed batches are split into windows; the table gives the median window
+and the slowest and fastest, and the ratio of medians to the torch `DataLoader` backend. No model
+runs: this is the data side's limit (`python -m benchmarks.throughput`, issue 5, measures images/s reaching the loss).
 
 The built-in JPEG set (`--data jpeg`) is cut offline from the photos scikit-image and scikit-learn ship:
 --images files of 256-500 px sides at JPEG quality 90 in 10 classes, built once in the cache; its
@@ -23,21 +24,20 @@ import gc
 import json
 import os
 import platform
-import statistics
 import time
 from datetime import date
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data import open_source
+from benchmarks.harness import time_windows
 from pipeline.demo import _photos, default_cache_dir, demo_dataset
-from pipeline.fused_patches import select_patch_op
 from pipeline.loaders import LOADERS
-from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, num_context_patches, sample_context_permutation
+from train import pretrain
+from train.config import PretrainConfig, load_config
+from train.methods import METHODS, PretextMethod, default_method, method_flags
 
 JPEG_SET_VERSION = 1
 
@@ -87,52 +87,45 @@ def benchmark_data(data: str, cache_dir: str, images: int, beton: str | None = N
     return folder, beton_path
 
 
-def time_backend(backend: str, source, args, device: torch.device) -> list[float]:
-    """Images/s of each timed window."""
-    num_patches = (args.size // args.patch) ** 2
-    num_context = num_context_patches(num_patches, args.context_fraction)
-    patch_name, patch_op = select_patch_op(device, "auto")
-    extra = {}
-    if backend == "ffcv" and patch_name == "numba":
-        extra["patch_spec"] = PatchSpec(args.patch, num_context, IMAGENET_MEAN, IMAGENET_STD)
+def build_method(args: argparse.Namespace, device: torch.device) -> PretextMethod:
+    """The method whose inputs the loaders feed, configured as the trainer would be for these flags."""
+    overrides = {"method": args.method, "data.image_size": args.size, "data.augment": args.augment}
+    overrides |= {"data.workers": args.workers, "train.batch_size": args.batch}
+    overrides |= {key: getattr(args, key) for key, _, _ in method_flags().values() if getattr(args, key) is not None}
+    config = load_config(PretrainConfig, "demo" if args.size <= 64 else "imagenet224", overrides)
+    return pretrain.validate(config)(config, device)
+
+
+def time_backend(backend: str, source, method: PretextMethod, args, device: torch.device) -> dict:
+    """The backend's training stream as `train/pretrain.py` builds it, up to the method's model inputs."""
+    spec = method.loader_patch_spec(backend)
+    extra = {"patch_spec": spec} if spec is not None else {}
     loader = LOADERS[backend].train(
         source, args.size, args.augment, args.batch, 0, 1, 0, workers=args.workers, device=device, **extra
     )
     generator = torch.Generator(device=device).manual_seed(0)
 
-    def ready_for_p(batch) -> torch.Tensor:
-        if batch.patches is not None:
-            return batch.patches
-        perm = sample_context_permutation(batch.images.shape[0], num_patches, generator)
-        return patch_op(batch.images, perm, args.patch, num_context)
+    def step(clock) -> None:
+        batch = next(loader)
+        if batch.patches is None:  # a loader that cut the patches itself left nothing to do
+            method.inputs(batch, generator)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for batch in islice(loader, args.warmup):
-        ready_for_p(batch)
-    rates = []
-    for _ in range(args.windows):
-        sync()
-        start = time.perf_counter()
-        for batch in islice(loader, args.window):
-            ready_for_p(batch)
-        sync()
-        rates.append(args.window * args.batch / (time.perf_counter() - start))
-    loader.close()
-    return rates
+    try:
+        return time_windows(step, device, args.batch, args.warmup, args.windows, args.window)
+    finally:
+        loader.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="jpeg", help="jpeg (built-in JPEG set) | demo | an image folder")
     parser.add_argument("--beton", help="the .beton of --data for ffcv (default: converted once into the cache)")
     parser.add_argument("--images", type=int, default=2048, help="size of the built-in JPEG set")
+    parser.add_argument("--method", default=default_method(), choices=list(METHODS), help="whose inputs to make")
+    for flag, (key, kind, help_text) in method_flags().items():
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{help_text} (default: the config's)")
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--patch", type=int, default=32)
     parser.add_argument("--augment", default="random_resized_crop")
-    parser.add_argument("--context-fraction", type=float, default=0.75)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="per backend: processes/threads")
     parser.add_argument("--warmup", type=int, default=5)
@@ -142,38 +135,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cache", default=str(default_cache_dir()))
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    folder, beton = benchmark_data(args.data, args.cache, args.images, args.beton)
-    sources = {"torch": open_source(folder), "dali": open_source(folder), "ffcv": LOADERS["ffcv"].open(beton, "train")}
-    backends = args.backends.split(",")
-    print(
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}; "
-        f"{len(sources['torch'])} images from {folder} (ffcv: {beton}); {args.size}/{args.patch} {args.augment}, "
-        f"batch {args.batch}, "
-        f"{args.workers} workers; {args.windows} windows of {args.window} batches after {args.warmup}"
-    )
-    results = {}
-    for backend in backends:
-        rates = time_backend(backend, sources[backend], args, device)
-        gc.collect()  # the previous backend's workers and threads are gone before the next one is timed
-        time.sleep(1)
-        results[backend] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    return parser
+
+
+def print_table(results: dict) -> None:
     base = results.get("torch", {}).get("median")
     print(f"{'backend':<8} {'images/s':>10} {'(min .. max)':>18} {'vs torch':>9}")
     for backend, r in results.items():
         ratio = f"{r['median'] / base:.2f}x" if base else "-"
         spread = f"({r['min']:.0f} .. {r['max']:.0f})"
         print(f"{backend:<8} {r['median']:>10.0f} {spread:>18} {ratio:>9}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
+    device = torch.device(args.device)
+    method = build_method(args, device)
+    folder, beton = benchmark_data(args.data, args.cache, args.images, args.beton)
+    backends = args.backends.split(",")
+    sources = {name: LOADERS[name].open(beton if LOADERS[name].reads_beton else folder, "train") for name in backends}
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, device {device}; "
+        f"{len(sources[backends[0]])} images from {folder} (ffcv: {beton}); {args.size}px {args.augment}, "
+        f"{args.method}: {method.describe()}; batch {args.batch}, "
+        f"{args.workers} workers; {args.windows} windows of {args.window} batches after {args.warmup}"
+    )
+    results = {}
+    for backend in backends:
+        timing = time_backend(backend, sources[backend], method, args, device)
+        gc.collect()  # the previous backend's workers and threads are gone before the next one is timed
+        time.sleep(1)
+        results[backend] = {k: timing[k] for k in ("median", "min", "max")}
+    print_table(results)
     if args.json:
-        record = {
-            "date": str(date.today()),
-            "device": str(device),
-            "cpus": os.cpu_count(),
-            "args": vars(args),
-            "results": results,
-        }
-        Path(args.json).write_text(json.dumps(record, indent=1))
+        record = {"date": str(date.today()), "device": str(device), "cpus": os.cpu_count(), "args": vars(args)}
+        Path(args.json).write_text(json.dumps(record | {"results": results}, indent=1))
 
 
 if __name__ == "__main__":

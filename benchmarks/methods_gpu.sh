@@ -12,13 +12,15 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   timeout 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_fused_patches.py -k "not loaders" 2>&1 | tail -30 | tee "$OUTDIR/gpu_tests.log"
 fi
 COMMON="--precision bf16 --channels-last --warmup $WARM --window $STEPS --windows $WIN"
-for m in selfie rotnet patch_rotnet patch_relnet; do
+METHODS=$($PY -c "from train.methods import METHODS; print(*METHODS)")
+for m in $METHODS; do
   echo "=== 32px $m" | tee -a "$OUTDIR/tp32.log"
   timeout 75 $PY -m benchmarks.throughput --method $m --set model.backbone=resnet32 --modes synthetic,torch,no-model:torch \
     --batch $B32 --workers ${WORKERS:-12} $COMMON --json "$JSON/tp32_$m.json" 2>&1 | grep -v "it/s" | tee -a "$OUTDIR/tp32.log"
 done
-for m in selfie rotnet patch_rotnet patch_relnet; do
-  bb=resnet50; [ $m = selfie ] && bb=resnet36
+for m in $METHODS; do
+  # A method that pools patch vectors with an attention pooling A runs its paper's P, ResNet-36; the others ResNet-50.
+  bb=$($PY -c "from train.methods import METHODS; print('resnet36' if METHODS['$m'].pool_prefix else 'resnet50')")
   echo "=== 224px $m $bb" | tee -a "$OUTDIR/tp224.log"
   timeout 75 $PY -m benchmarks.throughput --method $m --set model.backbone=$bb --image-size 224 --patch-size 32 --modes synthetic \
     --batch $B224 $COMMON --json "$JSON/tp224_$m.json" 2>&1 | grep -v "it/s" | tee -a "$OUTDIR/tp224.log"

@@ -3,19 +3,19 @@
     python -m benchmarks.patch_op                       # the ops this device can run, both paper shapes
     python -m benchmarks.patch_op --batch 512 --dtype bf16 --channels-last
 
-Median over --repeats timed calls after --warmup untimed ones (numba compiles, Triton autotunes and
-caches on the first call); the device is synchronised before each clock read. The loader and the model
-are not involved: `python -m benchmarks.throughput` (issue 5) measures images/s reaching the loss.
+Each call is one step of benchmarks/harness.py: --warmup untimed calls (numba compiles, Triton autotunes
+and caches on the first), then --repeats timed calls, the device synchronised around each; the table
+gives the median. The loader and the model are not involved: `python -m benchmarks.throughput` measures
+images/s reaching the loss.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from benchmarks.harness import time_windows
 from pipeline.fused_patches import patchify_numba, patchify_triton, triton_runs_on
 from pipeline.patches import patchify_and_mask, sample_context_permutation
 
@@ -24,20 +24,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def time_op(op, images, perm, patch, num_context, dtype, channels_last, warmup: int, repeats: int) -> float:
-    def sync() -> None:
-        if images.device.type == "cuda":
-            torch.cuda.synchronize()
+    """Median images/s of single calls."""
 
-    for _ in range(warmup):
+    def step(clock) -> None:
         op(images, perm, patch, num_context, dtype=dtype, channels_last=channels_last)
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        op(images, perm, patch, num_context, dtype=dtype, channels_last=channels_last)
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return time_windows(step, images.device, images.shape[0], warmup, repeats, 1)["median"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -65,13 +57,11 @@ def main(argv: list[str] | None = None) -> None:
         perm = sample_context_permutation(args.batch, (size // patch) ** 2, device=device)
         reference = None
         for name, op in ops.items():
-            seconds = time_op(
+            rate = time_op(
                 op, images, perm, patch, num_context, DTYPES[args.dtype], args.channels_last, args.warmup, args.repeats
             )
-            reference = reference or seconds
-            print(
-                f"| {shape} | {name} | {seconds * 1e3:.2f} | {args.batch / seconds:,.0f} | {reference / seconds:.2f}x |"
-            )
+            reference = reference or rate
+            print(f"| {shape} | {name} | {1e3 * args.batch / rate:.2f} | {rate:,.0f} | {rate / reference:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -6,31 +6,31 @@
         --channels-last --batch 256 --json runs/bench224.json --plot runs/bench224.png
     python -m benchmarks.throughput --modes synthetic,ffcv --compile
 
-Modes (side by side in one invocation, same config):
-  torch | dali | ffcv   end to end: files (or the .beton) -> loader -> `train.pretrain.train_step` (the
-                        function the trainer calls: the method's op (Selfie's patch op, the rotation
-                        methods' view op), the model on all of it in one call, the loss, backward,
-                        optimizer);
+Modes (`MODES`, side by side in one invocation, same config; the loader modes come from the loader
+registry, every method of the method registry runs in every mode):
+  LOADER                end to end: files (or the .beton) -> loader -> `train.loop.train_step` (the
+                        function the trainer calls: the method's input op (Selfie's patch op, the rotation
+                        methods' view op), the model on all of it in one call, the loss, backward, optimizer);
   synthetic             the same step on one uint8 batch already on the device: the ceiling a perfect
                         data pipeline would reach;
-  no-model:LOADER       the pipeline alone, up to patches (or views) ready for the model: the data side's limit;
+  no-model:LOADER       the pipeline alone, up to the model's inputs (patches, views): the data side's limit;
   raw-ffcv              FFCV's loader doing only decode + random resized crop on the same .beton, in its
                         own random order, with no flip, labels, copy-out or device copy (the reference for
                         "the patch op must add almost nothing");
-  naive                 (Selfie only) what most people would write: a per-image `Dataset` decoding with PIL in a torch
-                        `DataLoader`, masks drawn by a Python loop over samples (the host->device copy and
-                        normalisation count as its patch op), and P called per image on its context and
-                        on its masked patches, the loss per image;
-  no-model:naive        the naive baseline's data side alone (its loader and Python masking loop).
+  naive                 what most people would write: a per-image `Dataset` decoding with PIL in a torch
+                        `DataLoader`, then a Python loop over the batch's images: the method's input op on
+                        one image, and the model's public forward on it (P on that image's patches, then the
+                        method's head), the loss averaged over images;
+  no-model:naive        the naive baseline's data side alone (its loader and per-image input op).
 
-Each mode runs --warmup untimed steps, then --windows timed windows of --window steps; the device is
-synchronised before each clock read. The table gives the median window's images/s, the slowest and
-fastest, and ratios of medians to `synthetic` and `naive`; a second table splits a step into stages
-(data wait, patch or view op, forward, backward, optimizer; host->device copies are inside the loader's
-data wait). Images/s counts source images: a rotation method's step handles 4 or 8 views of each.
-Last, one step's FLOPs (torch's FlopCounterMode) and a measured square-matmul peak in the step's
-dtype give each training mode's achieved TFLOP/s and its fraction of that peak. --json writes all of it
-with the machine, device, versions, resolved config and date.
+Timing is benchmarks/harness.py's: --warmup untimed steps (plus what the loader holds ready), then
+--windows timed windows of --window steps. The table gives the median window's images/s, the slowest and
+fastest, and ratios of medians to `synthetic` and `naive`; a second table splits a step into stages (data
+wait, the input op, forward, backward, optimizer; host->device copies are inside the loader's data wait).
+Images/s counts source images: a rotation method's step handles 4 or 8 views of each. Last, one step's
+FLOPs (torch's FlopCounterMode) and a measured square-matmul peak in the step's dtype give each training
+mode's achieved TFLOP/s and its fraction of that peak. --json writes all of it with the machine, device,
+versions, resolved config and date.
 """
 
 from __future__ import annotations
@@ -42,78 +42,34 @@ import importlib.metadata
 import json
 import os
 import platform
-import random
-import statistics
 import textwrap
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from itertools import islice
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.harness import DATA_STAGE, StageClock, Step, time_windows
 from benchmarks.loaders import benchmark_data
-from model.selfie import Selfie, patch_selection_loss
 from pipeline.augment import random_resized_crop_box
 from pipeline.data import Batch, open_source
 from pipeline.loaders import LOADERS
-from pipeline.patches import normalize
-from train.common import build_sgd, make_accelerator, train_batches, warmup_cosine
+from train import pretrain
 from train.config import PretrainConfig, load_config, to_dict
-from train.pretrain import METHODS, build_model, make_task, train_step
+from train.loading import train_batches
+from train.loop import train_step
+from train.methods import METHODS, default_method, method_flags
+from train.optim import build_sgd, warmup_cosine
+from train.session import make_accelerator
 
-# Modes that fork loader processes run before those that leave threads behind (forking a threaded process is unsafe).
-ALL_MODES = (
-    "synthetic",
-    "naive",
-    "no-model:naive",
-    "torch",
-    "no-model:torch",
-    "dali",
-    "no-model:dali",
-    "ffcv",
-    "no-model:ffcv",
-    "raw-ffcv",
-)
-STAGES = ("data", "patch op", "view op", "forward", "backward", "optimizer")
-SELFIE_ONLY_MODES = ("naive", "no-model:naive")
-
-
-class StageClock:
-    """Seconds per named stage, summed over steps. On a GPU the compute stages use CUDA events (read after
-    the window's sync); "data" is always the host's wall-clock wait for the next batch, which is what a
-    data-bound step loses."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        if self.cuda and name != "data":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self.events.append((name, start, end))
-        else:
-            start = time.perf_counter()
-            yield
-            self.seconds[name] += time.perf_counter() - start
-
-    def collect(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            for name, start, end in self.events:
-                self.seconds[name] += start.elapsed_time(end) / 1000
-            self.events.clear()
-        return dict(self.seconds)
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # benchmark name -> train.precision
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_config(args: argparse.Namespace) -> PretrainConfig:
@@ -122,13 +78,12 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
         "data.image_size": args.image_size,
         "data.augment": "pad_crop_flip" if args.image_size <= 64 else "random_resized_crop",
         "data.workers": args.workers,
-        "selfie.patch_size": args.patch_size,
-        "selfie.context_fraction": args.context_fraction,
         "train.batch_size": args.batch,
-        "train.precision": {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[args.precision],
+        "train.precision": PRECISIONS[args.precision],
         "train.channels_last": args.channels_last,
         "model.width": args.width,
     }
+    overrides |= {key: getattr(args, key) for key, _, _ in method_flags().values() if getattr(args, key) is not None}
     for item in args.set:
         key, _, value = item.partition("=")
         try:
@@ -147,9 +102,9 @@ class Bench:
         self.config = build_config(args)
         self.accelerator = make_accelerator(self.config.train)
         self.device = self.accelerator.device
-        self.task = make_task(self.config, self.device)
+        self.task = pretrain.validate(self.config)(self.config, self.device)
         torch.manual_seed(0)
-        model = build_model(self.config)
+        model = pretrain.build_model(self.config)
         self.net = model  # the plain module, under any DDP or compile wrapper
         self.initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.optimizer = build_sgd(model, self.config.optim)
@@ -157,36 +112,27 @@ class Bench:
         self.model, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         if args.compile:
             self.model = torch.compile(self.model)
-        self.folder, self.beton = benchmark_data(
-            "demo" if args.data == "auto" and args.image_size <= 64 else ("jpeg" if args.data == "auto" else args.data),
-            args.cache,
-            args.images,
-        )
+        data = args.data
+        if data == "auto":
+            data = "demo" if args.image_size <= 64 else "jpeg"
+        self.folder, self.beton = benchmark_data(data, args.cache, args.images)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def reset(self) -> None:
         self.net.load_state_dict(self.initial)
         self.model.train()
 
-    def source(self, loader: str):
-        return LOADERS[loader].open(self.beton if loader == "ffcv" else self.folder, "train")
-
     def stream(self, loader: str) -> Iterator[Batch]:
         config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, loader=loader))
-        spec = self.task.in_loader_patch_spec(loader)
-        return train_batches(config, self.source(loader), self.args.batch, 0, 0, self.accelerator, spec)
+        backend = LOADERS[loader]
+        source = backend.open(self.beton if backend.reads_beton else self.folder, "train")
+        spec = self.task.loader_patch_spec(loader)
+        return train_batches(config, source, self.args.batch, 0, 0, self.accelerator, spec)
 
     def step(self, batch: Batch, clock: StageClock) -> None:
+        optimizer, scheduler, grad_clip = self.optimizer, self.scheduler, self.config.optim.grad_clip
         train_step(
-            self.model,
-            batch,
-            self.task,
-            self.generator,
-            self.optimizer,
-            self.scheduler,
-            self.accelerator,
-            self.config.optim.grad_clip,
-            clock.stage,
+            self.model, batch, self.task, self.generator, optimizer, scheduler, self.accelerator, grad_clip, clock.stage
         )
 
     def inputs_only(self, batch: Batch, clock: StageClock) -> None:
@@ -196,83 +142,39 @@ class Bench:
                 self.task.inputs(batch, self.generator)
 
 
-def queued_batches(mode: str, workers: int) -> int:
-    """How many batches a mode's loader holds ready: a warm-up drains them, or a fast consumer (no model)
-    would time the queue instead of the loader."""
-    loader = mode.split(":")[-1]
-    workers = max(1, workers)
-    return {"torch": 4 * workers, "naive": 2 * workers, "dali": 2, "ffcv": 3, "raw-ffcv": 3}.get(loader, 0)
-
-
-def timed(steps: Iterator[Callable[[StageClock], None]], args, device, images_per_step: int, queued: int = 0) -> dict:
-    """Run --warmup (+ `queued`) steps, then --windows windows of --window steps; images/s per window,
-    over all timed steps, and stage seconds."""
-    clock = StageClock(device)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    for run in islice(steps, args.warmup + queued):
-        run(clock)
-    clock.collect()
-    clock.seconds.clear()
-    rates, total = [], 0.0
-    for _ in range(args.windows):
-        sync()
-        start = time.perf_counter()
-        for run in islice(steps, args.window):
-            run(clock)
-        sync()
-        seconds = time.perf_counter() - start
-        total += seconds
-        rates.append(args.window * images_per_step / seconds)
-    stage_seconds = clock.collect()
-    steps_timed = args.windows * args.window
-    return {
-        "median": statistics.median(rates),
-        "min": min(rates),
-        "max": max(rates),
-        "overall": steps_timed * images_per_step / total,
-        "stages_ms": {k: round(1000 * v / steps_timed, 3) for k, v in stage_seconds.items()},
-    }
-
-
-def loader_steps(bench: Bench, loader: str, model: bool) -> Iterator[Callable[[StageClock], None]]:
+@contextmanager
+def loader_mode(bench: Bench, loader: str, model: bool) -> Iterator[Step]:
     stream = bench.stream(loader)
+
+    def step(clock: StageClock) -> None:
+        with clock.stage(DATA_STAGE):
+            batch = next(stream)
+        (bench.step if model else bench.inputs_only)(batch, clock)
+
     try:
-        while True:
-
-            def run(clock: StageClock) -> None:
-                with clock.stage("data"):
-                    batch = next(stream)
-                (bench.step if model else bench.inputs_only)(batch, clock)
-
-            yield run
+        yield step
     finally:
         stream.close()
 
 
-def synthetic_steps(bench: Bench) -> Iterator[Callable[[StageClock], None]]:
-    size = bench.config.data.image_size
+@contextmanager
+def synthetic_mode(bench: Bench) -> Iterator[Step]:
+    size, batch_size, device = bench.config.data.image_size, bench.args.batch, bench.device
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (bench.args.batch, 3, size, size), dtype=torch.uint8, generator=generator)
-    batch = Batch(
-        images.to(bench.device),
-        torch.zeros(bench.args.batch, dtype=torch.int64, device=bench.device),
-        torch.arange(bench.args.batch, device=bench.device),
-    )
-    while True:
-        yield lambda clock: bench.step(batch, clock)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.zeros(batch_size, dtype=torch.int64, device=device)
+    batch = Batch(images.to(device), labels, torch.arange(batch_size, device=device))
+    yield partial(bench.step, batch)
 
 
-def raw_ffcv_steps(bench: Bench) -> Iterator[Callable[[StageClock], None]]:
+@contextmanager
+def raw_ffcv_mode(bench: Bench) -> Iterator[Step]:
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
 
-    size = bench.config.data.image_size
-    threads = torch.get_num_threads()
+    size, threads = bench.config.data.image_size, torch.get_num_threads()
+    pipeline = [RandomResizedCropRGBImageDecoder((size, size)), ToTensor()]
     loader = Loader(
         str(bench.beton),
         batch_size=bench.args.batch,
@@ -280,32 +182,31 @@ def raw_ffcv_steps(bench: Bench) -> Iterator[Callable[[StageClock], None]]:
         order=OrderOption.RANDOM,
         seed=0,
         drop_last=True,
-        pipelines={"image": [RandomResizedCropRGBImageDecoder((size, size)), ToTensor()], "label": None, "index": None},
+        pipelines={"image": pipeline, "label": None, "index": None},
     )
-    torch.set_num_threads(threads)  # FFCV set it to its worker count
+    stream = endless(loader)
 
-    def batches() -> Iterator:
-        while True:
-            epoch = iter(loader)
-            try:
-                yield from epoch
-            finally:
-                epoch.close()  # stops FFCV's loading thread when the mode ends
-
-    stream = batches()
-
-    def run(clock: StageClock) -> None:
-        with clock.stage("data"):
+    def step(clock: StageClock) -> None:
+        with clock.stage(DATA_STAGE):
             next(stream)
         if torch.get_num_threads() != threads:  # each FFCV epoch sets torch's threads to its worker count
             torch.set_num_threads(threads)
 
     try:
-        while True:
-            yield run
+        yield step
     finally:
-        stream.close()
+        stream.close()  # stops FFCV's loading thread when the mode ends
         torch.set_num_threads(threads)
+
+
+def endless(loader) -> Iterator:
+    while True:
+        epoch = iter(loader)
+        try:
+            yield from epoch
+        finally:
+            if hasattr(epoch, "close"):
+                epoch.close()
 
 
 class NaiveImages(torch.utils.data.Dataset):
@@ -318,7 +219,7 @@ class NaiveImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.source.load(index)
         rng = np.random.default_rng()
         if self.size > 64:
@@ -332,74 +233,79 @@ class NaiveImages(torch.utils.data.Dataset):
             image = canvas.crop((x, y, x + self.size, y + self.size))
         if rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1), int(self.source.labels[index])
 
 
-def naive_steps(bench: Bench, model: bool = True) -> Iterator[Callable[[StageClock], None]]:
-    config, device = bench.config, bench.device
-    size, patch = config.data.image_size, config.selfie.patch_size
-    grid = size // patch
+def naive_inputs(bench: Bench, images: torch.Tensor, labels: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """The method's input op on each image alone: a Python loop over the batch's samples."""
+    images, labels = images.to(bench.device), labels.to(bench.device)
+    one = torch.zeros(1, dtype=torch.int64, device=bench.device)
+    return [
+        bench.task.inputs(Batch(images[b : b + 1], labels[b : b + 1], one), bench.generator) for b in range(len(images))
+    ]
+
+
+def naive_update(bench: Bench, per_image: list[tuple[torch.Tensor, ...]], clock: StageClock) -> None:
+    """The model's public forward on each image (its backbone on that image's inputs, then the method's
+    head), the mean loss, one update."""
+    with clock.stage("forward"), bench.accelerator.autocast():
+        loss = torch.stack([bench.task.objective(bench.net, inputs)[0] for inputs in per_image]).mean()
+    with clock.stage("backward"):
+        bench.accelerator.backward(loss)  # through the fp16 scaler when there is one
+    with clock.stage("optimizer"):
+        bench.optimizer.step()
+        bench.optimizer.zero_grad(set_to_none=True)
+
+
+@contextmanager
+def naive_mode(bench: Bench, model: bool) -> Iterator[Step]:
+    config, workers = bench.config, bench.args.workers
+    dataset = NaiveImages(bench.folder, config.data.image_size, config.data.pad)
     loader = torch.utils.data.DataLoader(
-        NaiveImages(bench.folder, size, config.data.pad),
-        batch_size=bench.args.batch,
-        shuffle=True,
-        num_workers=bench.args.workers,
-        drop_last=True,
-        persistent_workers=bench.args.workers > 0,
+        dataset, bench.args.batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
     )
-    net: Selfie = bench.net
-    num_context = bench.task.num_context
+    stream = endless(loader)
 
-    def step(images: torch.Tensor, clock: StageClock) -> None:
-        with clock.stage("patch op"):  # masks by a Python loop, patches cut one by one
-            images = normalize(images.to(device), config.data.mean, config.data.std)
-            samples = []
-            for b in range(len(images)):
-                positions = list(range(grid * grid))
-                random.shuffle(positions)
-                cut = [
-                    images[
-                        b, :, (q // grid) * patch : (q // grid + 1) * patch, (q % grid) * patch : (q % grid + 1) * patch
-                    ]
-                    for q in positions
-                ]
-                samples.append((positions, cut))
-        if not model:
-            return
-        with clock.stage("forward"), bench.accelerator.autocast():
-            losses = []
-            for positions, cut in samples:
-                context = net.embed_patches(torch.stack(cut[:num_context]))
-                masked = net.embed_patches(torch.stack(cut[num_context:]))
-                where = torch.tensor(positions, device=device)
-                if net.position_on_context:
-                    context = context + net.position(where[:num_context])
-                u = net.pool(context[None])
-                queries = u[:, None] + net.position(where[num_context:])[None]
-                losses.append(patch_selection_loss(queries, masked[None]).loss)
-            loss = torch.stack(losses).mean()
-        with clock.stage("backward"):
-            bench.accelerator.backward(loss)  # through the fp16 scaler when there is one
-        with clock.stage("optimizer"):
-            bench.optimizer.step()
-            bench.optimizer.zero_grad(set_to_none=True)
-
-    def batches() -> Iterator[torch.Tensor]:
-        while True:
-            yield from loader
-
-    stream = batches()
-
-    def run(clock: StageClock) -> None:
-        with clock.stage("data"):
-            images = next(stream)
-        step(images, clock)
+    def step(clock: StageClock) -> None:
+        with clock.stage(DATA_STAGE):
+            images, labels = next(stream)
+        with clock.stage(bench.task.op_stage):
+            per_image = naive_inputs(bench, images, labels)
+        if model:
+            naive_update(bench, per_image, clock)
 
     try:
-        while True:
-            yield run
+        yield step
     finally:
         stream.close()  # the DataLoader (and its persistent workers) goes with this generator's frame
+
+
+@dataclass(frozen=True)
+class Mode:
+    run: Callable[[Bench], AbstractContextManager[Step]]  # sets up the mode's step, tears it down after
+    trains: bool  # reaches the loss (a training mode), or stops at the model's inputs (the data side)
+    leaves_threads: bool  # leaves threads behind: runs after the modes that fork worker processes
+    ready: Callable[[int], int] = lambda workers: 0  # workers -> batches held ready (the warm-up drains them)
+    trainer_step: bool = False  # runs the trainer's own step, so one step's FLOPs give its TFLOP/s
+
+
+def build_modes() -> dict[str, Mode]:
+    """Every mode, the loaders' from the loader registry, in the order they run (forking modes first)."""
+    naive_ready = lambda workers: 2 * max(1, workers)  # noqa: E731
+    found = {
+        "synthetic": Mode(synthetic_mode, True, False, trainer_step=True),
+        "naive": Mode(partial(naive_mode, model=True), True, False, naive_ready),
+        "no-model:naive": Mode(partial(naive_mode, model=False), False, False, naive_ready),
+    }
+    for name, backend in LOADERS.items():
+        threads, ready = not backend.worker_processes, backend.ready_batches
+        found[name] = Mode(partial(loader_mode, loader=name, model=True), True, threads, ready, trainer_step=True)
+        found[f"no-model:{name}"] = Mode(partial(loader_mode, loader=name, model=False), False, threads, ready)
+    found["raw-ffcv"] = Mode(raw_ffcv_mode, False, True, LOADERS["ffcv"].ready_batches)
+    return dict(sorted(found.items(), key=lambda item: item[1].leaves_threads))
+
+
+MODES = build_modes()
 
 
 def release_memory(device: torch.device) -> None:
@@ -415,36 +321,22 @@ def release_memory(device: torch.device) -> None:
             pass
 
 
-def run_mode(bench: Bench, mode: str) -> dict:
+def run_mode(bench: Bench, name: str) -> dict:
     bench.reset()
-    if mode == "synthetic":
-        steps = synthetic_steps(bench)
-    elif mode in LOADERS:
-        steps = loader_steps(bench, mode, model=True)
-    elif mode == "no-model:naive":
-        steps = naive_steps(bench, model=False)
-    elif mode.startswith("no-model:") and mode.split(":", 1)[1] in LOADERS:
-        steps = loader_steps(bench, mode.split(":", 1)[1], model=False)
-    elif mode == "raw-ffcv":
-        steps = raw_ffcv_steps(bench)
-    elif mode == "naive":
-        steps = naive_steps(bench)
-    else:
-        raise SystemExit(f"error: --modes {mode}: expected some of {', '.join(ALL_MODES)}")
-    try:
-        return timed(steps, bench.args, bench.device, bench.args.batch, queued_batches(mode, bench.args.workers))
-    finally:
-        steps.close()
+    mode, args = MODES[name], bench.args
+    with mode.run(bench) as step:
+        warmup = args.warmup + mode.ready(args.workers)
+        return time_windows(step, bench.device, args.batch, warmup, args.windows, args.window)
 
 
 def step_flops(bench: Bench) -> int:
-    """FLOPs of one training step (forward + backward of P, A and the loss), counted by torch's FlopCounterMode."""
+    """FLOPs of one training step (forward + backward of the model and the loss), by torch's FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
 
     bench.reset()
     counter = FlopCounterMode(display=False)
-    with counter:
-        next(synthetic_steps(bench))(StageClock(bench.device))
+    with synthetic_mode(bench) as step, counter:
+        step(StageClock(bench.device))
     bench.reset()
     return counter.get_total_flops()
 
@@ -478,27 +370,32 @@ def versions() -> dict:
     return found
 
 
-def format_tables(results: dict) -> str:
+def rate_table(results: dict) -> list[str]:
     synthetic = results.get("synthetic", {}).get("median")
     lines = [
         "| mode | images/s | slowest .. fastest | all timed steps | vs synthetic | vs naive |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for mode, r in results.items():
-        data_side = mode.startswith("no-model") or mode == "raw-ffcv"
+    for name, r in results.items():
+        trains = MODES[name].trains
         # Training modes against the naive step, data-side modes against the naive data side.
-        naive = results.get("no-model:naive" if data_side else "naive", {}).get("median")
-        vs_synthetic = f"{r['median'] / synthetic:.2f}x" if synthetic and not data_side else "-"
+        naive = results.get("naive" if trains else "no-model:naive", {}).get("median")
+        vs_synthetic = f"{r['median'] / synthetic:.2f}x" if synthetic and trains else "-"
         vs_naive = f"{r['median'] / naive:.2f}x" if naive else "-"
         lines.append(
-            f"| {mode} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} | {r['overall']:,.0f} "
+            f"| {name} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} | {r['overall']:,.0f} "
             f"| {vs_synthetic} | {vs_naive} |"
         )
-    stages = [s for s in STAGES if any(s in r["stages_ms"] for r in results.values())]
-    lines += ["", "| mode | " + " | ".join(f"{s} ms" for s in stages) + " |", "| --- |" + " ---: |" * len(stages)]
-    for mode, r in results.items():
+    return lines
+
+
+def format_tables(results: dict) -> str:
+    stages = list(dict.fromkeys(stage for r in results.values() for stage in r["stages_ms"]))
+    lines = [*rate_table(results), ""]
+    lines += ["| mode | " + " | ".join(f"{s} ms" for s in stages) + " |", "| --- |" + " ---: |" * len(stages)]
+    for name, r in results.items():
         cells = [f"{r['stages_ms'][s]:.2f}" if s in r["stages_ms"] else "-" for s in stages]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -508,14 +405,14 @@ def plot(results: dict, path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    modes = list(results)
-    medians = [results[m]["median"] for m in modes]
+    names = list(results)
+    medians = [results[m]["median"] for m in names]
     errors = [
-        [results[m]["median"] - results[m]["min"] for m in modes],
-        [results[m]["max"] - results[m]["median"] for m in modes],
+        [results[m]["median"] - results[m]["min"] for m in names],
+        [results[m]["max"] - results[m]["median"] for m in names],
     ]
     figure, axes = plt.subplots(figsize=(9, 4.5))
-    axes.bar(modes, medians, yerr=errors, capsize=4, color="#4c72b0")
+    axes.bar(names, medians, yerr=errors, capsize=4, color="#4c72b0")
     axes.set_yscale("log")  # the data-side modes run orders of magnitude above the training step
     for x, value in enumerate(medians):
         axes.annotate(
@@ -529,20 +426,20 @@ def plot(results: dict, path: Path, title: str) -> None:
     plt.close(figure)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help=f"comma list of: {', '.join(ALL_MODES)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of: {', '.join(MODES)}")
     parser.add_argument("--loader", action="append", default=[], choices=sorted(LOADERS), help="add an end-to-end mode")
     parser.add_argument("--synthetic", action="store_true", help="add the synthetic mode")
     parser.add_argument("--no-model", action="store_true", help="add the no-model mode of every --loader")
     parser.add_argument("--naive", action="store_true", help="add the naive baseline")
-    parser.add_argument("--method", default="selfie", choices=sorted(METHODS), help="pretext task (default selfie)")
+    parser.add_argument("--method", default=default_method(), choices=list(METHODS), help="pretext task")
+    for flag, (key, kind, help_text) in method_flags().items():
+        parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{help_text} (default: the config's)")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--patch-size", type=int, default=8)
-    parser.add_argument("--context-fraction", type=float, default=0.75)
     parser.add_argument("--batch", type=int, default=64, help="images per step")
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the backbone")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes/threads")
@@ -557,60 +454,69 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--plot", help="write a bar chart of images/s by mode here (PNG)")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = arguments()
     args = parser.parse_args(argv)
     picked = [*args.loader, *(["synthetic"] if args.synthetic else []), *(["naive"] if args.naive else [])]
     picked += [f"no-model:{loader}" for loader in args.loader] if args.no_model else []
     wanted = picked or [m for m in args.modes.split(",") if m]
-    unknown = [m for m in wanted if m not in ALL_MODES]
+    unknown = [m for m in wanted if m not in MODES]
     if unknown:
-        parser.error(f"--modes {','.join(unknown)}: expected some of {', '.join(ALL_MODES)}")
-    if args.method != "selfie":
-        asked = [m for m in wanted if m in SELFIE_ONLY_MODES]
-        if asked and (picked or args.modes != ",".join(ALL_MODES)):
-            parser.error(f"--modes {','.join(asked)}: the naive baseline is Selfie's (per-image P calls); drop it")
-        wanted = [m for m in wanted if m not in SELFIE_ONLY_MODES]
-    args.mode_list = [m for m in ALL_MODES if m in wanted]  # forking modes first, whatever the order given
+        parser.error(f"--modes {','.join(unknown)}: expected some of {', '.join(MODES)}")
+    args.mode_list = [m for m in MODES if m in wanted]  # forking modes first, whatever the order given
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    bench = Bench(args)
-    config = bench.config
-    device_name = f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""
-    header = (
+def describe(bench: Bench) -> str:
+    args, config, device = bench.args, bench.config, bench.device
+    device_name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return (
         f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, device "
-        f"{bench.device}{device_name}; {args.method} on {config.data.image_size}px: {bench.task.describe()}; "
+        f"{device}{device_name}; {args.method} on {config.data.image_size}px: {bench.task.describe()}; "
         f"{config.model.backbone} backbone, width {config.model.width}, batch {args.batch} images, "
         f"{args.precision}{', channels-last' if args.channels_last else ''}{', compiled' if args.compile else ''}; "
         f"data {bench.folder} (ffcv: {bench.beton}); {args.workers} workers; "
         f"{args.windows} windows of {args.window} steps after {args.warmup}"
     )
-    print(header)
-    results = {}
-    for mode in args.mode_list:
-        results[mode] = run_mode(bench, mode)
-        print(f"{mode}: {results[mode]['median']:,.0f} images/s", flush=True)
-        release_memory(bench.device)
-    table = format_tables(results)
+
+
+def compute_figures(bench: Bench, results: dict) -> tuple[dict, str]:
+    """One step's FLOPs and the measured matmul peak; each training mode's achieved TFLOP/s and fraction."""
+    args = bench.args
     flops = step_flops(bench)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    peak = matmul_peak(bench.device, dtype, 8192 if bench.device.type == "cuda" else 2048)
-    compute = {"step_gflop": round(flops / 1e9, 3), "matmul_peak_tflops": round(peak / 1e12, 4)}
-    for mode, r in results.items():
-        if mode in ("synthetic", *LOADERS):
+    peak = matmul_peak(bench.device, DTYPES[args.precision], 8192 if bench.device.type == "cuda" else 2048)
+    for name, r in results.items():
+        if MODES[name].trainer_step:
             achieved = flops * r["median"] / args.batch
             r["achieved_tflops"] = round(achieved / 1e12, 4)
             r["fraction_of_peak"] = round(achieved / peak, 4)
-    table += (
-        f"\n\nOne step: {flops / 1e9:,.1f} GFLOP (forward + backward, torch's FlopCounterMode); measured "
-        f"{args.precision} matmul peak {peak / 1e12:,.3f} TFLOP/s; achieved: "
-        + ", ".join(
-            f"{m} {r['achieved_tflops']:.4f} TFLOP/s ({r['fraction_of_peak']:.1%})"
-            for m, r in results.items()
-            if "achieved_tflops" in r
-        )
+    achieved = ", ".join(
+        f"{m} {r['achieved_tflops']:.4f} TFLOP/s ({r['fraction_of_peak']:.1%})"
+        for m, r in results.items()
+        if "achieved_tflops" in r
     )
+    text = (
+        f"One step: {flops / 1e9:,.1f} GFLOP (forward + backward, torch's FlopCounterMode); measured "
+        f"{args.precision} matmul peak {peak / 1e12:,.3f} TFLOP/s; achieved: {achieved}"
+    )
+    return {"step_gflop": round(flops / 1e9, 3), "matmul_peak_tflops": round(peak / 1e12, 4)}, text
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    bench = Bench(args)
+    header = describe(bench)
+    print(header)
+    results = {}
+    for name in args.mode_list:
+        results[name] = run_mode(bench, name)
+        print(f"{name}: {results[name]['median']:,.0f} images/s", flush=True)
+        release_memory(bench.device)
+    compute, figures = compute_figures(bench, results)
+    table = format_tables(results) + "\n\n" + figures
     print(table)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -619,7 +525,7 @@ def main(argv: list[str] | None = None) -> dict:
         + (f" ({torch.cuda.get_device_name(bench.device)})" if bench.device.type == "cuda" else ""),
         "versions": versions(),
         "args": {k: v for k, v in vars(args).items() if k != "mode_list"},
-        "config": to_dict(config),
+        "config": to_dict(bench.config),
         "results": results,
         "compute": compute,
         "table": table,

@@ -32,6 +32,7 @@ ARCH_BACKBONES = {
     "resnet32": "resnet32",
 }
 ARCHS = tuple(ARCH_BACKBONES)
+POOLED_ARCHS = ("resnet36_attn",)  # the archs that reuse a pretrained attention pooling A
 HEADS = ("linear", "mlp")
 # The parts of ResNet-50 v2 that ResNet-36 v2 provides; its final norm has P's width, not ResNet-50's.
 RESNET50_FROM_P = ("stem.", "stages.0.", "stages.1.", "stages.2.")
@@ -119,17 +120,22 @@ def build_classifier(
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     backbone = build_backbone(ARCH_BACKBONES[arch], width=width, stem=stem)
     pool = None
-    if arch == "resnet36_attn":
+    if arch in POOLED_ARCHS:
         pool = AttentionPooling(backbone.num_features, attn_layers, attn_intermediate, attn_heads, attn_dropout)
     return Classifier(backbone, num_classes, pool, frozen=frozen, head=head, head_hidden=head_hidden)
 
 
 def pretrained_parts(
-    arch: str, state: dict[str, torch.Tensor], encoder_prefix: str = "patch_net.", backbone: str = "resnet36"
+    arch: str,
+    state: dict[str, torch.Tensor],
+    encoder_prefix: str = "patch_net.",
+    backbone: str = "resnet36",
+    pool_prefix: str | None = "pool.",
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors of a pretext model's state dict that initialise `arch`, per submodule:
     {"backbone": ..., "pool": ...}. `encoder_prefix` names its backbone ("patch_net." in Selfie,
-    "backbone." in the rotation methods), `backbone` that backbone's kind."""
+    "backbone." in the rotation methods), `backbone` that backbone's kind, `pool_prefix` its attention
+    pooling A (None: it has none)."""
     if backbone not in pretrained_backbones(arch):
         raise ValueError(
             f"a {backbone} backbone cannot initialise --arch {arch}; expected one pretrained as "
@@ -139,8 +145,10 @@ def pretrained_parts(
     if arch == "resnet50" and backbone == "resnet36":
         encoder = {k: v for k, v in encoder.items() if k.startswith(RESNET50_FROM_P)}
     parts = {"backbone": encoder}
-    if arch == "resnet36_attn":
-        parts["pool"] = {k.removeprefix("pool."): v for k, v in state.items() if k.startswith("pool.")}
+    if arch in POOLED_ARCHS:
+        if pool_prefix is None:
+            raise ValueError(f"--arch {arch} reuses a pretrained attention pooling A, and this model has none")
+        parts["pool"] = {k.removeprefix(pool_prefix): v for k, v in state.items() if k.startswith(pool_prefix)}
     return parts
 
 
@@ -150,6 +158,7 @@ def load_pretrained(
     state: dict[str, torch.Tensor],
     encoder_prefix: str = "patch_net.",
     backbone: str = "resnet36",
+    pool_prefix: str | None = "pool.",
 ) -> list[str]:
     """Copy the pretrained backbone (and A for resnet36_attn) from a pretext model's state dict into
     `classifier` (see `pretrained_parts` for the arguments).
@@ -158,7 +167,7 @@ def load_pretrained(
     Returns the names loaded, as `classifier.state_dict()` names them.
     """
     loaded = []
-    for part, tensors in pretrained_parts(arch, state, encoder_prefix, backbone).items():
+    for part, tensors in pretrained_parts(arch, state, encoder_prefix, backbone, pool_prefix).items():
         module = getattr(classifier, part)
         target = module.state_dict()
         wanted = (
@@ -166,17 +175,21 @@ def load_pretrained(
             if arch == "resnet50" and part == "backbone" and backbone == "resnet36"
             else target
         )
-        missing = [k for k in wanted if k not in tensors]
-        if missing:
-            raise ValueError(f"the checkpoint lacks {len(missing)} tensors of {part}, e.g. {missing[0]}")
-        for key, value in tensors.items():
-            if key not in target:
-                raise ValueError(f"the checkpoint's {part} tensor {key} has no place in {arch}")
-            if value.shape != target[key].shape:
-                raise ValueError(
-                    f"{part}.{key} is {tuple(value.shape)} in the checkpoint but {tuple(target[key].shape)} in "
-                    f"{arch} (a different width or stem)"
-                )
+        _check_fits(part, arch, tensors, target, wanted)
         module.load_state_dict(tensors, strict=False)
         loaded.extend(f"{part}.{key}" for key in tensors)
     return loaded
+
+
+def _check_fits(part: str, arch: str, tensors: dict, target: dict, wanted: list[str]) -> None:
+    missing = [k for k in wanted if k not in tensors]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {len(missing)} tensors of {part}, e.g. {missing[0]}")
+    for key, value in tensors.items():
+        if key not in target:
+            raise ValueError(f"the checkpoint's {part} tensor {key} has no place in {arch}")
+        if value.shape != target[key].shape:
+            raise ValueError(
+                f"{part}.{key} is {tuple(value.shape)} in the checkpoint but {tuple(target[key].shape)} in "
+                f"{arch} (a different width or stem)"
+            )

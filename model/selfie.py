@@ -91,19 +91,24 @@ class Selfie(nn.Module):
         self.pool = AttentionPooling(dim, attn_layers, attn_intermediate, attn_heads, attn_dropout)
         self.position_on_context = position_on_context
 
-    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
-        """(M, C, p, p) -> (M, D): P, then spatial average pooling."""
+    def forward_features(self, patches: torch.Tensor) -> torch.Tensor:
+        """(M, C, p, p) -> (M, D): P, then spatial average pooling (any patches, of any number of images)."""
         return self.patch_net.forward_features(patches).mean(dim=(2, 3))
 
-    def forward(self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
-        """patches (B * N, C, p, p) group-major; context_pos (B, Nc) and masked_pos (B, Nm) int64."""
+    def forward_head(self, features: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
+        """features (B * N, D) of a group-major patch tensor; context_pos (B, Nc), masked_pos (B, Nm) int64:
+        A pools the context, each masked position's query picks among the image's masked patches."""
         batch, num_context = context_pos.shape
-        context, masked = split_context_masked(self.embed_patches(patches), batch, num_context)
+        context, masked = split_context_masked(features, batch, num_context)
         if self.position_on_context:
             context = context + self.position(context_pos).to(context.dtype)
         u = self.pool(context)
         queries = u.unsqueeze(1) + self.position(masked_pos).to(u.dtype)
         return patch_selection_loss(queries, masked)
+
+    def forward(self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
+        """patches (B * N, C, p, p) group-major; context_pos (B, Nc) and masked_pos (B, Nm) int64."""
+        return self.forward_head(self.forward_features(patches), context_pos, masked_pos)
 
 
 def build_selfie(

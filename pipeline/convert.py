@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import atomic_path, write_atomic
 from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_source
 
 # Importing ffcv sets torch's intra-op thread count to 1 (ffcv.pipeline.compiler runs
@@ -138,8 +139,6 @@ def _write(tmp: Path, images: _SourceImages, indices: np.ndarray, options: Conve
     }
     writer = DatasetWriter(str(tmp), fields, num_workers=options.workers or os.cpu_count() or 1)
     writer.from_indexed_dataset(images, indices=list(indices), chunksize=options.chunk_size)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _decode_error(source: Source, index: int) -> str:
@@ -158,6 +157,56 @@ def _stored_size(height: int, width: int, max_resolution: int | None) -> tuple[i
     return int(ratio * height), int(ratio * width)
 
 
+def _check_destination(dst: Path) -> None:
+    if dst.suffix != ".beton":
+        raise DataError(f"--dst {dst}: expected a file name ending in .beton")
+    if not dst.parent.is_dir():
+        raise DataError(f"--dst {dst}: folder {dst.parent} does not exist")
+
+
+def _write_readable(
+    tmp: Path, images: _SourceImages, options: ConvertOptions, fail_on_corrupt: bool, src: str | os.PathLike
+) -> tuple[np.ndarray, list[str]]:
+    """Write every image of the source; when some are unreadable, name them and write the rest again.
+    Returns (indices written, "path: error" of each skipped file)."""
+    source = images.source
+    indices = np.arange(len(source))
+    _write(tmp, images, indices, options)
+    failed = np.flatnonzero(np.frombuffer(images.failed, dtype=np.bool_))
+    skipped = [_decode_error(source, int(i)) for i in failed]
+    if len(failed) and fail_on_corrupt:
+        raise DataError(f"unreadable image {skipped[0]} in {src} (--fail-on-corrupt)")
+    if len(failed) == len(source):
+        raise DataError(f"{src}: none of its {len(source)} images is readable; first: {skipped[0]}")
+    if len(failed):
+        for entry in skipped:
+            print(f"warning: skipped unreadable image {entry}", file=sys.stderr)
+        indices = np.setdiff1d(indices, failed)
+        _write(tmp, images, indices, options)
+    return indices, skipped
+
+
+def _sidecar(tmp: Path, images: _SourceImages, indices: np.ndarray, skipped: list[str], src, split, options) -> dict:
+    from ffcv.reader import Reader
+
+    sizes = np.frombuffer(images.sizes, dtype=np.int32).reshape(-1, 2)[indices]
+    stored = {_stored_size(int(h), int(w), options.max_resolution) for h, w in np.unique(sizes, axis=0)}
+    return {
+        "format": "selfie-trainer beton v1",
+        "fields": list(FIELD_NAMES),
+        "images": int(len(indices)),
+        "classes": list(images.source.classes),
+        "source": str(Path(src).resolve()),
+        "split": split,
+        # One (height, width) when every stored image has it: the loader then decodes without resizing.
+        "uniform_size": list(stored.pop()) if len(stored) == 1 else None,
+        "skipped": skipped,
+        "options": asdict(options),
+        "bytes": tmp.stat().st_size,
+        "fingerprint": fingerprint(Reader(str(tmp))),
+    }
+
+
 def convert(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -166,58 +215,17 @@ def convert(
     fail_on_corrupt: bool = False,
 ) -> dict:
     """Write `src` (its `split`) to the `.beton` file `dst` and its sidecar; returns the sidecar's content."""
-    from ffcv.reader import Reader
-
     options.check()
     dst = Path(dst)
-    if dst.suffix != ".beton":
-        raise DataError(f"--dst {dst}: expected a file name ending in .beton")
-    if not dst.parent.is_dir():
-        raise DataError(f"--dst {dst}: folder {dst.parent} does not exist")
-    source = open_source(src, split)
-    images = _SourceImages(source, stop_at_failure=fail_on_corrupt)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    sidecar_tmp = tmp.with_name(tmp.name + ".json")
+    _check_destination(dst)
+    images = _SourceImages(open_source(src, split), stop_at_failure=fail_on_corrupt)
     started = time.perf_counter()
-    try:
-        indices = np.arange(len(source))
-        _write(tmp, images, indices, options)
-        failed = np.flatnonzero(np.frombuffer(images.failed, dtype=np.bool_))
-        skipped = [_decode_error(source, int(i)) for i in failed]
-        if len(failed) and fail_on_corrupt:
-            raise DataError(f"unreadable image {skipped[0]} in {src} (--fail-on-corrupt)")
-        if len(failed) == len(source):
-            raise DataError(f"{src}: none of its {len(source)} images is readable; first: {skipped[0]}")
-        if len(failed):
-            for entry in skipped:
-                print(f"warning: skipped unreadable image {entry}", file=sys.stderr)
-            indices = np.setdiff1d(indices, failed)
-            _write(tmp, images, indices, options)
-        elapsed = time.perf_counter() - started
-        sizes = np.frombuffer(images.sizes, dtype=np.int32).reshape(-1, 2)[indices]
-        stored = {_stored_size(int(h), int(w), options.max_resolution) for h, w in np.unique(sizes, axis=0)}
-        info = {
-            "format": "selfie-trainer beton v1",
-            "fields": list(FIELD_NAMES),
-            "images": int(len(indices)),
-            "classes": list(source.classes),
-            "source": str(Path(src).resolve()),
-            "split": split,
-            # One (height, width) when every stored image has it: the loader then decodes without resizing.
-            "uniform_size": list(stored.pop()) if len(stored) == 1 else None,
-            "skipped": skipped,
-            "options": asdict(options),
-            "bytes": tmp.stat().st_size,
-            "fingerprint": fingerprint(Reader(str(tmp))),
-            "seconds": round(elapsed, 2),
-        }
-        sidecar_tmp.write_text(json.dumps(info, indent=1))
+    with atomic_path(dst) as tmp:
+        indices, skipped = _write_readable(tmp, images, options, fail_on_corrupt, src)
+        info = _sidecar(tmp, images, indices, skipped, src, split, options)
+        info["seconds"] = round(time.perf_counter() - started, 2)
         # The sidecar first: a .beton under its final name always has its sidecar complete beside it.
-        os.replace(sidecar_tmp, sidecar_path(dst))
-        os.replace(tmp, dst)
-    finally:
-        for path in (tmp, sidecar_tmp):
-            path.unlink(missing_ok=True)
+        write_atomic(sidecar_path(dst), json.dumps(info, indent=1).encode())
     return info
 
 

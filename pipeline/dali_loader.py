@@ -154,6 +154,57 @@ class _Feed:
         return data, labels, indices
 
 
+def _decoded(data, encoded: bool, augment: str, crop_scale: tuple[float, float], gpu: bool):
+    """(images, source shapes) of the external source's batch: files decoded (with the random crop fused
+    into the decoder for `random_resized_crop`), or raw CIFAR pixels moved to the GPU."""
+    from nvidia.dali import fn, types
+
+    if not encoded:
+        return (data.gpu() if gpu else data), fn.shapes(data)
+    shape = fn.peek_image_shape(data)
+    device = "mixed" if gpu else "cpu"
+    if augment == "random_resized_crop":
+        crop = {"random_area": list(crop_scale), "random_aspect_ratio": [3 / 4, 4 / 3], "num_attempts": 10}
+        return fn.decoders.image_random_crop(data, device=device, output_type=types.RGB, **crop), shape
+    return fn.decoders.image(data, device=device, output_type=types.RGB), shape
+
+
+def _sized(images, shape, encoded: bool, augment: str, image_size: int, crop_scale: tuple[float, float]):
+    """The decoded images at S x S: resized crops, evaluation's center crop, or a plain resize."""
+    from nvidia.dali import fn, types
+
+    size = [image_size, image_size]
+    if augment == "random_resized_crop":
+        return (
+            fn.resize(images, size=size)
+            if encoded
+            else fn.random_resized_crop(images, size=size, random_area=list(crop_scale))
+        )
+    if augment == "center_crop":
+        needs_resize = fn.cast((shape[0] != image_size) | (shape[1] != image_size), dtype=types.FLOAT)
+        target = image_size + needs_resize * (image_size / EVAL_CROP_FRACTION - image_size)
+        return fn.crop(fn.resize(images, resize_shorter=target), crop=size)
+    if encoded or image_size != 32:  # CIFAR pixels are already 32 x 32
+        return fn.resize(images, size=size)
+    return images
+
+
+def _augmented(images, augment: str, image_size: int, pad: int):
+    """Zero-pad + random crop (pad_crop_flip), the random flip, and the uint8 CHW layout of the contract."""
+    from nvidia.dali import fn, types
+
+    mirror = 0
+    if augment == "pad_crop_flip":
+        # `values`, not an integer `range`: DALI rounds a continuous draw there, halving the end points.
+        offsets = [float(v) for v in range(-pad, pad + 1)]
+        anchor = fn.cast(fn.random.uniform(values=offsets, shape=[2]), dtype=types.INT32)
+        size = np.array([image_size, image_size], dtype=np.int32)
+        images = fn.slice(images, anchor, size, axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
+    if augment in ("pad_crop_flip", "random_resized_crop"):
+        mirror = fn.random.coin_flip()
+    return fn.crop_mirror_normalize(images, mirror=mirror, dtype=types.UINT8, output_layout="CHW", mean=0.0, std=1.0)
+
+
 def _build_pipeline(
     feed: _Feed,
     encoded: bool,
@@ -166,10 +217,10 @@ def _build_pipeline(
     threads: int,
     seed: int,
 ):
+    """The op list, in order: external source -> decode (or raw pixels) -> S x S -> pad/crop/flip -> CHW."""
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device_id is not None
-    size = [image_size, image_size]
 
     @pipeline_def(
         batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed, prefetch_queue_depth=PREFETCH_DEPTH
@@ -182,47 +233,9 @@ def _build_pipeline(
             dtype=[types.UINT8, types.INT64, types.INT64],
             layout=[None if encoded else "HWC", None, None],
         )
-        if encoded:
-            shape = fn.peek_image_shape(data)
-            decoder_device = "mixed" if gpu else "cpu"
-            if augment == "random_resized_crop":
-                images = fn.decoders.image_random_crop(
-                    data,
-                    device=decoder_device,
-                    output_type=types.RGB,
-                    random_area=list(crop_scale),
-                    random_aspect_ratio=[3 / 4, 4 / 3],
-                    num_attempts=10,
-                )
-            else:
-                images = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
-        else:
-            shape = fn.shapes(data)
-            images = data.gpu() if gpu else data
-            if augment == "random_resized_crop":
-                images = fn.random_resized_crop(images, size=size, random_area=list(crop_scale))
-        if augment == "random_resized_crop":
-            images = fn.resize(images, size=size) if encoded else images
-        elif augment == "center_crop":
-            needs_resize = fn.cast((shape[0] != image_size) | (shape[1] != image_size), dtype=types.FLOAT)
-            target = image_size + needs_resize * (image_size / EVAL_CROP_FRACTION - image_size)
-            images = fn.crop(fn.resize(images, resize_shorter=target), crop=size)
-        elif encoded or image_size != 32:  # CIFAR pixels are already 32 x 32
-            images = fn.resize(images, size=size)
-        mirror = 0
-        if augment == "pad_crop_flip":
-            # `values`, not an integer `range`: DALI rounds a continuous draw there, halving the end points.
-            offsets = [float(v) for v in range(-pad, pad + 1)]
-            anchor = fn.cast(fn.random.uniform(values=offsets, shape=[2]), dtype=types.INT32)
-            images = fn.slice(
-                images, anchor, np.array(size, dtype=np.int32), axes=[0, 1], out_of_bounds_policy="pad", fill_values=0
-            )
-        if augment in ("pad_crop_flip", "random_resized_crop"):
-            mirror = fn.random.coin_flip()
-        images = fn.crop_mirror_normalize(
-            images, mirror=mirror, dtype=types.UINT8, output_layout="CHW", mean=0.0, std=1.0
-        )
-        return images, labels, indices
+        images, shape = _decoded(data, encoded, augment, crop_scale, gpu)
+        images = _sized(images, shape, encoded, augment, image_size, crop_scale)
+        return _augmented(images, augment, image_size, pad), labels, indices
 
     built = pipeline()
     built.build()

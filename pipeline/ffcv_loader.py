@@ -375,12 +375,40 @@ def ffcv_loader(
 
     device = torch.device(device)
     beton, rows = _beton_rows(source)
+    _refuse_unsupported(patch_spec, device, quasi_random, world_size)
+    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
+    threads = torch.get_num_threads()
+    image = image_ops(
+        beton, image_size, augment, pad, crop_scale, device, patch_spec, derive_seed(seed, MASK_STREAM, rank)
+    )
+    loader = Loader(
+        str(beton.path),
+        batch_size=batch_size,
+        num_workers=max(1, workers),
+        os_cache=os_cache and not quasi_random,
+        order=OrderOption.SEQUENTIAL,
+        indices=rows,
+        pipelines={"image": image, "label": _int_ops(), "index": _int_ops()},
+        drop_last=True,
+        batches_ahead=batches_ahead,
+        seed=derive_seed(seed, EPOCH_ORDER_STREAM) % 2**31,  # quasi-random order: the run's, not a random draw
+    )
+    loader.traversal_order = _order_class(_pass_positions(sampler, rows, start_step), quasi_random)(loader)
+    torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count; keep the run's
+    return _batches(loader, beton, _view_of_row(beton, rows), device, patch_spec, threads)
+
+
+def _refuse_unsupported(patch_spec: PatchSpec | None, device: torch.device, quasi_random: bool, world: int) -> None:
     if patch_spec is not None and device.type != "cpu":
         raise ValueError("the in-pipeline patch op is the CPU path; on a GPU the device patch op runs in the step")
-    if quasi_random and world_size > 1:
+    if quasi_random and world > 1:
         raise DataError("--data.ffcv_quasi_random=true works in one process only (FFCV lacks it distributed)")
-    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
-    steps_per_epoch = sampler.steps_per_epoch
+
+
+def _pass_positions(sampler: ShardedBatchSampler, rows: np.ndarray, start_step: int):
+    """k -> the .beton rows of this rank's k-th pass from `start_step` (the first pass starts mid-epoch):
+    the sampler's order, or FFCV's quasi-random order (`inner`) where that is asked for."""
+    steps_per_epoch, batch_size = sampler.steps_per_epoch, sampler.batch_size
     first_epoch, skip = divmod(start_step, steps_per_epoch)
 
     def positions_of_pass(k: int, inner) -> np.ndarray:
@@ -391,29 +419,7 @@ def ffcv_loader(
             order = rows[sampler.rank_batches(epoch).reshape(-1)]
         return order[(skip if k == 0 else 0) * batch_size :].astype(np.uint64)
 
-    threads = torch.get_num_threads()
-    pipelines = {
-        "image": image_ops(
-            beton, image_size, augment, pad, crop_scale, device, patch_spec, derive_seed(seed, MASK_STREAM, rank)
-        ),
-        "label": _int_ops(),
-        "index": _int_ops(),
-    }
-    loader = Loader(
-        str(beton.path),
-        batch_size=batch_size,
-        num_workers=max(1, workers),
-        os_cache=os_cache and not quasi_random,
-        order=OrderOption.SEQUENTIAL,
-        indices=rows,
-        pipelines=pipelines,
-        drop_last=True,
-        batches_ahead=batches_ahead,
-        seed=derive_seed(seed, EPOCH_ORDER_STREAM) % 2**31,  # quasi-random order: the run's, not a random draw
-    )
-    loader.traversal_order = _order_class(positions_of_pass, quasi_random)(loader)
-    torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count; keep the run's
-    return _batches(loader, beton, _view_of_row(beton, rows), device, patch_spec, threads)
+    return positions_of_pass
 
 
 def _int_ops() -> list:

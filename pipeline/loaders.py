@@ -62,10 +62,24 @@ class Backend:
     evaluate: Callable[..., Iterator[Batch]]  # see pipeline.data.eval_loader
     open: Callable[[str | os.PathLike, str], Source]  # (path, "train" | "test") -> the data it reads
     demo: Callable[[str | os.PathLike | None], Path]  # cache dir -> the built-in demo data in its format
+    worker_processes: bool  # its workers are forked processes (fork before any backend leaves threads behind)
+    ready_batches: Callable[[int], int]  # workers -> batches it holds ready ahead of the consumer
+    # keyword options of `train` beyond torch_loader's; "patch_spec": it can cut Selfie's patches itself
+    options: frozenset[str] = frozenset()
+    reads_beton: bool = False  # it reads .beton files (pipeline.convert's), not image folders
 
 
 LOADERS: dict[str, Backend] = {
-    "torch": Backend(torch_loader, eval_loader, open_source, demo_dataset),
-    "dali": Backend(_dali_train, _dali_eval, open_source, demo_dataset),
-    "ffcv": Backend(_ffcv_train, _ffcv_eval, _open_betons, _demo_betons),
+    "torch": Backend(torch_loader, eval_loader, open_source, demo_dataset, True, lambda workers: 4 * max(1, workers)),
+    "dali": Backend(_dali_train, _dali_eval, open_source, demo_dataset, False, lambda workers: 2),
+    "ffcv": Backend(
+        _ffcv_train,
+        _ffcv_eval,
+        _open_betons,
+        _demo_betons,
+        False,
+        lambda workers: 3,
+        frozenset({"patch_spec", "os_cache", "quasi_random"}),
+        reads_beton=True,
+    ),
 }

@@ -25,7 +25,7 @@ def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFi
             "24",
             "--size",
             "64",
-            "--patch",
+            "--patch-size",
             "16",
             "--batch",
             "4",
@@ -76,7 +76,7 @@ def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFi
             str(tmp_path / "t.png"),
         ]
     )
-    assert list(record["results"]) == list(throughput.ALL_MODES)
+    assert list(record["results"]) == list(throughput.MODES)
     for mode, result in record["results"].items():
         assert result["min"] <= result["median"] <= result["max"], mode
     stages = record["results"]["torch"]["stages_ms"]
@@ -94,19 +94,44 @@ def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFi
 @pytest.mark.parametrize("method", ["rotnet", "patch_relnet"])
 def test_throughput_benchmark_times_a_rotation_step(tmp_path, capsys: pytest.CaptureFixture, method: str) -> None:
     args = ["--method", method, "--set", "model.backbone=resnet8", "--width", "0.25", "--batch", "4"]
-    args += ["--modes", "synthetic,torch,no-model:torch", "--workers", "1", "--warmup", "1", "--window", "1"]
+    args += ["--modes", "synthetic,torch,no-model:torch,naive", "--workers", "1", "--warmup", "1", "--window", "1"]
     record = throughput.main([*args, "--windows", "2", "--cache", str(tmp_path)])
-    assert list(record["results"]) == ["synthetic", "torch", "no-model:torch"]
+    assert list(record["results"]) == ["synthetic", "naive", "torch", "no-model:torch"]
     assert set(record["results"]["torch"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
     assert set(record["results"]["no-model:torch"]["stages_ms"]) == {"data", "view op"}
+    # The naive baseline is every method's: its input op and its model, one image at a time.
+    assert set(record["results"]["naive"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
     out = capsys.readouterr().out
     assert f"{4 if method == 'rotnet' else 8} views per image" in out and "| view op ms |" in out
 
 
-def test_throughput_benchmark_refuses_the_naive_baseline_for_a_rotation_method(
-    tmp_path, capsys: pytest.CaptureFixture
-) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        throughput.main(["--method", "rotnet", "--modes", "naive", "--cache", str(tmp_path)])
-    assert exit_info.value.code != 0
-    assert "--modes naive: the naive baseline is Selfie's" in capsys.readouterr().err
+def test_every_registered_method_and_loader_has_its_modes() -> None:
+    from pipeline.loaders import LOADERS
+    from train.methods import METHODS
+
+    assert {"synthetic", "naive", "no-model:naive", *LOADERS, *(f"no-model:{name}" for name in LOADERS)} <= set(
+        throughput.MODES
+    )
+    parser = throughput.arguments()
+    assert parser.parse_args(["--method", list(METHODS)[-1]]).method == list(METHODS)[-1]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--method", "jigsaw"])
+
+
+def test_the_naive_baseline_computes_the_step_the_trainer_computes(tmp_path) -> None:
+    """Selfie per image through the model's public forward: the mean of the images' losses equals the
+    batched step's loss on the same patches (eval mode: batch norm and dropout do not depend on the batch)."""
+    import torch
+
+    args = throughput.parse_args(["--batch", "4", "--width", "0.125", "--cache", str(tmp_path)])
+    args.set = ["model.attn_layers=1", "model.attn_heads=4", "model.attn_intermediate=32"]
+    bench = throughput.Bench(args)
+    bench.net.eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    per_image = throughput.naive_inputs(bench, images, torch.zeros(4, dtype=torch.int64))
+    naive = torch.stack([bench.task.objective(bench.net, inputs)[0] for inputs in per_image]).mean()
+    context = bench.task.num_context
+    patches = torch.cat([p[:context] for p, _, _ in per_image] + [p[context:] for p, _, _ in per_image])  # group-major
+    context_pos, masked_pos = (torch.cat([inputs[k] for inputs in per_image]) for k in (1, 2))
+    batched, _ = bench.task.objective(bench.net, (patches, context_pos, masked_pos))
+    torch.testing.assert_close(naive, batched, rtol=1e-5, atol=1e-5)

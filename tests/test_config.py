@@ -1,9 +1,24 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from train.config import CONFIG_DIR, ConfigError, FinetuneConfig, PretrainConfig, load_config, parse_args, to_dict
-from train.pretrain import STABLE_FLAGS
+from train import finetune, pretrain
+from train.arguments import parse_args
+from train.cli import run_cli
+from train.config import (
+    CONFIG_DIR,
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    allowed_values,
+    load_config,
+    stage_class,
+    to_dict,
+)
+from train.pretrain import stable_flags
+
+STABLE_FLAGS = stable_flags()
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
@@ -89,3 +104,66 @@ def test_unknown_and_mistyped_keys_are_named(tmp_path: Path) -> None:
 def test_to_dict_round_trips() -> None:
     config = load_config(PretrainConfig, "imagenet224")
     assert to_dict(config)["data"]["crop_scale"] == [0.08, 1.0]
+
+
+def choice_keys(cls: type) -> list[tuple[str, tuple[str, ...]]]:
+    """(dotted key, allowed values) of every `choice` key of a stage's config class."""
+    found = []
+
+    def walk(section: type, prefix: str) -> None:
+        for spec in dataclasses.fields(section):
+            key = prefix + spec.name
+            if "choices" in spec.metadata:
+                found.append((key, allowed_values(spec)))
+            elif dataclasses.is_dataclass(spec.type if isinstance(spec.type, type) else None):
+                walk(spec.type, key + ".")
+            elif spec.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(spec.default_factory):
+                walk(spec.default_factory, key + ".")
+
+    walk(stage_class(cls), "")
+    return found
+
+
+STAGES = {"pretrain": (PretrainConfig, pretrain), "finetune": (FinetuneConfig, finetune)}
+CHOICE_KEYS = [(stage, key, allowed) for stage, (cls, _) in STAGES.items() for key, allowed in choice_keys(cls)]
+
+
+def test_every_fixed_set_key_is_declared_as_a_choice() -> None:
+    keys = {key for _, key, _ in CHOICE_KEYS}
+    expected = {"method", "model.backbone", "model.stem", "data.loader", "data.augment", "train.precision"}
+    expected |= {"finetune.arch", "finetune.head", "selfie.patch_op", "model.position_kind"}
+    assert expected <= keys
+
+
+@pytest.mark.parametrize(("stage", "key", "allowed"), CHOICE_KEYS, ids=[f"{s}:{k}" for s, k, _ in CHOICE_KEYS])
+def test_a_bad_choice_exits_2_naming_the_key_and_its_values_before_any_folder_exists(
+    stage: str, key: str, allowed: tuple[str, ...], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    module = STAGES[stage][1]
+    setting = ["--method", "bogus"] if key == "method" else [f"--{key}=bogus"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(module.main, [*setting, "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and key in error[0] and "bogus" in error[0], error
+    assert all(value in error[0] for value in allowed), error
+    assert list(tmp_path.iterdir()) == []  # no run folder, no runs/, no config.yaml
+
+
+def test_command_line_values_are_read_by_the_keys_type() -> None:
+    config, _ = parse_args(
+        ["--train.precision=no", "--optim.weight_decay=1e-4", "--optim.lr=1.0e30", "--data.path=1e3"],
+        PretrainConfig,
+        STABLE_FLAGS,
+        "test",
+    )
+    assert config.train.precision == "no" and config.optim.weight_decay == 1e-4 and config.optim.lr == 1e30
+    assert config.data.path == "1e3"  # a string key keeps the text
+
+
+def test_a_bad_range_names_the_flag_and_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"--steps 0 \(train.steps\): expected a positive number of steps"):
+        parse_args(["--steps", "0"], PretrainConfig, STABLE_FLAGS, "test")
+    with pytest.raises(ConfigError, match=r"model.width -1.0: expected a positive multiplier"):
+        parse_args(["--model.width=-1"], PretrainConfig, STABLE_FLAGS, "test")

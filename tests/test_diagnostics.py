@@ -6,16 +6,9 @@ import torch
 from PIL import Image
 
 from model.selfie import build_selfie
-from train.diagnostics import (
-    PICTURE_GAP,
-    RIGHT_BORDER,
-    WRONG_BORDER,
-    patch_picture,
-    picture_size,
-    plot_curves,
-    render_patch_picture,
-    write_png,
-)
+from train.diagnostics import plot_curves
+from train.methods.selfie import patch_picture
+from train.pictures import PICTURE_GAP, RIGHT_BORDER, WRONG_BORDER, picture_size, render_patch_picture, write_png
 
 
 def fixed_inputs(batch: int = 4, size: int = 32, patch: int = 8, num_context: int = 12):
@@ -90,3 +83,17 @@ def test_curves_are_drawn_from_the_log(tmp_path: Path) -> None:
     plot_curves(log, tmp_path / "curves.png", "title")
     width, height = Image.open(tmp_path / "curves.png").size
     assert width == 1600 and height == 320  # four panels of 4 x 3.2 inches at 100 dpi
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "log.jsonl"]  # no temporary file left
+
+
+def test_curve_panels_take_whatever_metrics_the_log_has(tmp_path: Path) -> None:
+    """A method's own accuracy key (any `*_acc`) is drawn without being named anywhere."""
+    from train.diagnostics import CURVE_PANELS
+
+    wanted = dict(CURVE_PANELS)
+    assert wanted["accuracy"]("toy_acc") and wanted["accuracy"]("chance_acc") and not wanted["accuracy"]("loss")
+    assert wanted["loss"]("loss") and wanted["loss"]("test_loss") and not wanted["loss"]("lr")
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "toy_acc": 0.1 * s}) + "\n" for s in range(1, 4)))
+    plot_curves(log, tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").size == (400, 320)  # one panel: accuracy

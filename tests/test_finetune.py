@@ -227,12 +227,13 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
     wrong_kind = tmp_path / "tuned"
     assert finetune([*FAST, "--data", str(demo_root), "--out", str(wrong_kind)], tmp_path).returncode == 0
     cases = [
-        (["--label-fraction", "0"], "--label-fraction 0.0: expected a fraction in (0, 1]"),
-        (["--label-fraction", "1.5"], "--label-fraction 1.5: expected a fraction in (0, 1]"),
+        (["--label-fraction", "0"], "--label-fraction 0.0 (finetune.label_fraction): expected a fraction in (0, 1]"),
+        (["--label-fraction", "1.5"], "--label-fraction 1.5 (finetune.label_fraction): expected a fraction in"),
         (["--per-class", "170"], "has 160 training images, fewer than --per-class 170"),
         (["--data", str(no_test_split)], "no test split"),
         (["--data", str(other_classes)], "the test split's 11 classes differ from the training split's 10"),
-        (["--model.stem=tiny"], "model settings do not build --arch resnet50: stem must be one of"),
+        (["--model.stem=tiny"], "model.stem 'tiny': expected one of imagenet, small"),
+        (["--model.attn_heads=7", "--arch", "resnet36_attn"], "model settings do not build --arch resnet36_attn"),
         (
             ["--init", str(wrong_kind / "seed_0" / "checkpoints" / "step_00000002.pt")],
             "a 'finetune' checkpoint; expected",
@@ -242,8 +243,11 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         (["--init", str(pretrained_run), "--arch", "resnet36_attn", "--model.attn_heads=8"], "model.attn_heads=4"),
         (["--init", str(tmp_path / "nowhere")], "no such file or folder"),
         (["--init", str(pretrained_run), "--linear-probe"], "resnet50's stage 4 is not pretrained"),
-        (["--arch", "vit"], "--arch vit: expected one of resnet50, resnet36_attn, resnet36, resnet8, resnet32"),
-        (["--head", "deep"], "--head deep: expected one of linear, mlp"),
+        (
+            ["--arch", "vit"],
+            "--arch vit (finetune.arch): expected one of resnet50, resnet36_attn, resnet36, resnet8, resnet32",
+        ),
+        (["--head", "deep"], "--head deep (finetune.head): expected one of linear, mlp"),
         (["--init", str(pretrained_run), "--arch", "resnet8"], "a resnet36 backbone cannot initialise --arch resnet8"),
         (["--seeds", "0"], "--seeds 0"),
         (["--label-fraction", "0.01"], "the labelled subset has 16 images, fewer than one global batch of 32"),

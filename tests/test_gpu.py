@@ -5,6 +5,8 @@ import torch
 
 from model.selfie import build_selfie
 from pipeline.patches import patchify_and_mask, sample_context_permutation
+from train.methods import METHODS
+from train.methods.rotation import RotationMethod
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -117,7 +119,7 @@ def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> No
 
 def test_rotation_views_on_gpu_equal_cpu() -> None:
     """Turns and pastes are exact on either device; only the antialiased resize may round differently."""
-    from pipeline.rotations import paste, quarter_turns, rotation_views
+    from pipeline.rotation_views import paste, quarter_turns, rotation_views
 
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -141,15 +143,16 @@ def test_rotation_views_on_gpu_equal_cpu() -> None:
     torch.testing.assert_close(gpu.views[4 * 6 :].cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["rotnet", "patch_rotnet", "patch_relnet"])
+@pytest.mark.parametrize("method", [name for name, cls in METHODS.items() if issubclass(cls, RotationMethod)])
 def test_rotation_bf16_channels_last_step_on_gpu_matches_fp32_loss_closely(method: str) -> None:
-    from model.rotation import ROTATION_METHODS, build_rotation
-    from pipeline.rotations import rotation_views
+    from model.view_classifier import build_view_classifier
+    from pipeline.rotation_views import rotation_views
 
     torch.manual_seed(0)
-    model = build_rotation(method, "resnet32", width=1.0).cuda().eval()
+    spec = METHODS[method]
+    model = build_view_classifier(spec.num_classes, spec.relation, "resnet32").cuda().eval()
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
-    views = ROTATION_METHODS[method].num_views
+    views = spec.num_views
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     fp32_views = rotation_views(images, views, 0.4, mean, std, torch.Generator("cuda").manual_seed(0))
     fp32 = model(fp32_views.views, fp32_views.labels)

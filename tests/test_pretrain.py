@@ -13,6 +13,8 @@ import torch
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT, TINY, demo_data_for, kill_when_exists, pretrain, run_concurrently, run_script
+from train.methods import METHODS
+from train.methods.rotation import RotationMethod
 
 pytestmark = pytest.mark.slow
 
@@ -203,8 +205,11 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["--loader", "magic"], "--loader magic"),
         (["--batch-size", "0"], "--batch-size 0"),
         (["--seed", "-1"], "--seed -1"),
-        (["--selfie.patch_op=magic"], "selfie.patch_op: patch op must be one of"),
-        (["--method", "jigsaw"], "--method jigsaw: expected one of selfie, rotnet, patch_rotnet, patch_relnet"),
+        (["--selfie.patch_op=magic"], "selfie.patch_op 'magic': expected one of auto, reference, triton, numba"),
+        (
+            ["--method", "jigsaw"],
+            "--method jigsaw (method): expected one of selfie, rotnet, patch_rotnet, patch_relnet",
+        ),
         (["--method", "patch_rotnet", "--patch-ratio", "1.2"], "--patch-ratio 1.2: patch ratio must lie in (0, 1)"),
         (["--model.backbone=vgg"], "model.backbone 'vgg': expected one of resnet36, resnet50, resnet8, resnet32"),
     ]
@@ -258,7 +263,7 @@ def test_resume_may_switch_loader_but_not_the_data_size(tmp_path: Path, demo_roo
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
-@pytest.mark.parametrize("method", ["rotnet", "patch_rotnet", "patch_relnet"])
+@pytest.mark.parametrize("method", [name for name, cls in METHODS.items() if issubclass(cls, RotationMethod)])
 def test_every_rotation_method_trains_with_every_loader(
     tmp_path: Path, demo_root: Path, method: str, loader: str
 ) -> None:

@@ -40,7 +40,7 @@ def test_model_loss_matches_naive_pipeline() -> None:
     out = model(patches, perm[:, :12], perm[:, 12:])
     # Per sample: embed its own patches, pool its context, score its masked slots.
     with torch.no_grad():
-        h = model.embed_patches(patches)
+        h = model.forward_features(patches)
     context, masked = h[:36].view(3, 12, -1), h[36:].view(3, 4, -1)
     u = model.pool(context + model.position(perm[:, :12]))
     loss, accuracy = naive_loss(u.double(), model.position(perm[:, 12:]).double(), masked.double())

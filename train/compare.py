@@ -20,16 +20,18 @@ error bars, and the gain).
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import io
 from pathlib import Path
 
 import matplotlib
-from accelerate import PartialState
 
+from pipeline.atomic import write_atomic
 from train import finetune
-from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
-from train.config import ConfigError, FinetuneConfig, parse_args
+from train.arguments import parse_args
+from train.cli import run_cli
+from train.config import ConfigError, FinetuneConfig
+from train.grid import RUN_OWNED, cell, refuse_owned_flags, run_finetuning, seeds_note, write_table
+from train.pretrained import load_init
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -67,8 +69,7 @@ def format_table(cells: dict[str, dict[str, dict]], columns: list[str], title: s
         )
     deltas = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
     lines.append("| Δ | " + " | ".join(f"{d:+.1f}" for d in deltas) + " |")
-    seeds = sorted({cells[row][c]["seeds"] for row, _ in ROWS for c in columns})
-    lines += ["", f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, seeds))} seeds."]
+    lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns})]
     return "\n".join(lines) + "\n"
 
 
@@ -94,28 +95,25 @@ def plot_comparison(
     left.legend()
     figure.suptitle(title)
     figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp")
-    figure.savefig(tmp, format="png", dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    os.replace(tmp, path)
+    write_atomic(path, buffer.getvalue())
 
 
 def run_cell(out: Path, row: str, column_flag: str, value: float | int, init: str, passthrough: list[str]) -> dict:
-    """One fine-tuning run. A folder that holds a run is resumed: finetune.py refuses it when its config
-    differs, reads its finished seeds back and continues the rest."""
+    """One fine-tuning run, reused or resumed when its folder holds one."""
     folder = out / f"{row}-{column_flag.lstrip('-')}-{value:g}"
-    resume = any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob("seed_*/checkpoints/*"))
-    args = [*passthrough, "--init", init, column_flag, str(value), "--out", str(folder)]
-    return finetune.main(args + (["--resume"] if resume else []))
+    return run_finetuning(folder, [*passthrough, "--init", init, column_flag, str(value)])
+
+
+COLUMN_OWNED = RUN_OWNED | {"--init", "--label-fraction", "--per-class", "--finetune.label_fraction"}
+COLUMN_OWNED |= {"--finetune.per_class", "--finetune.init"}
 
 
 def check_before_running(args: argparse.Namespace, passthrough: list[str], column_flag: str, values: list) -> None:
     """Everything a cell would refuse, refused before the first cell spends hours training."""
-    own = {"--init", "--out", "--resume", "--label-fraction", "--per-class", "--finetune.label_fraction"}
-    own |= {"--finetune.per_class", "--finetune.init", "--train.out", "--train.resume"}
-    clashes = sorted({token.split("=")[0] for token in passthrough} & own)
-    if clashes:
-        raise ConfigError(f"{', '.join(clashes)}: set by compare.py per column and row; use --fractions/--per-class")
+    refuse_owned_flags(passthrough, COLUMN_OWNED, "compare.py per column and row", "--fractions/--per-class")
     for value in values:
         if column_flag == "--per-class" and value <= 0:
             raise ConfigError(f"--per-class {value}: expected positive counts")
@@ -126,10 +124,11 @@ def check_before_running(args: argparse.Namespace, passthrough: list[str], colum
             [*passthrough, "--init", init, column_flag, str(values[0])], FinetuneConfig, finetune.STABLE_FLAGS, ""
         )
         finetune.validate(config)
-        finetune.load_init(config)
+        load_init(config)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], str, list]:
+    """(args, flags for finetune.py, the column flag, its values)."""
     parser = argparse.ArgumentParser(
         description="Pretrained vs. supervised fine-tuning over label fractions (paper Table 1 / Figure 4)",
         epilog="Other flags go to train/finetune.py for both rows: --config, --data, --steps, --arch, ...",
@@ -142,9 +141,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--title", default="", help="table and plot title (default: data and init)")
     args, passthrough = parser.parse_known_args(argv)
     if args.per_class:
-        column_flag, values = "--per-class", parse_columns(args.per_class, int, "--per-class")
-    else:
-        column_flag, values = "--label-fraction", parse_columns(args.fractions, float, "--fractions")
+        return args, passthrough, "--per-class", parse_columns(args.per_class, int, "--per-class")
+    return args, passthrough, "--label-fraction", parse_columns(args.fractions, float, "--fractions")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, passthrough, column_flag, values = parse(argv)
     check_before_running(args, passthrough, column_flag, values)
     init_name = Path(args.init).name if Path(args.init).is_dir() else Path(args.init).parent.parent.name
     out = Path(args.out or Path("runs") / f"compare-{init_name}")
@@ -153,20 +155,14 @@ def main(argv: list[str] | None = None) -> dict:
     for value, label in zip(values, labels, strict=True):
         for row, init in ROWS:
             results = run_cell(out, row, column_flag, value, init or args.init, passthrough)
-            accuracy = results["accuracy"]
-            cells[row][label] = {"mean": accuracy["mean"], "std": accuracy["std"], "seeds": len(accuracy["per_seed"])}
-            data = results["config"]["data"]["path"] or "demo data"
-            arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
+            cells[row][label] = cell(results)
+    data = results["config"]["data"]["path"] or "demo data"
+    arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
     title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"
-    table = format_table(cells, labels, title)
-    if PartialState().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "table.md", table.encode())
-        summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}
-        write_atomic(out / "table.json", json.dumps(summary, indent=1).encode())
+    summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}
+    if write_table(out, format_table(cells, labels, title), summary):
         xlabel = "labelled images per class" if args.per_class else "fraction of labels"
         plot_comparison(cells, labels, [float(v) for v in values], xlabel, out / "accuracy_vs_labels.png", title)
-        print(table)
         print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_labels.png'}")
     return {"out": str(out), "cells": cells}
 

@@ -2,45 +2,84 @@
 
 One YAML describes an experiment for both stages. Its top-level sections (data, model, ...) are shared;
 a `pretraining:` block and a `finetuning:` block hold what differs per stage (optim, train, and the
-stage's own section), so `--config demo` means the same data and network to both scripts.
+stage's own sections), so `--config demo` means the same data and network to both scripts.
 
 Precedence: dataclass defaults < the YAML's shared sections < its block for this stage < stable flags
 (--lr ...) and --section.key=value overrides. A key that no dataclass declares is an error that names it,
-in either stage's block.
+in either stage's block. A key with a fixed set of values (`choice`) or a range (`checked`) declares it
+where it is defined, and every value is checked when the config is parsed, before anything is written.
+
+Plug-ins add sections: a pretext method registers its own (train/methods/), and `stage_class` gives a
+stage's config class with every registered section in it.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import functools
+import importlib
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import yaml
 
+from model.backbones import BACKBONES
+from model.classifier import ARCHS, HEADS
+from model.resnet_v2 import STEMS
+from model.selfie import POSITION_KINDS
+from pipeline.data import AUGMENTS
+from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("no", "bf16", "fp16")
+# The package whose import registers the built-in pretext methods and their config sections.
+PLUGIN_PACKAGE = "train.methods"
 
 
 class ConfigError(ValueError):
     """A bad configuration value or key; the message names it and says what was expected."""
 
 
+def choice(
+    allowed: Iterable[str] | Callable[[], Iterable[str]], default: Any = dataclasses.MISSING, **kwargs: Any
+) -> Any:
+    """A string key with a fixed set of values: a tuple, or a callable that lists a registry's names."""
+    return field(default=default, metadata={"choices": allowed}, **kwargs)
+
+
+def checked(default: Any, ok: Callable[[Any], bool], expected: str) -> Any:
+    """A key whose value must satisfy `ok`; `expected` says what it must be ("a positive integer")."""
+    return field(default=default, metadata={"ok": ok, "expected": expected})
+
+
+def allowed_values(spec: dataclasses.Field) -> tuple[str, ...]:
+    allowed = spec.metadata["choices"]
+    return tuple(allowed() if callable(allowed) else allowed)
+
+
+def positive(value: float) -> bool:
+    return value > 0
+
+
+def non_negative(value: float) -> bool:
+    return value >= 0
+
+
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageNet-layout folder or CIFAR-10 python folder; None = built-in demo data
-    loader: str = "torch"  # loader backend: torch | dali | ffcv (see pipeline.loaders)
-    image_size: int = 32  # training resolution S: images reach the patch op as S x S
-    augment: str = "pad_crop_flip"  # pad_crop_flip (32x32) | random_resized_crop (224) | none
-    pad: int = 4  # zero padding of pad_crop_flip, pixels per side
+    loader: str = choice(lambda: LOADERS, "torch")  # loader backend (pipeline/loaders.py)
+    image_size: int = checked(32, positive, "a positive number of pixels")  # training resolution S
+    augment: str = choice(AUGMENTS, "pad_crop_flip")  # pad_crop_flip (32x32) | random_resized_crop (224) | none
+    pad: int = checked(4, non_negative, "a number of pixels >= 0")  # zero padding of pad_crop_flip, per side
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of random_resized_crop
-    workers: int = 2  # loader worker processes per training process (0 = load in the main process)
+    # loader worker processes per training process (0 = load in the main process)
+    workers: int = checked(2, non_negative, "a number of processes >= 0")
     fail_on_corrupt: bool = False  # an unreadable image stops the run instead of being skipped and logged
     ffcv_os_cache: bool = True  # ffcv: read through the OS page cache (shared by the ranks of a node)
     ffcv_quasi_random: bool = False  # ffcv: quasi-random order for data larger than RAM (one process only)
@@ -62,84 +101,123 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 120_000  # optimizer steps (paper: 120k)
-    batch_size: int = 512  # global batch: images per optimizer step over all processes
-    seed: int = 0  # drives data order, augmentation, masks and initialisation
-    precision: str = "no"  # no | bf16 | fp16 autocast, through Accelerate
-    cpu_threads: int = 0  # intra-op threads per process on a CPU; 0 = available cores / local processes
+    steps: int = checked(120_000, positive, "a positive number of steps")  # optimizer steps (paper: 120k)
+    # global batch: images per optimizer step over all processes
+    batch_size: int = checked(512, positive, "a positive number of images")
+    seed: int = checked(0, non_negative, "an integer >= 0")  # drives data order, augmentation, masks, init
+    precision: str = choice(PRECISIONS, "no")  # no | bf16 | fp16 autocast, through Accelerate
+    # intra-op threads per process on a CPU; 0 = available cores / local processes
+    cpu_threads: int = checked(0, non_negative, "a number of threads >= 0")
     channels_last: bool = False  # NHWC patches and weights (faster convolutions on tensor-core GPUs)
-    log_every: int = 10  # steps between log.jsonl records
-    checkpoint_every: int = 1000  # steps between checkpoints; a killed run loses at most this many
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    log_every: int = checked(10, positive, "a positive number of steps")  # steps between log.jsonl records
+    # steps between checkpoints; a killed run loses at most this many
+    checkpoint_every: int = checked(1000, positive, "a positive number of steps")
+    keep_checkpoints: int = checked(2, positive, "a positive count")  # newest checkpoints kept on disk
     out: str | None = None  # run folder; None = runs/<config>-<timestamp>
     resume: bool = False  # continue from the newest checkpoint in `out`
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet36"  # encoder (model/backbones.py): resnet36 (Selfie's P) | resnet50 | resnet8 | resnet32
-    width: float = 1.0  # width multiplier of the backbone (resnet36 at 1.0: ResNet-50 widths, 1024-d vectors)
-    stem: str = "small"  # small (3x3 stride 1, for 8x8 patches) | imagenet (7x7 stride 2 + max-pool)
-    attn_layers: int = 3  # attention pooling blocks (paper: 3)
-    attn_intermediate: int = 640  # feed-forward size inside each block (paper: 640)
-    attn_heads: int = 32  # attention heads (paper: 32); must divide the patch vector size
-    attn_dropout: float = 0.1  # on attention weights and before each residual (paper: 0.1)
-    position_kind: str = "auto"  # auto (per-position up to 4x4 grids, row+column above) | full | rowcol
+    # encoder (model/backbones.py): resnet36 (Selfie's P) | resnet50 | resnet8 | resnet32
+    backbone: str = choice(lambda: BACKBONES, "resnet36")
+    # width multiplier of the backbone (resnet36 at 1.0: ResNet-50 widths, 1024-d vectors)
+    width: float = checked(1.0, positive, "a positive multiplier")
+    stem: str = choice(STEMS, "small")  # small (3x3 stride 1, for 8x8 patches) | imagenet (7x7 stride 2 + max-pool)
+    attn_layers: int = checked(3, positive, "a positive number of blocks")  # attention pooling blocks (paper: 3)
+    # feed-forward size inside each block (paper: 640)
+    attn_intermediate: int = checked(640, positive, "a positive size")
+    # attention heads (paper: 32); must divide the patch vector size
+    attn_heads: int = checked(32, positive, "a positive number of heads")
+    # on attention weights and before each residual (paper: 0.1)
+    attn_dropout: float = checked(0.1, lambda p: 0 <= p < 1, "a probability in [0, 1)")
+    # auto (per-position up to 4x4 grids, row+column above) | full | rowcol
+    position_kind: str = choice(POSITION_KINDS, "auto")
     position_on_context: bool = True  # add position embeddings to context patches before A
 
 
 @dataclass
-class SelfieConfig:
-    patch_size: int = 8  # patch side in pixels; must divide data.image_size (paper: 8 on 32, 32 on 224)
-    context_fraction: float = 0.75  # fraction p of patches given as context (paper: 0.75 or 0.5)
-    patch_op: str = "auto"  # auto (triton on CUDA, numba on CPU) | reference (plain torch) | triton | numba
-
-
-@dataclass
-class RotationConfig:
-    patch_ratio: float = 0.4  # patch_rotnet/patch_relnet: pasted patch side / image side (paper: 0.3, 0.4, 0.5)
-
-
-@dataclass
-class PretrainConfig:
-    STAGE: ClassVar[str] = "pretraining"
-    method: str = "selfie"  # pretext task: selfie | rotnet | patch_rotnet | patch_relnet (train/pretrain.py)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    selfie: SelfieConfig = field(default_factory=SelfieConfig)
-    rotation: RotationConfig = field(default_factory=RotationConfig)
-
-
-@dataclass
 class FinetuneSection:
-    init: str = "none"  # pretraining run folder or checkpoint file that initialises the backbone; none = from scratch
+    # pretraining run folder or checkpoint file that initialises the backbone; none = from scratch
+    init: str = "none"
     # resnet50 (a pretrained resnet36 as stages 1-3 + fresh stage 4, or a whole resnet50) | resnet36_attn
     # (Selfie's P + its pretrained A) | resnet36 | resnet8 | resnet32 (the pretrained backbone itself)
-    arch: str = "resnet50"
-    label_fraction: float = 1.0  # fraction of the training split used with labels, in (0, 1]; stratified per class
-    per_class: int = 0  # labelled images per class; when > 0 it replaces label_fraction
-    seeds: int = 1  # runs with seeds train.seed, train.seed + 1, ...; reports mean ± std (paper: 5)
+    arch: str = choice(ARCHS, "resnet50")
+    # fraction of the training split used with labels, in (0, 1]; stratified per class
+    label_fraction: float = checked(1.0, lambda f: 0 < f <= 1, "a fraction in (0, 1], e.g. 0.05 for 5%")
+    # labelled images per class; when > 0 it replaces label_fraction
+    per_class: int = checked(0, non_negative, "a count >= 0 (0 = use label_fraction)")
+    # runs with seeds train.seed, train.seed + 1, ...; reports mean ± std (paper: 5)
+    seeds: int = checked(1, positive, "a positive number of seeds")
     linear_probe: bool = False  # freeze the pretrained backbone (batch norm in eval mode); train only the head
-    head: str = "linear"  # linear | mlp (two fully connected layers: the rotation paper's Linear/Tuned protocol)
-    head_hidden: int = 512  # hidden units of the mlp head (the paper does not give its size)
-    eval_every: int = 0  # steps between test-set evaluations in log.jsonl; 0 = only after the last step
-    eval_batch_size: int = 256  # global batch size of test-set evaluation
+    head: str = choice(HEADS, "linear")  # linear | mlp (two fully connected layers: the rotation paper's protocol)
+    # hidden units of the mlp head (the paper does not give its size)
+    head_hidden: int = checked(512, positive, "a positive number of units")
+    # steps between test-set evaluations in log.jsonl; 0 = only after the last step
+    eval_every: int = checked(0, non_negative, "a number of steps >= 0")
+    # global batch size of test-set evaluation
+    eval_batch_size: int = checked(256, positive, "a positive number of images")
 
 
 @dataclass
-class FinetuneConfig:
-    STAGE: ClassVar[str] = "finetuning"
+class StageConfig:
+    """What both stages share: the data, the optimizer, the run, the network."""
+
+    STAGE: ClassVar[str] = ""  # the YAML block of this stage
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)  # must match the pretraining run's (P and A shapes)
+    model: ModelConfig = field(default_factory=ModelConfig)  # fine-tuning: must match the pretraining run's
+
+
+def method_names() -> list[str]:
+    return list(importlib.import_module(PLUGIN_PACKAGE).METHODS)
+
+
+def default_method() -> str:
+    return importlib.import_module(PLUGIN_PACKAGE).default_method()
+
+
+@dataclass
+class PretrainConfig(StageConfig):
+    STAGE: ClassVar[str] = "pretraining"
+    method: str = choice(method_names, default_factory=default_method)  # pretext task (train/methods/)
+
+
+@dataclass
+class FinetuneConfig(StageConfig):
+    STAGE: ClassVar[str] = "finetuning"
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
 
-STAGE_CONFIGS: dict[str, type] = {cls.STAGE: cls for cls in (PretrainConfig, FinetuneConfig)}
-C = TypeVar("C")
+BASE_STAGES: tuple[type[StageConfig], ...] = (PretrainConfig, FinetuneConfig)
+# stage -> {section name: its dataclass}, filled by the plug-ins that `add_section`
+PLUGIN_SECTIONS: dict[str, dict[str, type]] = {cls.STAGE: {} for cls in BASE_STAGES}
+C = TypeVar("C", bound=StageConfig)
+
+
+def add_section(stage: type[StageConfig], name: str, settings: type) -> None:
+    """Give `stage` the config section `name` (a dataclass; every field with a default)."""
+    sections = PLUGIN_SECTIONS[stage.STAGE]
+    if name in {f.name for f in dataclasses.fields(stage)}:
+        raise ValueError(f"config section {name!r} is already a key of the {stage.STAGE} config")
+    if sections.get(name, settings) is not settings:
+        raise ValueError(f"config section {name!r} is already registered as {sections[name].__name__}")
+    sections[name] = settings
+
+
+def stage_class(cls: type[C]) -> type[C]:
+    """`cls` with every registered plug-in section as a field (the built-in methods are imported first)."""
+    importlib.import_module(PLUGIN_PACKAGE)
+    return _with_sections(cls, tuple(PLUGIN_SECTIONS[cls.STAGE].items()))
+
+
+@functools.cache
+def _with_sections(cls: type[C], sections: tuple[tuple[str, type], ...]) -> type[C]:
+    if not sections:
+        return cls
+    fields = [(name, settings, field(default_factory=settings)) for name, settings in sections]
+    return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
@@ -159,13 +237,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 errors.append(str(error))
         raise ConfigError(errors[0])
     if origin in (tuple, list):
-        args = typing.get_args(hint)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"config key {key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
-            raise ConfigError(f"config key {key}: expected {len(args)} values, got {list(value)}")
-        item_hints = args if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
-        return origin(_coerce(v, h, key) for v, h in zip(value, item_hints, strict=True))
+        return _coerce_sequence(value, hint, key)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -187,6 +259,16 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     raise TypeError(f"config key {key}: unsupported type {hint}")
 
 
+def _coerce_sequence(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"config key {key}: expected a list, got {value!r}")
+    if origin is tuple and args and args[-1] is not Ellipsis and len(args) != len(value):
+        raise ConfigError(f"config key {key}: expected {len(args)} values, got {list(value)}")
+    item_hints = args if origin is tuple and Ellipsis not in args else [args[0]] * len(value)
+    return origin(_coerce(v, h, key) for v, h in zip(value, item_hints, strict=True))
+
+
 def _apply(config: Any, updates: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(config))
     names = [f.name for f in dataclasses.fields(config)]
@@ -206,6 +288,25 @@ def _apply(config: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(config, name, _coerce(value, hints[name], key))
 
 
+def check_values(config: Any, flags: dict[str, str] | None = None, prefix: str = "") -> None:
+    """Every `choice` and `checked` key of `config` holds an allowed value, or ConfigError names the key
+    (and the stable flag it came from, in `flags`: key -> flag) and what it allows."""
+    for spec in dataclasses.fields(config):
+        key, value = f"{prefix}{spec.name}", getattr(config, spec.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, flags, key + ".")
+            continue
+        if "choices" in spec.metadata and value not in allowed_values(spec):
+            expected = f"one of {', '.join(allowed_values(spec))}"
+        elif "ok" in spec.metadata and not spec.metadata["ok"](value):
+            expected = spec.metadata["expected"]
+        else:
+            continue
+        flag = (flags or {}).get(key)
+        named = f"{flag} {value} ({key})" if flag else f"{key} {value!r}"
+        raise ConfigError(f"{named}: expected {expected}")
+
+
 def resolve_config_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
@@ -219,43 +320,61 @@ def resolve_config_path(name_or_path: str) -> Path:
     return builtin
 
 
-def load_config(cls: type[C], name_or_path: str, overrides: dict[str, Any] | None = None) -> C:
-    """Defaults of `cls`, then the YAML file (shared sections, then this stage's block), then `overrides`
-    ({"optim.lr": 0.2, ...}). Both stages' blocks are checked, so a typo anywhere in the file is an error."""
-    path = resolve_config_path(name_or_path)
+def read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    shared = {key: value for key, value in loaded.items() if key not in STAGE_CONFIGS}
-    declared = {f.name for stage_cls in STAGE_CONFIGS.values() for f in dataclasses.fields(stage_cls)}
-    built: dict[type, Any] = {}
+    return loaded
+
+
+def _stage_configs(loaded: dict[str, Any]) -> dict[str, StageConfig]:
+    """Every stage's config from one YAML: its shared sections, then the stage's block, values checked."""
+    classes = {cls.STAGE: stage_class(cls) for cls in BASE_STAGES}
+    shared = {key: value for key, value in loaded.items() if key not in classes}
+    declared = {f.name for stage_cls in classes.values() for f in dataclasses.fields(stage_cls)}
+    for key in shared:
+        if key not in declared:
+            raise ConfigError(
+                f"unknown config key '{key}'; valid top-level keys: {', '.join(sorted(declared))}, {', '.join(classes)}"
+            )
+    built = {}
+    for stage, stage_cls in classes.items():
+        block = loaded.get(stage) or {}
+        if not isinstance(block, dict):
+            raise ConfigError(f"config key {stage}: expected a section of keys, got {block!r}")
+        names = {f.name for f in dataclasses.fields(stage_cls)}
+        config = stage_cls()
+        _apply(config, {key: value for key, value in shared.items() if key in names})
+        _apply(config, block, f"{stage}.")
+        check_values(config, prefix=f"{stage}.")
+        built[stage] = config
+    return built
+
+
+def nest(dotted: str, value: Any) -> dict[str, Any]:
+    """ "a.b.c", v -> {"a": {"b": {"c": v}}}."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    return value
+
+
+def load_config(
+    cls: type[C], name_or_path: str, overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None
+) -> C:
+    """Defaults of `cls`, then the YAML file (shared sections, then this stage's block), then `overrides`
+    ({"optim.lr": 0.2, ...}). Both stages' blocks are checked, so a typo anywhere in the file is an error;
+    `flags` (key -> flag) lets an error name the flag a bad value came from."""
+    path = resolve_config_path(name_or_path)
     try:
-        for key in shared:
-            if key not in declared:
-                raise ConfigError(
-                    f"unknown config key '{key}'; valid top-level keys: {', '.join(sorted(declared))}, "
-                    f"{', '.join(STAGE_CONFIGS)}"
-                )
-        for stage, stage_cls in STAGE_CONFIGS.items():
-            block = loaded.get(stage) or {}
-            if not isinstance(block, dict):
-                raise ConfigError(f"config key {stage}: expected a section of keys, got {block!r}")
-            names = {f.name for f in dataclasses.fields(stage_cls)}
-            config = stage_cls()
-            _apply(config, {key: value for key, value in shared.items() if key in names})
-            _apply(config, block, f"{stage}.")
-            built[stage_cls] = config
+        config = _stage_configs(read_yaml(path))[cls.STAGE]
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
-    config = built[cls]
     for dotted, value in (overrides or {}).items():
-        nested: Any = value
-        for part in reversed(dotted.split(".")):
-            nested = {part: nested}
-        _apply(config, nested)
+        _apply(config, nest(dotted, value))
+    check_values(config, flags)
     return config
 
 
@@ -268,42 +387,3 @@ def to_dict(config: Any) -> dict[str, Any]:
         return value
 
     return plain(dataclasses.asdict(config))
-
-
-def parse_args(
-    argv: Sequence[str] | None, cls: type[C], flags: dict[str, tuple[str, Any, str]], description: str
-) -> tuple[C, str]:
-    """Parse --config, the stable flags and --section.key=value overrides into a resolved config.
-
-    `flags` maps a flag ("--lr") to (config key, argparse type or "store_true", help).
-    Returns the config and the config name it started from.
-    """
-    parser = argparse.ArgumentParser(
-        description=description,
-        allow_abbrev=False,
-        epilog="Any config key can be overridden as --section.key=value, e.g. --optim.warmup_steps=500.",
-    )
-    parser.add_argument("--config", default="demo", help="built-in config name or YAML path (default: demo)")
-    for flag, (key, kind, help_text) in flags.items():
-        if kind == "store_true":
-            parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
-        else:
-            metavar = key.rsplit(".", 1)[-1].upper()
-            parser.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=help_text)
-    args, rest = parser.parse_known_args(argv)
-    overrides = {key: value for key, value in vars(args).items() if key != "config" and value is not None}
-    i = 0
-    while i < len(rest):
-        token = rest[i]
-        if not token.startswith("--") or "." not in token.split("=")[0]:
-            parser.error(f"unrecognized argument {token!r}; overrides look like --section.key=value")
-        if "=" in token:
-            key, text = token[2:].split("=", 1)
-        elif i + 1 < len(rest):
-            key, text = token[2:], rest[i + 1]
-            i += 1
-        else:
-            parser.error(f"override {token} has no value; write {token}=VALUE")
-        overrides[key] = yaml.safe_load(text) if text.strip() else text
-        i += 1
-    return load_config(cls, args.config, overrides), Path(args.config).stem

@@ -33,22 +33,18 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from model.classifier import pretrained_backbones
+from model.classifier import POOLED_ARCHS, pretrained_backbones
 from train import finetune, pretrain
-from train.common import CHECKPOINT_PATTERN, run_cli, write_atomic
-from train.config import ConfigError, FinetuneConfig, PretrainConfig, parse_args
+from train.arguments import parse_args
+from train.cli import run_cli
+from train.config import ConfigError, FinetuneConfig, PretrainConfig
+from train.grid import RUN_OWNED, cell, refuse_owned_flags, run_finetuning, run_pretraining, seeds_note, write_table
+from train.methods import METHODS
+from train.pretrained import BACKBONE_KEYS, POOL_KEYS
 
 COLUMNS = ("linear", "tuned")
 STAGE_FLAGS = ("--pretrain", "--finetune", "--linear", "--tuned")  # each takes one quoted string of flags
-
-
-def method_label(method: str, ratio: float) -> str:
-    names = {"selfie": "Selfie", "rotnet": "RotNet", "patch_rotnet": "Patch RotNet", "patch_relnet": "Patch RelNet"}
-    return names[method] + (f" {ratio:g}" if method.startswith("patch_") else "")
-
-
-def has_checkpoint(folder: Path, pattern: str) -> bool:
-    return any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(pattern))
+TABLE_OWNED = RUN_OWNED | {"--method", "--init", "--linear-probe", "--finetune.init", "--finetune.linear_probe"}
 
 
 def last_record(folder: Path, key: str) -> float | None:
@@ -61,23 +57,9 @@ def last_record(folder: Path, key: str) -> float | None:
     return values[-1] if values else None
 
 
-def run_pretraining(out: Path, method: str, args: list[str]) -> Path:
-    folder = out / f"pretrain-{method}"
-    resume = ["--resume"] if has_checkpoint(folder, "checkpoints/*") else []
-    pretrain.main([*args, "--method", method, "--out", str(folder), *resume])
-    return folder
-
-
 def run_evaluation(out: Path, name: str, column: str, init: str, args: list[str]) -> dict:
     """`args`: the column's full fine-tuning flags (see `parse`)."""
-    folder = out / f"{name}-{column}"
-    resume = ["--resume"] if has_checkpoint(folder, "seed_*/checkpoints/*") else []
-    return finetune.main([*args, "--init", init, "--out", str(folder), *resume])
-
-
-def cell(results: dict) -> dict:
-    accuracy = results["accuracy"]
-    return {"mean": accuracy["mean"], "std": accuracy["std"], "seeds": len(accuracy["per_seed"])}
+    return run_finetuning(out / f"{name}-{column}", [*args, "--init", init])
 
 
 def format_table(rows: dict[str, dict], title: str) -> str:
@@ -88,12 +70,11 @@ def format_table(rows: dict[str, dict], title: str) -> str:
         pretext = row.get("pretext_acc")
         pretext_text = f"{100 * pretext:.1f} (chance {100 * row['chance_acc']:.1f})" if pretext is not None else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pretext_text} |")
-    seeds = sorted({row[c]["seeds"] for row in rows.values() for c in COLUMNS if c in row})
+    seeds = {row[c]["seeds"] for row in rows.values() for c in COLUMNS if c in row}
     lines += [
         "",
-        f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, seeds))} seeds. Linear: "
-        "frozen backbone, the head trained; tuned: the whole network trained. Pretext accuracy: the last "
-        "logged training accuracy of the pretext task (%).",
+        seeds_note(seeds) + " Linear: frozen backbone, the head trained; tuned: the whole network trained. "
+        "Pretext accuracy: the last logged training accuracy of the pretext task (%).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -108,10 +89,9 @@ def attach_stage_flags(argv: list[str]) -> list[str]:
     return out
 
 
-def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str], dict[str, list[str]]]:
-    """(args, methods, pretraining flags, each column's fine-tuning flags)."""
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(pretrain.METHODS), help="comma list of pretext methods")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of pretext methods")
     parser.add_argument("--config", default="pretext_demo", help="config for both stages (default pretext_demo)")
     parser.add_argument("--data", help="data set for both stages (default: the built-in demo data)")
     parser.add_argument("--loader", help="loader backend for both stages")
@@ -123,41 +103,43 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[s
     parser.add_argument("--tuned", default="", help="fine-tuning flags of the tuned column (and supervised row) only")
     parser.add_argument("--out", help="output folder (default runs/pretext-table-<config>)")
     parser.add_argument("--title", default="", help="table title")
-    args = parser.parse_args(attach_stage_flags(sys.argv[1:] if argv is None else argv))
+    return parser
+
+
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], list[str], dict[str, list[str]]]:
+    """(args, methods, pretraining flags, each column's fine-tuning flags)."""
+    args = arguments().parse_args(attach_stage_flags(sys.argv[1:] if argv is None else argv))
     shared = ["--config", args.config]
     shared += ["--data", args.data] if args.data else []
     shared += ["--loader", args.loader] if args.loader else []
     pretrain_args = [*shared, *shlex.split(args.pretrain)]
     finetune_args = [*shared, *shlex.split(args.finetune)] + (["--seeds", str(args.seeds)] if args.seeds else [])
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in pretrain.METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ConfigError(f"--methods {args.methods}: expected some of {', '.join(pretrain.METHODS)}")
-    own = {"--method", "--out", "--resume", "--init", "--linear-probe", "--train.out", "--train.resume"}
-    own |= {"--finetune.init", "--finetune.linear_probe"}
+        raise ConfigError(f"--methods {args.methods}: expected some of {', '.join(METHODS)}")
+    if args.seeds is not None and args.seeds <= 0:
+        raise ConfigError(f"--seeds {args.seeds}: expected a positive number of seeds")
     column_args = {
         "linear": [*finetune_args, *shlex.split(args.linear), "--linear-probe"],
         "tuned": [*finetune_args, *shlex.split(args.tuned)],
     }
     given = [*pretrain_args, *finetune_args, *shlex.split(args.linear), *shlex.split(args.tuned)]
-    clashes = sorted({t.split("=")[0] for t in given} & own)
-    if clashes:
-        raise ConfigError(f"{', '.join(clashes)}: set by pretext_table.py for each run; use --methods or --out")
+    refuse_owned_flags(given, TABLE_OWNED, "pretext_table.py", "--methods or --out")
     return args, methods, pretrain_args, column_args
 
 
 def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
-    """What finetune.load_init would refuse once the pretraining exists, and what one process cannot run."""
+    """What fine-tuning would refuse once the pretraining exists, and what one process cannot run."""
     arch = tuning.finetune.arch
     if method.model.backbone not in pretrained_backbones(arch):
         raise ConfigError(
             f"model.backbone={method.model.backbone} (pretraining) cannot initialise finetune.arch={arch}; "
             f"expected {' or '.join(pretrained_backbones(arch))}"
         )
-    if arch == "resnet36_attn" and method.method != "selfie":
-        raise ConfigError(f"finetune.arch=resnet36_attn needs Selfie's attention pooling; {method.method} has none")
-    keys = finetune.PATCH_NET_KEYS + (finetune.POOL_KEYS if arch == "resnet36_attn" else ())
-    for key in keys:
+    if arch in POOLED_ARCHS and METHODS[method.method].pool_prefix is None:
+        raise ConfigError(f"finetune.arch={arch} reuses a pretrained attention pooling; {method.method} has none")
+    for key in BACKBONE_KEYS + (POOL_KEYS if arch in POOLED_ARCHS else ()):
         mine, theirs = getattr(method.model, key), getattr(tuning.model, key)
         if mine != theirs:
             raise ConfigError(f"model.{key}: {mine!r} for pretraining but {theirs!r} for fine-tuning; expected one")
@@ -169,11 +151,12 @@ def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
         )
 
 
-def check_before_running(methods: list[str], pretrain_args: list[str], column_args: dict) -> PretrainConfig:
-    """Everything a run would refuse, refused before the first run spends an hour training."""
+def check_before_running(methods: list[str], pretrain_args: list[str], column_args: dict) -> list[PretrainConfig]:
+    """Everything a run would refuse, refused before the first run spends an hour training; the methods'
+    pretraining configs."""
     configs = []
     for method in methods:
-        config, _ = parse_args([*pretrain_args, "--method", method], PretrainConfig, pretrain.STABLE_FLAGS, "")
+        config, _ = parse_args([*pretrain_args, "--method", method], PretrainConfig, pretrain.stable_flags(), "")
         pretrain.validate(config)
         configs.append(config)
     for column in COLUMNS:
@@ -181,36 +164,35 @@ def check_before_running(methods: list[str], pretrain_args: list[str], column_ar
         finetune.validate(tuning)
         for config in configs:
             check_fit(config, tuning)
-    return configs[0]
+    return configs
+
+
+def method_row(out: Path, config: PretrainConfig, pretrain_args: list[str], column_args: dict) -> dict:
+    folder = run_pretraining(out / f"pretrain-{config.method}", [*pretrain_args, "--method", config.method])
+    row = {c: cell(run_evaluation(out, config.method, c, str(folder), column_args[c])) for c in COLUMNS}
+    row["pretext_acc"] = last_record(folder, METHODS[config.method].metric)
+    row["chance_acc"] = last_record(folder, "chance_acc")
+    row["pretrain_dir"] = str(folder)
+    return row
 
 
 def main(argv: list[str] | None = None) -> dict:
     args, methods, pretrain_args, column_args = parse(argv)
-    pretrain_config = check_before_running(methods, pretrain_args, column_args)
-    ratio = pretrain_config.rotation.patch_ratio
+    configs = check_before_running(methods, pretrain_args, column_args)
     out = Path(args.out or Path("runs") / f"pretext-table-{Path(args.config).stem}")
-    supervised_steps = args.supervised_steps or pretrain_config.train.steps
-    rows: dict[str, dict] = {}
+    supervised_steps = args.supervised_steps or configs[0].train.steps
     supervised_args = [*column_args["tuned"], "--steps", str(supervised_steps)]
+    rows: dict[str, dict] = {}
     rows["Supervised"] = {"tuned": cell(run_evaluation(out, "supervised", "tuned", "none", supervised_args))}
     rows["Random weight"] = {c: cell(run_evaluation(out, "random", c, "none", column_args[c])) for c in COLUMNS}
-    for method in methods:
-        folder = run_pretraining(out, method, pretrain_args)
-        task = pretrain.METHODS[method]
-        row = {c: cell(run_evaluation(out, method, c, str(folder), column_args[c])) for c in COLUMNS}
-        row["pretext_acc"] = last_record(folder, task.metric)
-        row["chance_acc"] = last_record(folder, "chance_acc")
-        row["pretrain_dir"] = str(folder)
-        rows[method_label(method, ratio)] = row
+    for config in configs:
+        rows[METHODS[config.method].table_label(config)] = method_row(out, config, pretrain_args, column_args)
     data = args.data or "the demo data"
-    title = args.title or f"{pretrain_config.model.backbone} on {data}: pretext methods (Patch RotNet Table 1 layout)"
-    table = format_table(rows, title)
-    if PartialState().is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "table.md", table.encode())
-        summary = {"title": title, "rows": rows, "supervised_steps": supervised_steps, "argv": argv}
-        write_atomic(out / "table.json", json.dumps(summary, indent=1).encode())
-        print(table)
+    title = (
+        args.title or f"{configs[0].model.backbone} on {data}: pretext methods (the Table 1 layout of Pham et al. 2021)"
+    )
+    summary = {"title": title, "rows": rows, "supervised_steps": supervised_steps, "argv": argv}
+    if write_table(out, format_table(rows, title), summary):
         print(f"wrote {out / 'table.md'}, {out / 'table.json'}")
     return {"out": str(out), "rows": rows}
 

@@ -1,11 +1,11 @@
-"""The rotation view op (pipeline/rotations.py) against per-image references written with plain loops."""
+"""The rotation view op (pipeline/rotation_views.py) against per-image references written with plain loops."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from pipeline.patches import normalize
-from pipeline.rotations import PATCH_RATIOS, patch_side, rotation_views
+from pipeline.rotation_views import PATCH_RATIOS, patch_side, rotation_views
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 

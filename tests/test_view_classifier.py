@@ -1,12 +1,16 @@
-"""The rotation pretext models (model/rotation.py) over every registered backbone."""
+"""The rotation methods' model (model/view_classifier.py) over every registered backbone."""
 
 import pytest
 import torch
 from torch import nn
 
 from model.backbones import BACKBONES
-from model.rotation import ROTATION_METHODS, RotationPretext, build_rotation, relation_pairs
-from pipeline.rotations import rotation_views
+from model.view_classifier import ViewClassifier, build_view_classifier, relation_pairs
+from pipeline.rotation_views import rotation_views
+from train.methods import METHODS
+from train.methods.rotation import RotationMethod
+
+ROTATION_METHODS = {name: cls for name, cls in METHODS.items() if issubclass(cls, RotationMethod)}
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -18,10 +22,15 @@ def batch_of_views(method: str, batch: int = 3, size: int = 32):
     return rotation_views(images, ROTATION_METHODS[method].num_views, 0.4, MEAN, STD, torch.Generator().manual_seed(1))
 
 
+def build(method: str, backbone: str = "resnet8", width: float = 1.0) -> ViewClassifier:
+    spec = ROTATION_METHODS[method]
+    return build_view_classifier(spec.num_classes, spec.relation, backbone, width)
+
+
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 @pytest.mark.parametrize("method", sorted(ROTATION_METHODS))
 def test_every_method_on_every_backbone_classifies_all_views_in_one_backbone_call(method: str, backbone: str) -> None:
-    model = build_rotation(method, backbone, width=0.25)
+    model = build(method, backbone, width=0.25)
     calls: list[int] = []
     views = batch_of_views(method)
     model.backbone.forward_features = _counting(model.backbone.forward_features, calls)
@@ -69,21 +78,30 @@ class ViewIndexBackbone(nn.Module):
 
 def test_relation_targets_are_the_rotation_of_the_pair_and_single_view_targets_the_view_label() -> None:
     views = batch_of_views("patch_relnet")
-    relnet = RotationPretext(ViewIndexBackbone(), "patch_relnet")(views.views, views.labels)
+    relnet = ViewClassifier(ViewIndexBackbone(), 4, relation=True)(views.views, views.labels)
     assert relnet.targets.tolist() == [k for k in range(4) for _ in range(3)]
-    patch_rotnet = RotationPretext(ViewIndexBackbone(), "patch_rotnet")(views.views, views.labels)
+    patch_rotnet = ViewClassifier(ViewIndexBackbone(), 8)(views.views, views.labels)
     assert patch_rotnet.targets.tolist() == views.labels.tolist() == [v for v in range(8) for _ in range(3)]
 
 
-def test_unknown_method_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="rotation method must be one of rotnet, patch_rotnet, patch_relnet"):
-        build_rotation("jigsaw")
+def test_a_one_class_classifier_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="at least 2 classes, got 1"):
+        build_view_classifier(1)
+
+
+def test_the_forward_is_the_backbone_features_then_the_head() -> None:
+    torch.manual_seed(0)
+    model = build("patch_relnet").eval()
+    views = batch_of_views("patch_relnet")
+    whole = model(views.views, views.labels)
+    parts = model.forward_head(model.forward_features(views.views), views.labels)
+    assert torch.equal(whole.logits, parts.logits) and torch.equal(whole.loss, parts.loss)
 
 
 @pytest.mark.parametrize("method", sorted(ROTATION_METHODS))
 def test_the_labels_are_learnable_a_few_images_are_fitted(method: str) -> None:
     torch.manual_seed(0)
-    model = build_rotation(method, "resnet8", width=0.5)
+    model = build(method, width=0.5)
     views = batch_of_views(method, batch=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(60):

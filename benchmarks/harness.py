@@ -1,0 +1,90 @@
+"""The one timing harness of the benchmarks (throughput, loaders, patch_op): untimed warm-up steps, then
+timed windows of steps with the device synchronised before each clock read, and per-stage times.
+
+A step is a function of a `StageClock`; it wraps its parts in `clock.stage(name)` to have them timed by
+name. On a GPU the compute stages are timed by CUDA events (read once, after the window's sync); "data",
+the host's wait for the next batch, is always wall-clock time, which is what a data-bound step loses.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+DATA_STAGE = "data"
+
+
+class StageClock:
+    """Seconds per named stage, summed over steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.cuda and name != DATA_STAGE:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self.seconds[name] += time.perf_counter() - start
+
+    def collect(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            for name, start, end in self.events:
+                self.seconds[name] += start.elapsed_time(end) / 1000
+            self.events.clear()
+        return dict(self.seconds)
+
+    def reset(self) -> None:
+        self.collect()
+        self.seconds.clear()
+
+
+Step = Callable[[StageClock], None]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_windows(
+    step: Step, device: torch.device, images_per_step: int, warmup: int, windows: int, window: int
+) -> dict:
+    """Run `warmup` untimed steps, then `windows` windows of `window` steps. Returns images/s of the
+    median, slowest and fastest window and over all timed steps, and each stage's ms per step."""
+    clock = StageClock(device)
+    for _ in range(warmup):
+        step(clock)
+    clock.reset()
+    rates, total = [], 0.0
+    for _ in range(windows):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(window):
+            step(clock)
+        sync(device)
+        seconds = time.perf_counter() - start
+        total += seconds
+        rates.append(window * images_per_step / seconds)
+    steps_timed = windows * window
+    return {
+        "median": statistics.median(rates),
+        "min": min(rates),
+        "max": max(rates),
+        "overall": steps_timed * images_per_step / total,
+        "stages_ms": {k: round(1000 * v / steps_timed, 3) for k, v in clock.collect().items()},
+    }

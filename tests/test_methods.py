@@ -1,0 +1,118 @@
+"""A pretext method is one class and one `register` call: this module defines a toy method, nothing else
+of the project knows it, and it trains through train/pretrain.py with every loader, resumes bit for bit,
+and initialises fine-tuning through train/finetune.py."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.view_classifier import build_view_classifier
+from pipeline.loaders import LOADERS
+from pipeline.patches import normalize
+from tests.conftest import TINY, demo_data_for
+from train import finetune, pretrain
+from train.config import PretrainConfig, load_config
+from train.methods import METHODS, PretextMethod, register
+
+pytestmark = pytest.mark.slow
+
+
+class RollMethod(PretextMethod):
+    """Which of `ways` horizontal rolls (by k / ways of the width) was applied to the image."""
+
+    name = "toy_roll"
+    label = "Toy roll"
+    metric = "roll_acc"
+    op_stage = "roll op"
+    section = "toy_roll"
+    flags = {"--ways": ("toy_roll.ways", int, "toy: number of rolls to tell apart")}
+
+    @dataclass
+    class Settings:
+        ways: int = 2  # rolls per image: by 0, 1/ways, 2/ways ... of its width
+
+    def __init__(self, config: PretrainConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.chance = 1.0 / config.toy_roll.ways
+
+    @classmethod
+    def build_model(cls, config: PretrainConfig) -> torch.nn.Module:
+        m = config.model
+        return build_view_classifier(config.toy_roll.ways, False, m.backbone, m.width, m.stem)
+
+    def inputs(self, batch, generator) -> tuple[torch.Tensor, ...]:
+        ways, size = self.config.toy_roll.ways, batch.images.shape[-1]
+        x = normalize(batch.images, self.config.data.mean, self.config.data.std)
+        views = torch.cat([torch.roll(x, k * size // ways, dims=-1) for k in range(ways)])
+        return views, torch.arange(ways, device=x.device).repeat_interleave(len(x))
+
+
+register(RollMethod)
+
+TOY = [*TINY, "--method", "toy_roll", "--model.backbone=resnet8", "--ways", "3"]
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)  # the runs set one thread (--train.cpu_threads=1)
+
+
+def log_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_the_registry_gives_the_toy_its_choice_section_and_flag() -> None:
+    config = load_config(PretrainConfig, "demo", {"method": "toy_roll", "toy_roll.ways": 5})
+    assert "toy_roll" in METHODS and config.toy_roll.ways == 5
+    assert pretrain.stable_flags()["--ways"] == ("toy_roll.ways", int, "toy: number of rolls to tell apart")
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_the_toy_trains_three_steps_with_every_loader(tmp_path: Path, demo_root: Path, loader: str) -> None:
+    run = tmp_path / "run"
+    data = demo_data_for(loader, demo_root)
+    result = pretrain.main([*TOY, "--loader", loader, "--data", str(data), "--out", str(run), "--steps", "3"])
+    records = [r for r in log_of(run) if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2, 3] and result["step"] == 3
+    assert all(r["chance_acc"] == pytest.approx(1 / 3, abs=1e-5) and 0 <= r["roll_acc"] <= 1 for r in records)
+    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=False)
+    assert state["kind"] == "toy_roll_pretrain" and state["config"]["toy_roll"] == {"ways": 3}
+    assert not (run / "pictures").exists()  # the toy draws no pictures, and the loop asks for none
+    assert (run / "curves.png").stat().st_size > 0
+
+
+def test_the_toy_resumes_bit_for_bit_and_initialises_fine_tuning(tmp_path: Path, demo_root: Path) -> None:
+    common = [
+        *TOY,
+        "--data",
+        str(demo_root),
+        "--steps",
+        "4",
+        "--train.checkpoint_every=2",
+        "--train.keep_checkpoints=5",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    pretrain.main([*common, "--out", str(straight)])
+    pretrain.main([*common, "--out", str(resumed)])
+    (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 4's log record
+    pretrain.main([*common, "--out", str(resumed), "--resume"])
+    a, b = (
+        torch.load(r / "checkpoints" / "step_00000004.pt", weights_only=False)["model"] for r in (straight, resumed)
+    )
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [r["step"] for r in log_of(resumed) if "loss" in r] == [1, 2, 3, 4]
+
+    tuned = tmp_path / "tuned"
+    args = [*TINY, "--data", str(demo_root), "--init", str(straight), "--arch", "resnet8", "--linear-probe"]
+    summary = finetune.main([*args, "--steps", "2", "--seeds", "1", "--out", str(tuned)])
+    assert summary["init_method"] == "toy_roll" and 0 <= summary["accuracy"]["mean"] <= 100
+    fine = torch.load(tuned / "seed_0" / "checkpoints" / "step_00000002.pt", weights_only=False)["model"]
+    backbone = [name for name in fine if name.startswith("backbone.")]
+    assert backbone and all(torch.equal(fine[name], a[name]) for name in backbone)  # frozen, as pretrained

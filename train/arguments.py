@@ -1,0 +1,114 @@
+"""The command line of the entry scripts: `--config NAME`, the stable flags (`--lr`, `--steps`, ...) and
+`--section.key=value` overrides, parsed into a checked config (train/config.py). A value is read by its
+key's type, not as YAML: `--train.precision=no` is the string "no", `--optim.weight_decay=1e-4` a number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.loaders import LOADERS
+from train.config import C, load_config, stage_class
+
+
+def key_hint(cls: type, dotted: str) -> Any:
+    """The type hint of a dotted key of config class `cls`, or None when there is no such key."""
+    hint: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hints = typing.get_type_hints(hint)
+        if part not in hints or part not in {f.name for f in dataclasses.fields(hint)}:
+            return None
+        hint = hints[part]
+    return hint
+
+
+def parse_value(text: str, hint: Any) -> Any:
+    """A command-line value read by its key's type: strings verbatim ("no" stays "no"), numbers as Python
+    reads them ("1e-4" is a float), booleans and lists as YAML."""
+    options = [h for h in typing.get_args(hint) if h is not type(None)] or [hint]
+    if str in options:
+        return text
+    if float in options:
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text) if text.strip() else text
+
+
+# The stable flags both stages take: flag -> (config key, argparse type or "store_true", help)
+RUN_FLAGS: dict[str, tuple[str, Any, str]] = {
+    "--data": (
+        "data.path",
+        str,
+        "ImageNet-layout or CIFAR-10 python folder; --loader ffcv: a .beton or a folder of them "
+        "(default: built-in demo data)",
+    ),
+    "--steps": ("train.steps", int, "optimizer steps"),
+    "--batch-size": ("train.batch_size", int, "global batch size, images per step over all processes"),
+    "--lr": ("optim.lr", float, "peak learning rate"),
+    "--seed": ("train.seed", int, "random seed (fine-tuning: the first of --seeds)"),
+    "--out": ("train.out", str, "run folder (default: runs/<config>-<time>)"),
+    "--resume": ("train.resume", "store_true", "continue the run in --out from its newest checkpoint"),
+    "--loader": ("data.loader", str, f"loader backend: {', '.join(LOADERS)}"),
+}
+
+
+def _parser(flags: dict[str, tuple[str, Any, str]], description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description,
+        allow_abbrev=False,
+        epilog="Any config key can be overridden as --section.key=value, e.g. --optim.warmup_steps=500.",
+    )
+    parser.add_argument("--config", default="demo", help="built-in config name or YAML path (default: demo)")
+    for flag, (key, kind, help_text) in flags.items():
+        if kind == "store_true":
+            parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
+        else:
+            metavar = key.rsplit(".", 1)[-1].upper()
+            parser.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=help_text)
+    return parser
+
+
+def _dotted_overrides(rest: list[str], cls: type, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """--section.key=value (or --section.key value) tokens -> {"section.key": value read by its type}."""
+    overrides, i = {}, 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--") or "." not in token.split("=")[0]:
+            parser.error(f"unrecognized argument {token!r}; overrides look like --section.key=value")
+        if "=" in token:
+            key, text = token[2:].split("=", 1)
+        elif i + 1 < len(rest):
+            key, text = token[2:], rest[i + 1]
+            i += 1
+        else:
+            parser.error(f"override {token} has no value; write {token}=VALUE")
+        overrides[key] = parse_value(text, key_hint(cls, key))
+        i += 1
+    return overrides
+
+
+def parse_args(
+    argv: Sequence[str] | None, cls: type[C], flags: dict[str, tuple[str, Any, str]], description: str
+) -> tuple[C, str]:
+    """Parse --config, the stable flags and --section.key=value overrides into a resolved, checked config.
+
+    `flags` maps a flag ("--lr") to (config key, argparse type or "store_true", help).
+    Returns the config and the config name it started from.
+    """
+    parser = _parser(flags, description)
+    args, rest = parser.parse_known_args(argv)
+    given = {key: value for key, value in vars(args).items() if key != "config" and value is not None}
+    by_key = {key: flag for flag, (key, _, _) in flags.items() if key in given}
+    overrides = {**given, **_dotted_overrides(rest, stage_class(cls), parser)}
+    return load_config(cls, args.config, overrides, by_key), Path(args.config).stem

@@ -1,0 +1,146 @@
+"""The one checkpoint format: what a resumed run needs to continue bit for bit, every rank's RNG state,
+and the folder of step_XXXXXXXX.pt files, each written atomically."""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from pipeline.atomic import write_atomic
+from train.config import ConfigError, to_dict
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
+CHECKPOINT_FORMAT = 1
+
+
+def has_checkpoint(folder: Path, pattern: str = "checkpoints/*") -> bool:
+    """Whether any file matching `pattern` under `folder` is a checkpoint (a run to resume)."""
+    return any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(pattern))
+
+
+class Checkpoints:
+    """`step_XXXXXXXX.pt` files in one folder; the newest `keep` are kept."""
+
+    def __init__(self, folder: Path, keep: int = 2) -> None:
+        self.folder = folder
+        self.keep = max(1, keep)
+
+    def all(self) -> list[Path]:
+        if not self.folder.is_dir():
+            return []
+        found = [p for p in self.folder.iterdir() if CHECKPOINT_PATTERN.match(p.name)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = write_atomic(self.folder / f"step_{step:08d}.pt", lambda f: torch.save(state, f))
+        for old in self.all()[: -self.keep]:
+            old.unlink()
+        return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a truncated or foreign file
+        raise ConfigError(f"{path}: not a readable checkpoint ({error})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path}: not a checkpoint written by this trainer (format {CHECKPOINT_FORMAT})")
+    return state
+
+
+def training_state(
+    kind: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Accelerator,
+    step: int,
+    config: Any,
+    rng_states: list,
+    num_images: int,
+) -> dict[str, Any]:
+    """The one checkpoint dict: everything a resumed run needs to continue bit for bit."""
+    return {
+        "images": num_images,  # the training data's size: it fixes every epoch's order
+        "format": CHECKPOINT_FORMAT,
+        "kind": kind,
+        "step": step,
+        "model": accelerator.unwrap_model(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "rng": rng_states,
+        "world_size": accelerator.num_processes,
+        "config": to_dict(config),
+    }
+
+
+def restore_training_state(
+    path: Path,
+    kind: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accelerator: Accelerator,
+    num_images: int,
+) -> int:
+    """Load a `training_state` checkpoint into the prepared objects on every rank; returns its step."""
+    state = load_checkpoint(path)
+    if state.get("kind") != kind:
+        raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {kind!r} one")
+    if state.get("images", num_images) != num_images:
+        raise ConfigError(
+            f"{path}: the run trained on {state['images']} images and --data now holds {num_images}, so every "
+            "epoch's order would differ; resume with the data it started with (a .beton written without "
+            "unreadable files holds fewer images than its folder)"
+        )
+    try:
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise ConfigError(f"{path}: its model does not match this config's model ({error})") from error
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    if state["world_size"] == accelerator.num_processes:
+        set_rng_state(state["rng"][accelerator.process_index])
+    else:
+        accelerator.print(
+            f"note: checkpoint from {state['world_size']} processes, resuming on "
+            f"{accelerator.num_processes}: dropout RNG streams restart"
+        )
+    return int(state["step"])
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_rng_states(accelerator: Accelerator) -> list[dict[str, Any]]:
+    """Every rank's RNG state, in rank order (a collective call: every rank must make it)."""
+    if accelerator.num_processes == 1:
+        return [rng_state()]
+    return gather_object([rng_state()])

@@ -1,0 +1,59 @@
+"""Running a grid of pretraining and fine-tuning runs in one process: the part train/compare.py and
+train/pretext_table.py share. A cell's run folder is reused (a finished run is read back, an interrupted
+one resumed), flags the runner sets itself are refused, and the table is written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from accelerate import PartialState
+
+from pipeline.atomic import write_atomic
+from train import finetune, pretrain
+from train.checkpoint import has_checkpoint
+from train.config import ConfigError
+
+# Flags a runner sets for every run itself; given by the user they would clash.
+RUN_OWNED = frozenset({"--out", "--resume", "--train.out", "--train.resume"})
+
+
+def refuse_owned_flags(tokens: list[str], owned: frozenset[str], runner: str, instead: str) -> None:
+    clashes = sorted({token.split("=")[0] for token in tokens} & owned)
+    if clashes:
+        raise ConfigError(f"{', '.join(clashes)}: set by {runner} for each run; use {instead}")
+
+
+def run_pretraining(folder: Path, args: list[str]) -> Path:
+    """train/pretrain.py into `folder`, resumed when it holds a checkpoint (a finished run trains nothing)."""
+    resume = ["--resume"] if has_checkpoint(folder, "checkpoints/*") else []
+    pretrain.main([*args, "--out", str(folder), *resume])
+    return folder
+
+
+def run_finetuning(folder: Path, args: list[str]) -> dict:
+    """train/finetune.py into `folder`, resumed when it holds a checkpoint: its finished seeds are read
+    back, the rest continued (finetune.py refuses the folder when its config differs)."""
+    resume = ["--resume"] if has_checkpoint(folder, "seed_*/checkpoints/*") else []
+    return finetune.main([*args, "--out", str(folder), *resume])
+
+
+def cell(results: dict) -> dict:
+    """A fine-tuning run's table cell: mean and sample std of its seeds' test accuracies (percent)."""
+    accuracy = results["accuracy"]
+    return {"mean": accuracy["mean"], "std": accuracy["std"], "seeds": len(accuracy["per_seed"])}
+
+
+def seeds_note(counts: set[int]) -> str:
+    return f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, sorted(counts)))} seeds."
+
+
+def write_table(out: Path, markdown: str, summary: dict) -> bool:
+    """OUT/table.md and OUT/table.json (rank 0); True on the process that wrote them."""
+    if not PartialState().is_main_process:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "table.md", markdown.encode())
+    write_atomic(out / "table.json", json.dumps(summary, indent=1).encode())
+    print(markdown)
+    return True

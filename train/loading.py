@@ -1,0 +1,70 @@
+"""The loader backend a config names (`data.loader`, pipeline/loaders.py), opened for a stage: the data it
+reads, its rank-sharded training stream and its evaluation pass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from accelerate import Accelerator, PartialState
+
+from pipeline.data import Batch, Source
+from pipeline.loaders import LOADERS
+from pipeline.patches import PatchSpec
+from train.config import StageConfig
+
+
+def open_data(config: StageConfig, split: str) -> tuple[Source, str]:
+    """The data `--loader` reads for `split` ("train" | "test"), and its path (default: the demo data)."""
+    backend = LOADERS[config.data.loader]
+    with PartialState().main_process_first():  # one process builds (or converts) the demo data
+        path = config.data.path or str(backend.demo(config.data.cache_dir))
+    return backend.open(path, split), path
+
+
+def train_batches(
+    config: StageConfig,
+    source: Source,
+    batch_per_process: int,
+    seed: int,
+    start_step: int,
+    accelerator: Accelerator,
+    patch_spec: PatchSpec | None = None,
+) -> Iterator[Batch]:
+    """The endless, rank-sharded training stream of `--loader` (each backend shards by global rank itself,
+    so the loader is never passed to `accelerator.prepare`). `patch_spec`: the loader may cut the patches."""
+    data = config.data
+    backend = LOADERS[data.loader]
+    offered = {"patch_spec": patch_spec, "os_cache": data.ffcv_os_cache, "quasi_random": data.ffcv_quasi_random}
+    extra = {name: value for name, value in offered.items() if name in backend.options}
+    return backend.train(
+        source,
+        data.image_size,
+        data.augment,
+        batch_per_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+        seed,
+        start_step,
+        workers=data.workers,
+        device=accelerator.device,
+        pad=data.pad,
+        crop_scale=data.crop_scale,
+        fail_on_corrupt=data.fail_on_corrupt,
+        **extra,
+    )
+
+
+def eval_batches(
+    config: StageConfig, source: Source, batch_per_process: int, accelerator: Accelerator
+) -> Iterator[Batch]:
+    """Every image of `source` once over all ranks, center-cropped, through `--loader`."""
+    return LOADERS[config.data.loader].evaluate(
+        source,
+        config.data.image_size,
+        batch_per_process,
+        accelerator.process_index,
+        accelerator.num_processes,
+        workers=config.data.workers,
+        device=accelerator.device,
+        fail_on_corrupt=config.data.fail_on_corrupt,
+    )

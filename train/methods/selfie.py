@@ -1,0 +1,198 @@
+"""Selfie (Trinh, Luong, Le 2019): the patch op cuts and masks every image of the batch, P embeds every
+patch in one call, A pools the context, and each masked position picks its own patch among the image's
+masked patches (model/selfie.py, pipeline/patches.py, pipeline/fused_patches.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from model.selfie import Selfie, build_selfie
+from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
+from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
+from pipeline.loaders import LOADERS
+from pipeline.patches import (
+    PatchSpec,
+    grid_size,
+    num_context_patches,
+    patchify_and_mask,
+    sample_context_permutation,
+)
+from train.config import ConfigError, PretrainConfig, choice
+from train.methods.base import PretextMethod, register
+from train.pictures import picture_images, render_patch_picture, write_png
+
+
+@dataclass
+class SelfieSettings:
+    patch_size: int = 8  # patch side in pixels; must divide data.image_size (paper: 8 on 32, 32 on 224)
+    context_fraction: float = 0.75  # fraction p of patches given as context (paper: 0.75 or 0.5)
+    patch_op: str = choice(PATCH_OPS, "auto")  # auto (triton on CUDA, numba on CPU) | reference | triton | numba
+
+
+def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
+    """The configured patch op; on a GPU a fused kernel is first checked bitwise against the reference."""
+    settings: SelfieSettings = config.selfie
+    try:
+        name, op = select_patch_op(device, settings.patch_op)
+    except ValueError as error:
+        raise ConfigError(f"selfie.patch_op: {error}") from error
+    if name == "reference" or device.type != "cuda":
+        return name, op
+    data = config.data
+    same = agrees_with_reference(
+        op,
+        device,
+        data.image_size,
+        settings.patch_size,
+        num_context=num_context,
+        mean=data.mean,
+        std=data.std,
+        channels_last=config.train.channels_last,
+    )
+    if same:
+        return name, op
+    if settings.patch_op != "auto":
+        raise ConfigError(f"selfie.patch_op={name}: its output differs from the reference on {device}")
+    print(f"warning: the {name} patch op differs from the reference on {device}; using the reference")
+    return "reference", patchify_and_mask
+
+
+def patch_counts(config: PretrainConfig) -> tuple[int, int]:
+    """(patches per image, context patches), or ConfigError."""
+    try:
+        num_patches = grid_size(config.data.image_size, config.selfie.patch_size) ** 2
+        return num_patches, num_context_patches(num_patches, config.selfie.context_fraction)
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+
+
+class SelfieMethod(PretextMethod):
+    name = "selfie"
+    label = "Selfie"
+    metric = "patch_acc"
+    accuracy_name = "patch-selection"
+    op_stage = "patch op"
+    encoder_prefix = "patch_net."
+    pool_prefix = "pool."
+    section = "selfie"
+    Settings = SelfieSettings
+    flags = {
+        "--patch-size": ("selfie.patch_size", int, "selfie: patch side in pixels; divides the image size"),
+        "--context-fraction": ("selfie.context_fraction", float, "selfie: fraction of patches given as context"),
+    }
+
+    @classmethod
+    def check(cls, config: PretrainConfig) -> None:
+        patch_counts(config)
+
+    def __init__(self, config: PretrainConfig, device: torch.device) -> None:
+        super().__init__(config, device)
+        self.num_patches, self.num_context = patch_counts(config)
+        self.patch_op_name, self.patch_op = choose_patch_op(config, device, self.num_context)
+        self.in_loader = self.loader_patch_spec(config.data.loader) is not None
+        self.chance = 1.0 / (self.num_patches - self.num_context)
+
+    def loader_patch_spec(self, loader: str) -> PatchSpec | None:
+        """A loader that can cut patches itself (FFCV on the CPU) runs the numba patch op inside its
+        pipeline (its threads emit patches ready for P); everywhere else the patch op runs in the step."""
+        config = self.config
+        if "patch_spec" not in LOADERS[loader].options or self.patch_op_name != "numba" or config.train.channels_last:
+            return None
+        return PatchSpec(config.selfie.patch_size, self.num_context, tuple(config.data.mean), tuple(config.data.std))
+
+    @classmethod
+    def build_model(cls, config: PretrainConfig) -> Selfie:
+        m = config.model
+        return build_selfie(
+            width=m.width,
+            stem=m.stem,
+            grid=grid_size(config.data.image_size, config.selfie.patch_size),
+            backbone=m.backbone,
+            attn_layers=m.attn_layers,
+            attn_intermediate=m.attn_intermediate,
+            attn_heads=m.attn_heads,
+            attn_dropout=m.attn_dropout,
+            position_kind=m.position_kind,
+            position_on_context=m.position_on_context,
+        )
+
+    def describe(self) -> str:
+        op = self.patch_op_name + (" (in the FFCV pipeline)" if self.in_loader else "")
+        masked = self.num_patches - self.num_context
+        return (
+            f"{self.config.selfie.patch_size}px patches ({self.num_patches} per image: {self.num_context} context, "
+            f"{masked} masked, chance {self.chance:.1%}; {op} patch op)"
+        )
+
+    def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """(patches, context positions, masked positions). A batch whose loader already cut the patches
+        (`batch.patches`, `batch.perm`) skips the patch op."""
+        patches, perm = batch.patches, batch.perm
+        if patches is None:
+            perm = sample_context_permutation(batch.images.shape[0], self.num_patches, generator)
+            data, settings = self.config.data, self.config.selfie
+            patches = self.patch_op(
+                batch.images,
+                perm,
+                settings.patch_size,
+                self.num_context,
+                data.mean,
+                data.std,
+                channels_last=self.config.train.channels_last,
+            )
+        return patches, perm[:, : self.num_context], perm[:, self.num_context :]
+
+    def pictures(self, source: Source, device: torch.device) -> PatchPictures:
+        return PatchPictures(source, self.config, self.num_patches, self.num_context, device)
+
+
+class PatchPictures:
+    """ "Put the patches back" (paper Figure 2): fixed images under one fixed mask, the image, what the model
+    is given (masked slots grey) and the patch it puts into each masked slot (white frame: right, red: wrong)."""
+
+    name = "patches"
+
+    def __init__(
+        self, source: Source, config: PretrainConfig, num_patches: int, num_context: int, device: torch.device
+    ) -> None:
+        self.images = picture_images(source, config.data.image_size, device)
+        generator = torch.Generator().manual_seed(derive_seed(config.train.seed, PICTURE_STREAM))
+        self.perm = torch.stack([torch.randperm(num_patches, generator=generator)] * len(self.images)).to(device)
+        self.config = config
+        self.num_context = num_context
+
+    def write(self, model: nn.Module, path: Path) -> None:
+        data = self.config.data
+        picture = patch_picture(
+            model, self.images, self.perm, self.num_context, self.config.selfie.patch_size, data.mean, data.std
+        )
+        write_png(path, picture)
+
+
+@torch.no_grad()
+def patch_picture(
+    model: nn.Module,
+    images: torch.Tensor,
+    perm: torch.Tensor,
+    num_context: int,
+    patch_size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> np.ndarray:
+    """Run a Selfie model (unwrapped, eval mode for the call) on fixed images and mask; render its choices."""
+    was_training = model.training
+    model.eval()
+    try:
+        patches = patchify_and_mask(images, perm, patch_size, num_context, mean, std)
+        out = model(patches, perm[:, :num_context], perm[:, num_context:])
+    finally:
+        model.train(was_training)
+    return render_patch_picture(images.cpu(), perm.cpu(), num_context, patch_size, out.logits.argmax(-1).cpu())
+
+
+register(SelfieMethod, default=True)

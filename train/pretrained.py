@@ -1,0 +1,107 @@
+"""What fine-tuning starts from: the pretraining checkpoint `--init` names, read and checked against the
+architecture before any work starts (a run folder means its newest checkpoint)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from model.classifier import POOLED_ARCHS, load_pretrained
+from train.checkpoint import Checkpoints, load_checkpoint
+from train.config import ConfigError, FinetuneConfig, ModelConfig
+from train.methods import METHODS
+from train.methods.supervised import build_model
+
+KIND_SUFFIX = "_pretrain"  # train/pretrain.py's checkpoints are kind "<method>_pretrain"
+# Model keys that shape what a checkpoint provides: the backbone's for every arch, A's too for resnet36_attn.
+BACKBONE_KEYS = ("width", "stem")
+POOL_KEYS = ("attn_layers", "attn_intermediate", "attn_heads")
+
+
+class Pretrained(NamedTuple):
+    path: Path  # the checkpoint file
+    model: dict[str, torch.Tensor]  # its model state dict (not its optimizer state: memory)
+    step: int
+    method: str  # the pretext task it was trained on
+    backbone: str  # model.backbone of that run
+    encoder_prefix: str  # where the backbone's tensors are in `model`
+    pool_prefix: str | None  # where its attention pooling A is (None: it has none)
+    model_config: dict  # the pretraining run's model section
+
+
+def checkpoint_of(init: str) -> Path:
+    """The checkpoint file --init names: itself, or a pretraining run folder's newest checkpoint."""
+    path = Path(init)
+    if path.is_dir():
+        latest = Checkpoints(path / "checkpoints").latest() or Checkpoints(path).latest()
+        if latest is None and any(path.glob("seed_*/checkpoints/step_*.pt")):
+            raise ConfigError(f"--init {init}: a fine-tuning run folder; expected a pretraining run folder")
+        if latest is None:
+            raise ConfigError(
+                f"--init {init}: no checkpoint in {path / 'checkpoints'}; expected a pretraining run folder"
+            )
+        return latest
+    if not path.is_file():
+        raise ConfigError(f"--init {init}: no such file or folder; expected a pretraining run folder, a .pt, or none")
+    return path
+
+
+def read_pretrained(path: Path) -> Pretrained:
+    state = load_checkpoint(path)
+    kind = str(state.get("kind"))
+    if not kind.endswith(KIND_SUFFIX):
+        raise ConfigError(
+            f"--init {path}: a {state.get('kind')!r} checkpoint; expected a pretraining checkpoint "
+            f"(train/pretrain.py's, kind METHOD{KIND_SUFFIX})"
+        )
+    method = kind.removesuffix(KIND_SUFFIX)
+    # Checkpoints from before a key existed hold the default backbone, and their method's prefixes.
+    backbone = state["config"]["model"].get("backbone", ModelConfig().backbone)
+    known = METHODS.get(method)
+    if "encoder_prefix" not in state and known is None:
+        raise ConfigError(f"--init {path}: pretrained by method {method!r}, which is not registered here")
+    prefix = state.get("encoder_prefix", known.encoder_prefix if known else None)
+    pool_prefix = state["pool_prefix"] if "pool_prefix" in state else (known.pool_prefix if known else None)
+    saved = state["config"]["model"]
+    return Pretrained(path, state["model"], int(state["step"]), method, backbone, prefix, pool_prefix, saved)
+
+
+def check_fit(pretrained: Pretrained, config: FinetuneConfig) -> None:
+    """Refuse a checkpoint that cannot initialise this run's network, naming why."""
+    ft, path, saved_model = config.finetune, pretrained.path, pretrained.model_config
+    if ft.linear_probe and ft.arch == "resnet50" and pretrained.backbone == "resnet36":
+        with_pool = f" or {' or '.join(POOLED_ARCHS)} (P + A)" if pretrained.pool_prefix else ""
+        raise ConfigError(
+            f"--init {path}: --linear-probe freezes the backbone, and resnet50's stage 4 is not pretrained "
+            f"(the checkpoint holds a resnet36); use --arch resnet36 (its pooled features){with_pool}"
+        )
+    keys = BACKBONE_KEYS + (POOL_KEYS if ft.arch in POOLED_ARCHS else ())
+    for key in keys:
+        if saved_model.get(key) != getattr(config.model, key):
+            raise ConfigError(
+                f"--init {path}: pretrained with model.{key}={saved_model.get(key)!r} but this run has "
+                f"model.{key}={getattr(config.model, key)!r}; use the pretraining run's --config or "
+                f"--model.{key}={saved_model.get(key)}"
+            )
+    try:  # a trial load on the CPU, so a broken checkpoint stops the run before any work starts
+        initialise(build_model(config, num_classes=1), config, pretrained)
+    except ValueError as error:
+        raise ConfigError(f"--init {path}: does not fit --arch {ft.arch}: {error}") from error
+
+
+def initialise(model: torch.nn.Module, config: FinetuneConfig, pretrained: Pretrained) -> torch.nn.Module:
+    """Copy the pretrained backbone (and A where the arch reuses it) into `model`."""
+    p = pretrained
+    load_pretrained(model, config.finetune.arch, p.model, p.encoder_prefix, p.backbone, p.pool_prefix)
+    return model
+
+
+def load_init(config: FinetuneConfig) -> Pretrained | None:
+    """The pretraining checkpoint named by --init, checked against this run's network; None for none."""
+    if config.finetune.init == "none":
+        return None
+    pretrained = read_pretrained(checkpoint_of(config.finetune.init))
+    check_fit(pretrained, config)
+    return pretrained
