@@ -1,6 +1,7 @@
 """The weights every method and fine-tuning reach after 20 fixed-seed, one-thread CPU steps, as hashes.
 
-    python -m tests.behaviour_hashes OUT.json   # write them as JSON (what tests/behaviour_hashes.json pins)
+    python -m tests.behaviour_hashes OUT.json         # write them as JSON (what tests/behaviour_hashes.json pins)
+    python -m tests.behaviour_hashes OUT.json 0 2     # the first of two halves (run side by side, then merged)
 
 Recorded before the trainer was refactored into one loop with method plug-ins (issue 13), so a test can
 show that the redesign changed no computation: every run here must reach bit-identical weights.
@@ -64,17 +65,24 @@ def run_hash(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def compute(demo_root: Path, out: Path) -> dict[str, str]:
+def compute(demo_root: Path, out: Path, part: int = 0, parts: int = 1) -> dict[str, str]:
+    """The hashes of share `part` of `parts` of the runs: every `parts`-th pretraining with the fine-tuning
+    that starts from it; fine-tuning from scratch in the last share."""
     from train import finetune, pretrain
 
+    share = [name for index, (name, _) in enumerate(PRETRAINING) if index % parts == part]
     threads = torch.get_num_threads()
     hashes, runs = {}, {}
     try:
         for name, flags in PRETRAINING:
+            if name not in share:
+                continue
             runs[name] = out / name
             pretrain.main([*TINY, *flags, "--data", str(demo_root), "--out", str(runs[name])])
             hashes[name] = run_hash(runs[name])
         for name, init, flags in FINETUNING:
+            if (init not in share) if init else part != parts - 1:  # from scratch: in the last share
+                continue
             folder = out / name
             init_flag = str(runs[init]) if init else "none"
             result = finetune.main([*TINY, *flags, "--init", init_flag, "--data", str(demo_root), "--out", str(folder)])
@@ -88,9 +96,10 @@ def compute(demo_root: Path, out: Path) -> dict[str, str]:
 def main() -> None:
     from pipeline.demo import demo_dataset
 
+    part, parts = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
     with tempfile.TemporaryDirectory() as tmp:
         demo_root = demo_dataset(Path(tmp) / "cache")
-        hashes = compute(demo_root, Path(tmp) / "runs")
+        hashes = compute(demo_root, Path(tmp) / "runs", part, parts)
     hashes["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     hashes["torch"] = torch.__version__
     Path(sys.argv[1]).write_text(json.dumps(hashes, indent=1) + "\n")
