@@ -88,3 +88,55 @@ def time_windows(
         "overall": steps_timed * images_per_step / total,
         "stages_ms": {k: round(1000 * v / steps_timed, 3) for k, v in clock.collect().items()},
     }
+
+
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def profile_steps(step: Step, device: torch.device, steps: int) -> dict:
+    """Per step, from torch's profiler: on CUDA, the kernels run, the launches the host issued (a graph
+    replay is one) and the fraction of the wall time some kernel was running; on a CPU, the aten ops run."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    clock = StageClock(device)
+    with profile(activities=activities) as prof:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step(clock)
+        sync(device)
+        wall = time.perf_counter() - start
+    events = prof.events()
+    if not cuda:
+        return {"ops_per_step": round(sum(e.name.startswith("aten::") for e in events) / steps, 1)}
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    launches = sum(e.name in LAUNCH_CALLS for e in events)
+    busy = _covered_us([(e.time_range.start, e.time_range.end) for e in kernels])
+    return {
+        "kernels_per_step": round(len(kernels) / steps, 1),
+        "launches_per_step": round(launches / steps, 1),
+        "gpu_busy": round(min(1.0, busy / 1e6 / wall), 4),
+    }
+
+
+def _covered_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of intervals (kernels on several streams overlap)."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """The most device memory tensors held since the last `reset_peak_memory`; None on a CPU."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3) if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

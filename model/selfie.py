@@ -4,12 +4,14 @@ Forward, for a group-major patch tensor (see `pipeline.patches`):
   h = P(all patches)                      one call, (B * N, D)
   u = A(h_context + pos(context))         (B, D); the position term can be switched off
   v_j = u + pos(j)                        for every masked position j of the image
-  logits[b, j, k] = v_j . h_k             over the masked patches k of the *same* image
+  logits[b, j, k] = s * v_j . h_k         over the masked patches k of the *same* image (s = 1, the
+                                          paper's; or 1/sqrt(D); or learned)
   loss = cross-entropy(logits, k = j), averaged over all masked positions of the batch.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -21,6 +23,9 @@ from model.backbones import build_backbone
 from pipeline.patches import split_context_masked
 
 POSITION_KINDS = ("auto", "full", "rowcol")
+# How the patch-selection logits are scaled: plain v.h (the paper's), by 1/sqrt(D) (dot-product attention's
+# scale, logits of unit order at any width), or by a learned temperature that starts at 1/sqrt(D).
+LOGIT_SCALES = ("plain", "sqrt_d", "learned")
 # Grids up to this side learn one vector per position (4x4 on 32x32 images, paper §2.2); larger
 # grids learn row + column vectors (7 + 7 on 224x224 instead of 49).
 FULL_POSITION_MAX_GRID = 4
@@ -57,14 +62,19 @@ class SelfieOutput(NamedTuple):
     logits: torch.Tensor  # (B, Nm, Nm) fp32: row j = query of masked slot j, column k = candidate patch k
 
 
-def patch_selection_loss(queries: torch.Tensor, candidates: torch.Tensor) -> SelfieOutput:
-    """queries v (B, Nm, D), candidates h (B, Nm, D), both in masked-slot order -> loss and accuracy.
+def patch_selection_loss(
+    queries: torch.Tensor, candidates: torch.Tensor, scale: torch.Tensor | float | None = None
+) -> SelfieOutput:
+    """queries v (B, Nm, D), candidates h (B, Nm, D), both in masked-slot order -> loss and accuracy;
+    `scale` multiplies the logits (None: the plain dot product).
 
     Computed in fp32 whatever the autocast state: the logits are a tiny batched matmul, and
     full-precision softmax keeps the loss exact under bf16/fp16 training.
     """
     with torch.autocast(device_type=queries.device.type, enabled=False):
         logits = torch.bmm(queries.float(), candidates.float().transpose(1, 2))
+        if scale is not None:
+            logits = logits * scale
     batch, num_masked, _ = logits.shape
     targets = torch.arange(num_masked, device=logits.device).expand(batch, num_masked)
     loss = F.cross_entropy(logits.reshape(-1, num_masked), targets.reshape(-1))
@@ -83,13 +93,25 @@ class Selfie(nn.Module):
         attn_dropout: float = 0.1,
         position_kind: str = "auto",
         position_on_context: bool = True,
+        logit_scale: str = "plain",
     ) -> None:
         super().__init__()
+        if logit_scale not in LOGIT_SCALES:
+            raise ValueError(f"logit scale must be one of {LOGIT_SCALES}, got {logit_scale!r}")
         self.patch_net = patch_net
         dim = patch_net.num_features
         self.position = PositionEmbedding(grid, dim, position_kind)
         self.pool = AttentionPooling(dim, attn_layers, attn_intermediate, attn_heads, attn_dropout)
         self.position_on_context = position_on_context
+        self.logit_scale_kind = logit_scale
+        if logit_scale == "learned":  # log of the scale, so it stays positive; no weight decay (a scalar)
+            self.log_logit_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
+        self.fixed_scale = dim**-0.5 if logit_scale == "sqrt_d" else None
+
+    def logit_scale(self) -> torch.Tensor | float | None:
+        if self.logit_scale_kind == "learned":
+            return self.log_logit_scale.float().exp()
+        return self.fixed_scale
 
     def forward_features(self, patches: torch.Tensor) -> torch.Tensor:
         """(M, C, p, p) -> (M, D): P, then spatial average pooling (any patches, of any number of images)."""
@@ -104,7 +126,7 @@ class Selfie(nn.Module):
             context = context + self.position(context_pos).to(context.dtype)
         u = self.pool(context)
         queries = u.unsqueeze(1) + self.position(masked_pos).to(u.dtype)
-        return patch_selection_loss(queries, masked)
+        return patch_selection_loss(queries, masked, self.logit_scale())
 
     def forward(self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
         """patches (B * N, C, p, p) group-major; context_pos (B, Nc) and masked_pos (B, Nm) int64."""

@@ -1,7 +1,7 @@
 """Augmentation before gridding (Selfie §2.1, §3.2).
 
-- 32x32 images: zero-pad by 4, random crop back to 32, random horizontal flip: `pad_crop_flip`, one
-  batched call on a uint8 batch.
+- 32x32 images: pad by 4 (zeros, the paper's; or reflected or edge pixels), random crop back to 32,
+  random horizontal flip: `pad_crop_flip`, one batched call on a uint8 batch.
 - 224x224 images: random resized crop + flip. Source images differ in size, so the crop box is drawn per
   image (`random_resized_crop_box`) and applied where the image is decoded.
 """
@@ -13,24 +13,46 @@ import math
 import numpy as np
 import torch
 
+PAD_MODES = ("zero", "reflect", "edge")  # what fills the pad of pad_crop_flip
 
-def pad_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, H, W): zero-pad by `pad`, crop a random H x W window, flip half at random.
+
+def _source_index(index: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Pixel coordinates that may fall outside 0 .. size-1 -> the coordinate each one reads: mirrored
+    without repeating the border (reflect), the nearest border pixel (edge), or clamped (zero: masked after)."""
+    if mode == "reflect":
+        period = 2 * (size - 1)
+        index = index.remainder(period) if period else index.zero_()
+        return torch.where(index >= size, period - index, index)
+    return index.clamp(0, size - 1)
+
+
+def pad_crop_flip(
+    images: torch.Tensor, pad: int, generator: torch.Generator | None = None, mode: str = "zero"
+) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H, W): pad by `pad` (`mode`: zeros, reflected pixels, or the edge pixel),
+    crop a random H x W window, flip half at random. The padded image is never built: each output pixel
+    reads its source pixel directly.
 
     Offsets and flips are drawn independently per sample from `generator` (on the images' device).
     """
+    if mode not in PAD_MODES:
+        raise ValueError(f"pad mode must be one of {PAD_MODES}, got {mode!r}")
     batch, _, height, width = images.shape
     device = images.device
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
     top = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator, device=device)
     left = torch.randint(0, 2 * pad + 1, (batch, 1), generator=generator, device=device)
     flip = torch.rand(batch, 1, generator=generator, device=device) < 0.5
-    rows = top + torch.arange(height, device=device)
+    rows = top - pad + torch.arange(height, device=device)  # (B, H) source rows, maybe outside the image
     cols_forward = torch.arange(width, device=device)
-    cols = left + torch.where(flip, cols_forward.flip(0), cols_forward)
+    cols = left - pad + torch.where(flip, cols_forward.flip(0), cols_forward)
     batch_index = torch.arange(batch, device=device)[:, None, None]
+    source_rows, source_cols = _source_index(rows, height, mode), _source_index(cols, width, mode)
     # Advanced indexing over (batch, rows, cols) with the channel slice in between yields (B, H, W, C).
-    return padded[batch_index, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    out = images[batch_index, :, source_rows[:, :, None], source_cols[:, None, :]]
+    if mode == "zero":
+        inside = ((rows >= 0) & (rows < height))[:, :, None] & ((cols >= 0) & (cols < width))[:, None, :]
+        out = out * inside[..., None].to(out.dtype)
+    return out.permute(0, 3, 1, 2).contiguous()
 
 
 def random_resized_crop_box(

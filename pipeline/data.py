@@ -165,6 +165,7 @@ class BatchSpec:
 
 # Streams of derived seeds; a seed is derive_seed(run seed, stream, ...) so no two uses collide.
 EPOCH_ORDER_STREAM, AUGMENT_STREAM, MASK_STREAM, SUBSET_STREAM, INIT_STREAM, PICTURE_STREAM = 1, 2, 3, 4, 5, 6
+CLEAN_STREAM, RANDOM_INIT_STREAM, HOLDOUT_STREAM = 7, 8, 9  # monitors' fixed draws, their random net, validation
 
 
 def derive_seed(*keys: int) -> int:
@@ -234,7 +235,7 @@ class BatchAssembler(torch.utils.data.Dataset):
        (`center_crop`) an image not already S x S has its shorter side resized to S / 0.875 and its
        center S x S kept; otherwise resize to S x S if needed;
     3. stack into uint8 (B, 3, S, S);
-    4. batched zero-pad + random crop + flip (`pad_crop_flip`).
+    4. batched pad (zeros, reflected or edge pixels) + random crop + flip (`pad_crop_flip`).
     """
 
     def __init__(
@@ -245,13 +246,14 @@ class BatchAssembler(torch.utils.data.Dataset):
         pad: int = 4,
         crop_scale: tuple[float, float] = (0.08, 1.0),
         fail_on_corrupt: bool = False,
+        pad_mode: str = "zero",
     ) -> None:
         if augment not in (*AUGMENTS, "center_crop"):
             raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
         self.source = source
         self.image_size = image_size
         self.augment = augment
-        self.pad = pad
+        self.pad, self.pad_mode = pad, pad_mode
         self.crop_scale = crop_scale
         self.fail_on_corrupt = fail_on_corrupt
 
@@ -308,7 +310,7 @@ class BatchAssembler(torch.utils.data.Dataset):
         stacked = np.stack(arrays) if arrays else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         images = torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
         if self.augment == "pad_crop_flip":
-            images = pad_crop_flip(images, self.pad, torch.Generator().manual_seed(spec.seed))
+            images = pad_crop_flip(images, self.pad, torch.Generator().manual_seed(spec.seed), self.pad_mode)
         index_tensor = torch.tensor(indices, dtype=torch.int64)
         labels = torch.from_numpy(self.source.labels[index_tensor.numpy()])
         return Batch(images, labels, index_tensor, tuple(skipped))
@@ -328,12 +330,13 @@ def torch_loader(
     pad: int = 4,
     crop_scale: tuple[float, float] = (0.08, 1.0),
     fail_on_corrupt: bool = False,
+    pad_mode: str = "zero",
 ) -> Iterator[Batch]:
     """The torch `DataLoader` backend: worker processes assemble whole batches (see `BatchAssembler`)."""
     device = torch.device(device)
     sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
     loader = torch.utils.data.DataLoader(
-        BatchAssembler(source, image_size, augment, pad, crop_scale, fail_on_corrupt),
+        BatchAssembler(source, image_size, augment, pad, crop_scale, fail_on_corrupt, pad_mode),
         sampler=sampler,
         batch_size=None,
         num_workers=workers,
@@ -377,13 +380,48 @@ def eval_loader(
 
 
 def _on_device(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[Batch]:
-    for batch in _worker_errors_as_one_line(loader):
-        yield Batch(
-            batch.images.to(device, non_blocking=True),
-            batch.labels.to(device, non_blocking=True),
-            batch.indices.to(device, non_blocking=True),
-            batch.skipped,
-        )
+    yield from device_prefetch(_worker_errors_as_one_line(loader), device)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    return batch._replace(
+        images=batch.images.to(device, non_blocking=True),
+        labels=batch.labels.to(device, non_blocking=True),
+        indices=batch.indices.to(device, non_blocking=True),
+    )
+
+
+def device_prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
+    """`batches` (pinned host memory on a CUDA machine) on `device`. On CUDA the next batch's host-to-device
+    copy runs on a side stream while the current one is consumed, so the step never waits for a copy
+    (the consumer's stream waits for the side stream only before it uses a batch)."""
+    if device.type != "cuda":
+        yield from (_to_device(batch, device) for batch in batches)
+        return
+    side = torch.cuda.Stream(device)
+
+    def staged(batch: Batch) -> Batch:
+        with torch.cuda.stream(side):
+            return _to_device(batch, device)
+
+    upcoming = None
+    for batch in batches:
+        copied = staged(batch)
+        if upcoming is not None:
+            yield _handed_over(upcoming, side)
+        upcoming = copied
+    if upcoming is not None:
+        yield _handed_over(upcoming, side)
+
+
+def _handed_over(batch: Batch, side: torch.cuda.Stream) -> Batch:
+    """`batch`, copied on `side`, made safe to use on the current stream: wait for the copy, and tell the
+    allocator the tensors are in use there (so their memory is not reused under the consumer)."""
+    current = torch.cuda.current_stream()
+    current.wait_stream(side)
+    for tensor in (batch.images, batch.labels, batch.indices):
+        tensor.record_stream(current)
+    return batch
 
 
 def _worker_errors_as_one_line(loader: torch.utils.data.DataLoader) -> Iterator[Batch]:

@@ -63,9 +63,12 @@ def _check(
 def _empty_like_reference(
     shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, channels_last: bool
 ) -> torch.Tensor:
-    """Storage with the reference's strides, also where a dimension of size 1 makes formats ambiguous."""
+    """Storage with the reference's strides, also where a dimension of size 1 makes formats ambiguous,
+    allocated in its final layout (no copy of an NCHW buffer into channels-last)."""
     out = torch.empty(shape, dtype=dtype, device=device)
-    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    if channels_last and not out.is_contiguous(memory_format=torch.channels_last):
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+    return out
 
 
 if triton is not None:

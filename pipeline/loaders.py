@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.augment import PAD_MODES
 from pipeline.data import Batch, Source, eval_loader, open_source, torch_loader
 from pipeline.demo import demo_dataset
 
@@ -64,13 +65,23 @@ class Backend:
     demo: Callable[[str | os.PathLike | None], Path]  # cache dir -> the built-in demo data in its format
     worker_processes: bool  # its workers are forked processes (fork before any backend leaves threads behind)
     ready_batches: Callable[[int], int]  # workers -> batches it holds ready ahead of the consumer
-    # keyword options of `train` beyond torch_loader's; "patch_spec": it can cut Selfie's patches itself
+    # keyword options of `train` beyond the common ones; "patch_spec": it can cut Selfie's patches itself
     options: frozenset[str] = frozenset()
     reads_beton: bool = False  # it reads .beton files (pipeline.convert's), not image folders
+    pad_modes: tuple[str, ...] = ("zero",)  # the pad modes its pad_crop_flip implements
 
 
 LOADERS: dict[str, Backend] = {
-    "torch": Backend(torch_loader, eval_loader, open_source, demo_dataset, True, lambda workers: 4 * max(1, workers)),
+    "torch": Backend(
+        torch_loader,
+        eval_loader,
+        open_source,
+        demo_dataset,
+        True,
+        lambda workers: 4 * max(1, workers),
+        frozenset({"pad_mode"}),
+        pad_modes=PAD_MODES,
+    ),
     "dali": Backend(_dali_train, _dali_eval, open_source, demo_dataset, False, lambda workers: 2),
     "ffcv": Backend(
         _ffcv_train,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pipeline.data import SUBSET_STREAM, DataError, Source, derive_seed
+from pipeline.data import HOLDOUT_STREAM, SUBSET_STREAM, DataError, Source, derive_seed
 
 
 def class_quotas(class_counts: np.ndarray, fraction: float) -> np.ndarray:
@@ -50,6 +50,22 @@ def select_labeled_subset(
         order = np.random.default_rng(derive_seed(seed, SUBSET_STREAM, label)).permutation(len(members))
         chosen.append(members[order[: quotas[label]]])
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def holdout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(pool, held out): sorted indices into `labels`, `fraction` of every class held out (stratified,
+    exact in total) as a validation split. Fixed whatever the run's seed, so every seed and every learning
+    rate compared on it sees the same split."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    quotas = class_quotas(counts, fraction)
+    held = []
+    for label in range(len(counts)):
+        members = np.flatnonzero(labels == label)
+        order = np.random.default_rng(derive_seed(HOLDOUT_STREAM, label)).permutation(len(members))
+        held.append(members[order[: quotas[label]]])
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held_out), held_out
 
 
 class SubsetSource:

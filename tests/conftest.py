@@ -62,8 +62,14 @@ def run_concurrently(calls: list[Callable[[], T]], jobs: int | None = None) -> l
         return list(pool.map(lambda call: call(), calls))
 
 
+# The monitors on few images: they score a run without changing it (tests/test_behaviour.py shows it), and
+# at their defaults would cost a tiny test run more than its training.
+SMALL_MONITORS = ["--monitor.knn_train_images=48", "--monitor.knn_test_images=24"]
+
+
 def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return run_script([str(ROOT / "train" / "pretrain.py"), *args], cwd, **kwargs)
+    monitors = [] if any(arg.startswith("--monitor.") for arg in args) else SMALL_MONITORS
+    return run_script([str(ROOT / "train" / "pretrain.py"), *monitors, *args], cwd, **kwargs)
 
 
 def finetune(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:

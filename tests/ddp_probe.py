@@ -1,17 +1,18 @@
 """Run by tests/test_pretrain.py under `torchrun --nproc_per_node 2`: trains through the real
-`train.pretrain.main` (its loop, train/loop.py), recording which images each rank read and its final parameters."""
+`train.pretrain.main` (its eager step, train/step.py), recording which images each rank read and its
+final parameters."""
 
 import sys
 from pathlib import Path
 
 import torch
 
-import train.loop as loop
 import train.pretrain as pretrain
+import train.step as step
 
 seen: list[list[int]] = []
 holder: dict = {}
-original_step = loop.train_step
+original_step = step.train_step
 
 
 def recording_step(model, batch, *args, **kwargs):
@@ -20,7 +21,7 @@ def recording_step(model, batch, *args, **kwargs):
     return original_step(model, batch, *args, **kwargs)
 
 
-loop.train_step = recording_step  # the loop's step, which every run calls
+step.train_step = recording_step  # the eager step every run calls
 out = Path(sys.argv[1])
 result = pretrain.main(sys.argv[2:])
 rank = int(__import__("os").environ["RANK"])

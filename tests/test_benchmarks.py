@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import loaders, patch_op, throughput
+from benchmarks import loaders, modes, patch_op, throughput
 
 
 def test_patch_op_benchmark_prints_a_row_per_op_and_shape(capsys: pytest.CaptureFixture) -> None:
@@ -51,7 +51,7 @@ def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFi
     assert all(r["min"] <= r["median"] <= r["max"] for r in record["results"].values())
 
 
-def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFixture) -> None:
+def test_throughput_benchmark_runs_every_mode(tmp_path, demo_root, capsys: pytest.CaptureFixture) -> None:
     tiny = ["--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--set", "model.attn_intermediate=32"]
     record = throughput.main(
         [
@@ -69,38 +69,41 @@ def test_throughput_benchmark_runs_every_mode(tmp_path, capsys: pytest.CaptureFi
             "--windows",
             "2",
             "--cache",
-            str(tmp_path),
+            str(demo_root.parent),
             "--json",
             str(tmp_path / "t.json"),
             "--plot",
             str(tmp_path / "t.png"),
         ]
     )
-    assert list(record["results"]) == list(throughput.MODES)
-    for mode, result in record["results"].items():
+    results = record["results"][4]
+    assert list(record["results"]) == [4] and list(results) == list(throughput.MODES)
+    for mode, result in results.items():
         assert result["min"] <= result["median"] <= result["max"], mode
-    stages = record["results"]["torch"]["stages_ms"]
+        assert result["peak_memory_gib"] is None and "ops_per_step" in result  # profiled; no device memory
+        assert result["ops_per_step"] > 0 or not modes.MODES[mode].trains  # a step's aten ops were counted
+    stages = results["torch"]["stages_ms"]
     assert set(stages) == {"data", "patch op", "forward", "backward", "optimizer"}
-    assert set(record["results"]["no-model:dali"]["stages_ms"]) == {"data", "patch op"}
+    assert set(results["no-model:dali"]["stages_ms"]) == {"data", "patch op"}
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["config"]["train"]["batch_size"] == 4 and saved["versions"]["ffcv"]
     assert (tmp_path / "t.png").stat().st_size > 0
-    assert record["compute"]["step_gflop"] > 0 and record["compute"]["matmul_peak_tflops"] > 0
-    assert 0 < record["results"]["synthetic"]["fraction_of_peak"] < 1.5
+    assert record["compute"][4]["step_gflop"] > 0 and record["compute"]["matmul_peak_tflops"] > 0
+    assert 0 < results["synthetic"]["fraction_of_peak"] < 1.5
     out = capsys.readouterr().out
     assert "| synthetic |" in out and "| naive |" in out and "1.00x" in out
 
 
 @pytest.mark.parametrize("method", ["rotnet", "patch_relnet"])
-def test_throughput_benchmark_times_a_rotation_step(tmp_path, capsys: pytest.CaptureFixture, method: str) -> None:
+def test_throughput_benchmark_times_a_rotation_step(demo_root, capsys: pytest.CaptureFixture, method: str) -> None:
     args = ["--method", method, "--set", "model.backbone=resnet8", "--width", "0.25", "--batch", "4"]
     args += ["--modes", "synthetic,torch,no-model:torch,naive", "--workers", "1", "--warmup", "1", "--window", "1"]
-    record = throughput.main([*args, "--windows", "2", "--cache", str(tmp_path)])
-    assert list(record["results"]) == ["synthetic", "naive", "torch", "no-model:torch"]
-    assert set(record["results"]["torch"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
-    assert set(record["results"]["no-model:torch"]["stages_ms"]) == {"data", "view op"}
+    results = throughput.main([*args, "--windows", "2", "--cache", str(demo_root.parent)])["results"][4]
+    assert list(results) == ["synthetic", "naive", "torch", "no-model:torch"]
+    assert set(results["torch"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
+    assert set(results["no-model:torch"]["stages_ms"]) == {"data", "view op"}
     # The naive baseline is every method's: its input op and its model, one image at a time.
-    assert set(record["results"]["naive"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
+    assert set(results["naive"]["stages_ms"]) == {"data", "view op", "forward", "backward", "optimizer"}
     out = capsys.readouterr().out
     assert f"{4 if method == 'rotnet' else 8} views per image" in out and "| view op ms |" in out
 
@@ -110,7 +113,7 @@ def test_every_registered_method_and_loader_has_its_modes() -> None:
     from train.methods import METHODS
 
     assert {"synthetic", "naive", "no-model:naive", *LOADERS, *(f"no-model:{name}" for name in LOADERS)} <= set(
-        throughput.MODES
+        modes.MODES
     )
     parser = throughput.arguments()
     assert parser.parse_args(["--method", list(METHODS)[-1]]).method == list(METHODS)[-1]
@@ -118,17 +121,42 @@ def test_every_registered_method_and_loader_has_its_modes() -> None:
         parser.parse_args(["--method", "jigsaw"])
 
 
-def test_the_naive_baseline_computes_the_step_the_trainer_computes(tmp_path) -> None:
+def test_a_batch_sweep_and_the_fine_tuning_step(tmp_path, demo_root) -> None:
+    args = ["--width", "0.125", "--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--workers", "1"]
+    args += [
+        "--warmup",
+        "1",
+        "--window",
+        "1",
+        "--windows",
+        "1",
+        "--profile-steps",
+        "1",
+        "--cache",
+        str(demo_root.parent),
+    ]
+    record = throughput.main([*args, "--modes", "synthetic", "--batch", "2,4"])
+    assert list(record["results"]) == [2, 4] and {*record["compute"]} == {2, 4, "matmul_peak_tflops"}
+    assert "| synthetic | 2 |" in record["table"] and "| synthetic | 4 |" in record["table"]
+    tuned = throughput.main([*args, "--stage", "finetune", "--arch", "resnet8", "--modes", "synthetic,torch"])
+    assert set(tuned["results"][64]["torch"]["stages_ms"]) == {"data", "input op", "forward", "backward", "optimizer"}
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--stage", "finetune", "--modes", "naive"])
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--batch", "64,0"])
+
+
+def test_the_naive_baseline_computes_the_step_the_trainer_computes(demo_root) -> None:
     """Selfie per image through the model's public forward: the mean of the images' losses equals the
     batched step's loss on the same patches (eval mode: batch norm and dropout do not depend on the batch)."""
     import torch
 
-    args = throughput.parse_args(["--batch", "4", "--width", "0.125", "--cache", str(tmp_path)])
+    args = throughput.parse_args(["--batch", "4", "--width", "0.125", "--cache", str(demo_root.parent)])
     args.set = ["model.attn_layers=1", "model.attn_heads=4", "model.attn_intermediate=32"]
-    bench = throughput.Bench(args)
+    bench = modes.Bench(args, 4)
     bench.net.eval()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    per_image = throughput.naive_inputs(bench, images, torch.zeros(4, dtype=torch.int64))
+    per_image = modes.naive_inputs(bench, images, torch.zeros(4, dtype=torch.int64))
     naive = torch.stack([bench.task.objective(bench.net, inputs)[0] for inputs in per_image]).mean()
     context = bench.task.num_context
     patches = torch.cat([p[:context] for p, _, _ in per_image] + [p[context:] for p, _, _ in per_image])  # group-major

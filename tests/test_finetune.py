@@ -37,7 +37,8 @@ def test_summary_arithmetic_and_line() -> None:
     assert mean == pytest.approx(80.3)
     assert std == pytest.approx((sum((a - 80.3) ** 2 for a in [80.0, 80.6, 79.7, 80.3, 80.9]) / 4) ** 0.5)
     assert summarize([42.0]) == (42.0, 0.0)
-    assert format_accuracy(80.3, 0.3, 5) == "80.3 ± 0.3 (5 seeds)" and format_accuracy(50, 0, 1).endswith("(1 seed)")
+    assert format_accuracy(80.3, 0.3, 5) == "80.3 ± 0.3 (5 seeds)"
+    assert format_accuracy(50, 0, 1) == "50.0 (1 seed)"  # one seed: no spread to show, not "± 0.0"
 
 
 def test_table_writer_on_a_known_result() -> None:
@@ -335,3 +336,33 @@ def test_a_rotation_checkpoint_initialises_the_backbone_under_a_two_layer_head(
     assert tuned["head.3.weight"].shape == (10, 16) and tuned["head.3.weight"].abs().sum() > 0
     saved = results_of(run)
     assert saved["head"] == "mlp" and saved["init_method"] == "patch_relnet"
+
+
+@pytest.mark.slow
+def test_choosing_the_lr_reads_only_the_training_split(tmp_path: Path, demo_root: Path, pretrained_run: Path) -> None:
+    """With a held-out validation split the test split is never opened: a data folder without one works."""
+    data = tmp_path / "train-only"
+    shutil.copytree(demo_root / "train", data / "train")
+    run = tmp_path / "holdout"
+    result = finetune([*FAST, "--data", str(data), "--finetune.holdout=0.1", "--out", str(run)], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = results_of(run)
+    assert summary["evaluated_on"].startswith("validation (10% of the training split") and summary["test_images"] == 160
+    assert summary["labeled_images"] == [144]  # 10% of the 1,440 images left after the 160 held out
+    assert re.search(r"^validation accuracy: \d+\.\d \(1 seed\)$", result.stdout, re.MULTILINE)
+
+    out = tmp_path / "cmp"
+    args = [str(ROOT / "train" / "compare.py"), "--init", str(pretrained_run), "--fractions", "1", "--lrs", "0.01,0.1"]
+    compared = run_script([*args, "--out", str(out), *FAST, "--data", str(demo_root)], tmp_path)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    cells = json.loads((out / "table.json").read_text())["cells"]
+    for row in ("supervised", "pretrained"):
+        chosen = cells[row]["100%"]
+        assert set(chosen["validation"]) == {"0.01", "0.1"} and chosen["lr"] in (0.01, 0.1)
+        best = max(chosen["validation"].values())
+        assert chosen["validation"][f"{chosen['lr']:g}"] == best
+        for lr in ("0.01", "0.1"):
+            assert results_of(out / f"{row}-label-fraction-1-select-lr-{lr}")["evaluated_on"].startswith("validation")
+        assert results_of(out / f"{row}-label-fraction-1")["evaluated_on"] == "test"
+    table = (out / "table.md").read_text()
+    assert "| lr, supervised |" in table and "± " not in table  # one seed: no spread shown

@@ -278,3 +278,16 @@ def test_using_ffcv_keeps_the_runs_torch_thread_count(image_set: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "threads 2" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+def test_device_prefetch_hands_every_batch_over_in_order_on_the_device() -> None:
+    """On a CPU the prefetch is a plain pass-through (tests/test_gpu.py checks the CUDA side stream)."""
+    from pipeline.data import Batch, device_prefetch
+
+    batches = [
+        Batch(torch.full((2, 3, 4, 4), k, dtype=torch.uint8), torch.tensor([k, k]), torch.arange(2)) for k in range(3)
+    ]
+    out = list(device_prefetch(iter(batches), torch.device("cpu")))
+    assert [int(b.labels[0]) for b in out] == [0, 1, 2] and all(
+        torch.equal(a.images, b.images) for a, b in zip(out, batches, strict=True)
+    )

@@ -285,3 +285,20 @@ def test_every_rotation_method_trains_with_every_loader(
     assert state["kind"] == f"{method}_pretrain" and state["encoder_prefix"] == "backbone."
     assert state["config"]["method"] == method and state["config"]["model"]["backbone"] == "resnet8"
     assert [p.name for p in (run / "pictures").iterdir()] == ["views_step_00000003.png"]
+
+
+def test_a_compiled_run_resumes_bit_for_bit(tmp_path: Path, demo_root: Path) -> None:
+    """torch.compile (inductor, on the CPU) changes how the step runs, not where a resume continues: a run
+    killed after its step-2 checkpoint and resumed compiled ends with the uninterrupted run's weights."""
+    common = [*TINY, "--method", "rotnet", "--model.backbone=resnet8", "--steps", "4", "--train.compile=true"]
+    common += ["--train.checkpoint_every=2", "--train.keep_checkpoints=5", "--data", str(demo_root)]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    runs = [partial(pretrain, [*common, "--out", str(out)], tmp_path, timeout=600) for out in (straight, resumed)]
+    for result in run_concurrently(runs):
+        assert result.returncode == 0, result.stderr[-3000:]
+    (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 4's log record
+    result = pretrain([*common, "--out", str(resumed), "--resume"], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_model(straight), final_model(resumed)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert [r["step"] for r in read_log(resumed) if "loss" in r] == [1, 2, 3, 4]

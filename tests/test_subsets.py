@@ -64,3 +64,14 @@ def test_subset_source_maps_indices_labels_and_names() -> None:
     view = SubsetSource(Fake(), indices)
     assert len(view) == 3 and view.labels.tolist() == UNBALANCED[indices].tolist()
     assert view.name(1) == "file50" and view.load(2) == 99 and view.classes == Fake.classes
+
+
+def test_the_holdout_split_is_stratified_exact_disjoint_and_fixed() -> None:
+    from pipeline.subsets import holdout_split
+
+    labels = np.repeat(np.arange(4), [50, 30, 20, 100])
+    pool, held = holdout_split(labels, 0.1)
+    assert len(held) == 20 and np.bincount(labels[held]).tolist() == [5, 3, 2, 10]
+    assert not set(pool) & set(held) and len(pool) + len(held) == len(labels)
+    again_pool, again_held = holdout_split(labels, 0.1)
+    assert np.array_equal(held, again_held) and np.array_equal(pool, again_pool)  # whatever the run's seed

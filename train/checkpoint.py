@@ -62,7 +62,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def training_state(
     kind: str,
-    model: torch.nn.Module,
+    net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
@@ -71,14 +71,15 @@ def training_state(
     rng_states: list,
     num_images: int,
 ) -> dict[str, Any]:
-    """The one checkpoint dict: everything a resumed run needs to continue bit for bit."""
+    """The one checkpoint dict: everything a resumed run needs to continue bit for bit (`net`: the plain
+    module, under any DDP or compile wrapper)."""
     return {
         "images": num_images,  # the training data's size: it fixes every epoch's order
         "format": CHECKPOINT_FORMAT,
         "kind": kind,
         "step": step,
-        "model": accelerator.unwrap_model(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": net.state_dict(),
+        "optimizer": plain_optimizer_state(optimizer),
         "scheduler": scheduler.state_dict(),
         "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
         "rng": rng_states,
@@ -87,16 +88,27 @@ def training_state(
     }
 
 
+def plain_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state dict with plain-float learning rates (a graphed step keeps them as device
+    tensors), so any run, eager or graphed, on any device, can resume from it."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = float(group["lr"])
+    return state
+
+
 def restore_training_state(
     path: Path,
     kind: str,
-    model: torch.nn.Module,
+    net: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     num_images: int,
 ) -> int:
-    """Load a `training_state` checkpoint into the prepared objects on every rank; returns its step."""
+    """Load a `training_state` checkpoint into the plain module and the prepared optimizer on every rank;
+    returns its step."""
     state = load_checkpoint(path)
     if state.get("kind") != kind:
         raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {kind!r} one")
@@ -107,7 +119,7 @@ def restore_training_state(
             "unreadable files holds fewer images than its folder)"
         )
     try:
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        net.load_state_dict(state["model"])
     except RuntimeError as error:
         raise ConfigError(f"{path}: its model does not match this config's model ({error})") from error
     optimizer.load_state_dict(state["optimizer"])

@@ -4,15 +4,20 @@ Launch:
     accelerate launch train/pretrain.py --out runs/demo-pt                 # pretrain on the demo data first
     python train/compare.py --init runs/demo-pt                            # demo: 4 fractions x 3 seeds x 2 inits
     python train/compare.py --init runs/demo-pt --fractions 0.02,0.1 --seeds 5 --arch resnet36_attn
+    python train/compare.py --init runs/demo-pt --lrs 0.01,0.03,0.1,0.3 --seeds 5   # lr chosen per cell on 90/10
     accelerate launch --multi_gpu --num_processes 8 train/compare.py --config cifar10 \
         --data ~/data/cifar-10-batches-py --init runs/c10 --fractions 0.05,0.08,0.2,1 --seeds 5 --out runs/c10-cmp
     accelerate launch train/compare.py --config imagenet224 --data ~/data/imagenet --init runs/in224 --per-class 60,130
 
 For each column (a label fraction or a per-class count) it runs train/finetune.py twice, with --init none
 and with --init INIT, same seeds and so the same labelled subsets, into OUT/supervised-<col> and
-OUT/pretrained-<col>. Any other flag (--steps, --lr, --arch, --linear-probe, --section.key=value) goes to
-both. A cell whose results.json exists is read back, an interrupted one resumed, so rerunning the same
-command after a crash finishes the grid. Writes OUT/table.md (rows supervised / pretrained / delta,
+OUT/pretrained-<col>. With --lrs (say 0.01,0.03,0.1), each of those first runs once per lr with a
+validation split held out of the training split (--holdout, default 0.1, the paper's 90/10; the test
+split is not read) into OUT/<row>-<col>-select-lr-<lr>, and the lr with the best mean validation accuracy
+is the one the cell's test run uses (the paper tunes the lr per experiment this way, §3.2).
+Any other flag (--steps, --lr, --arch, --linear-probe, --section.key=value) goes to both. A cell whose
+results.json exists is read back, an interrupted one resumed, so rerunning the same command after a
+crash finishes the grid. Writes OUT/table.md (rows supervised / pretrained / delta,
 cells mean ± std over seeds), OUT/table.json and OUT/accuracy_vs_labels.png (accuracy against labels with
 error bars, and the gain).
 """
@@ -30,7 +35,7 @@ from train import finetune
 from train.arguments import parse_args
 from train.cli import run_cli
 from train.config import ConfigError, FinetuneConfig
-from train.grid import RUN_OWNED, cell, refuse_owned_flags, run_finetuning, seeds_note, write_table
+from train.grid import RUN_OWNED, cell, format_cell, refuse_owned_flags, run_finetuning, seeds_note, write_table
 from train.pretrained import load_init
 
 matplotlib.use("Agg")
@@ -62,14 +67,15 @@ def format_table(cells: dict[str, dict[str, dict]], columns: list[str], title: s
     lines.append("| | " + " | ".join(columns) + " |")
     lines.append("| --- |" + " ---: |" * len(columns))
     for row, _ in ROWS:
-        lines.append(
-            f"| {row} | "
-            + " | ".join(f"{cells[row][c]['mean']:.1f} ± {cells[row][c]['std']:.1f}" for c in columns)
-            + " |"
-        )
+        lines.append(f"| {row} | " + " | ".join(format_cell(cells[row][c]) for c in columns) + " |")
     deltas = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
     lines.append("| Δ | " + " | ".join(f"{d:+.1f}" for d in deltas) + " |")
+    if all("lr" in cells[row][c] for row, _ in ROWS for c in columns):
+        for row, _ in ROWS:
+            lines.append(f"| lr, {row} | " + " | ".join(f"{cells[row][c]['lr']:g}" for c in columns) + " |")
     lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns})]
+    if any("lr" in cells[row][c] for row, _ in ROWS for c in columns):
+        lines.append("Each cell's lr was chosen on a validation split held out of the training split.")
     return "\n".join(lines) + "\n"
 
 
@@ -101,30 +107,53 @@ def plot_comparison(
     write_atomic(path, buffer.getvalue())
 
 
-def run_cell(out: Path, row: str, column_flag: str, value: float | int, init: str, passthrough: list[str]) -> dict:
+def run_cell(
+    out: Path, row: str, column_flag: str, value: float | int, init: str, flags: list[str], suffix: str = ""
+) -> dict:
     """One fine-tuning run, reused or resumed when its folder holds one."""
-    folder = out / f"{row}-{column_flag.lstrip('-')}-{value:g}"
-    return run_finetuning(folder, [*passthrough, "--init", init, column_flag, str(value)])
+    folder = out / f"{row}-{column_flag.lstrip('-')}-{value:g}{suffix}"
+    return run_finetuning(folder, [*flags, "--init", init, column_flag, str(value)])
+
+
+def select_lr(
+    args: argparse.Namespace, out: Path, row: str, column: tuple, init: str, passthrough: list[str]
+) -> tuple[dict, dict]:
+    """(cell, results) of the run with the lr of `--lrs` that scored best on the validation split carved
+    from the training split (`--holdout`); the choice never reads the test split. The cell gets "lr" and
+    "validation" (mean validation accuracy per lr)."""
+    column_flag, value = column
+    validation = {}
+    for lr in args.lrs:
+        flags = [*passthrough, "--lr", f"{lr:g}", "--finetune.holdout", f"{args.holdout:g}"]
+        results = run_cell(out, row, column_flag, value, init, flags, f"-select-lr-{lr:g}")
+        validation[f"{lr:g}"] = results["accuracy"]["mean"]
+    best = max(validation, key=lambda lr: (validation[lr], -float(lr)))  # ties: the smaller lr
+    results = run_cell(out, row, column_flag, value, init, [*passthrough, "--lr", best])
+    return cell(results) | {"lr": float(best), "validation": validation}, results
 
 
 COLUMN_OWNED = RUN_OWNED | {"--init", "--label-fraction", "--per-class", "--finetune.label_fraction"}
 COLUMN_OWNED |= {"--finetune.per_class", "--finetune.init"}
+SELECTION_OWNED = {"--lr", "--optim.lr", "--finetune.holdout"}  # set per run when --lrs chooses the lr
 
 
 def check_before_running(args: argparse.Namespace, passthrough: list[str], column_flag: str, values: list) -> None:
     """Everything a cell would refuse, refused before the first cell spends hours training."""
     refuse_owned_flags(passthrough, COLUMN_OWNED, "compare.py per column and row", "--fractions/--per-class")
+    if args.lrs:
+        refuse_owned_flags(passthrough, frozenset(SELECTION_OWNED), "compare.py's lr selection", "--lrs/--holdout")
     for value in values:
         if column_flag == "--per-class" and value <= 0:
             raise ConfigError(f"--per-class {value}: expected positive counts")
         if column_flag == "--label-fraction" and not 0.0 < value <= 1.0:
             raise ConfigError(f"--fractions {value}: expected fractions in (0, 1], e.g. 0.05 for 5%")
+    selection = ["--lr", f"{args.lrs[0]:g}", "--finetune.holdout", f"{args.holdout:g}"] if args.lrs else []
     for init in ("none", args.init):
-        config, _ = parse_args(
-            [*passthrough, "--init", init, column_flag, str(values[0])], FinetuneConfig, finetune.STABLE_FLAGS, ""
-        )
-        finetune.validate(config)
-        load_init(config)
+        for extra in ([], selection) if selection else ([],):
+            flags = [*passthrough, *extra, "--init", init, column_flag, str(values[0])]
+            config, _ = parse_args(flags, FinetuneConfig, finetune.STABLE_FLAGS, "")
+            finetune.validate(config)
+            load_init(config)
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], str, list]:
@@ -137,9 +166,14 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], str, l
     columns = parser.add_mutually_exclusive_group()
     columns.add_argument("--fractions", default="0.05,0.1,0.2,1", help="label fractions (default 0.05,0.1,0.2,1)")
     columns.add_argument("--per-class", help="labelled images per class instead, e.g. 60,130")
+    parser.add_argument("--lrs", help="learning rates to choose from per cell on a validation split, e.g. 0.01,0.1")
+    parser.add_argument("--holdout", type=float, default=0.1, help="the validation split's fraction (paper: 0.1)")
     parser.add_argument("--out", help="output folder (default: runs/compare-<init folder name>)")
     parser.add_argument("--title", default="", help="table and plot title (default: data and init)")
     args, passthrough = parser.parse_known_args(argv)
+    args.lrs = parse_columns(args.lrs, float, "--lrs") if args.lrs else []
+    if args.lrs and not 0 < args.holdout < 1:
+        raise ConfigError(f"--holdout {args.holdout}: expected a fraction in (0, 1), e.g. 0.1")
     if args.per_class:
         return args, passthrough, "--per-class", parse_columns(args.per_class, int, "--per-class")
     return args, passthrough, "--label-fraction", parse_columns(args.fractions, float, "--fractions")
@@ -154,8 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
     cells: dict[str, dict[str, dict]] = {row: {} for row, _ in ROWS}
     for value, label in zip(values, labels, strict=True):
         for row, init in ROWS:
-            results = run_cell(out, row, column_flag, value, init or args.init, passthrough)
-            cells[row][label] = cell(results)
+            if args.lrs:
+                cells[row][label], results = select_lr(
+                    args, out, row, (column_flag, value), init or args.init, passthrough
+                )
+            else:
+                results = run_cell(out, row, column_flag, value, init or args.init, passthrough)
+                cells[row][label] = cell(results)
     data = results["config"]["data"]["path"] or "demo data"
     arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
     title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"

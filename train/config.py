@@ -25,18 +25,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
 import yaml
 
 from model.backbones import BACKBONES
 from model.classifier import ARCHS, HEADS
 from model.resnet_v2 import STEMS
 from model.selfie import POSITION_KINDS
+from pipeline.augment import PAD_MODES
 from pipeline.data import AUGMENTS
 from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 PRECISIONS = ("no", "bf16", "fp16")
+# torch.compile modes; the two that capture CUDA graphs of their own cannot sit inside train.cuda_graph's
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+# the optimizer's implementation: auto = fused on CUDA, torch's own choice elsewhere
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 # The package whose import registers the built-in pretext methods and their config sections.
 PLUGIN_PACKAGE = "train.methods"
 
@@ -76,7 +83,8 @@ class DataConfig:
     loader: str = choice(lambda: LOADERS, "torch")  # loader backend (pipeline/loaders.py)
     image_size: int = checked(32, positive, "a positive number of pixels")  # training resolution S
     augment: str = choice(AUGMENTS, "pad_crop_flip")  # pad_crop_flip (32x32) | random_resized_crop (224) | none
-    pad: int = checked(4, non_negative, "a number of pixels >= 0")  # zero padding of pad_crop_flip, per side
+    pad: int = checked(4, non_negative, "a number of pixels >= 0")  # padding of pad_crop_flip, per side
+    pad_mode: str = choice(PAD_MODES, "zero")  # what fills that padding: zero (the paper's) | reflect | edge
     crop_scale: tuple[float, float] = (0.08, 1.0)  # area fraction range of random_resized_crop
     # loader worker processes per training process (0 = load in the main process)
     workers: int = checked(2, non_negative, "a number of processes >= 0")
@@ -97,6 +105,8 @@ class OptimConfig:
     decay_all: bool = False  # also decay norm scales, biases, embeddings and u0 (a literal "L2 on everything")
     warmup_steps: int = 100  # linear warm-up, then cosine decay to zero at train.steps
     grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (paper: none)
+    # fused (one kernel for all parameters, CUDA) | foreach (a few kernels) | for-loop | auto (fused on CUDA)
+    implementation: str = choice(OPTIMIZER_IMPLEMENTATIONS, "auto")
 
 
 @dataclass
@@ -109,12 +119,24 @@ class RunConfig:
     # intra-op threads per process on a CPU; 0 = available cores / local processes
     cpu_threads: int = checked(0, non_negative, "a number of threads >= 0")
     channels_last: bool = False  # NHWC patches and weights (faster convolutions on tensor-core GPUs)
+    compile: bool = False  # torch.compile the model (the first steps compile; then fewer, fused kernels)
+    compile_mode: str = choice(COMPILE_MODES, "default")  # torch.compile's mode
+    # capture the whole step (forward, backward, optimizer) once as a CUDA graph and replay it: one launch
+    # per step instead of ~1,000 (CUDA, one process, precision no or bf16)
+    cuda_graph: bool = False
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN time its algorithms for the step's (static) shapes
     log_every: int = checked(10, positive, "a positive number of steps")  # steps between log.jsonl records
     # steps between checkpoints; a killed run loses at most this many
     checkpoint_every: int = checked(1000, positive, "a positive number of steps")
     keep_checkpoints: int = checked(2, positive, "a positive count")  # newest checkpoints kept on disk
     out: str | None = None  # run folder; None = runs/<config>-<timestamp>
     resume: bool = False  # continue from the newest checkpoint in `out`
+
+
+def compute_dtype(run: RunConfig) -> torch.dtype:
+    """The dtype the model computes its convolutions in: what an input op should write (autocast would cast
+    an fp32 input to it anyway, with the same rounding)."""
+    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.precision]
 
 
 @dataclass
@@ -134,6 +156,22 @@ class ModelConfig:
     # auto (per-position up to 4x4 grids, row+column above) | full | rowcol
     position_kind: str = choice(POSITION_KINDS, "auto")
     position_on_context: bool = True  # add position embeddings to context patches before A
+
+
+@dataclass
+class MonitorConfig:
+    clean: bool = True  # the pretext metric on fixed clean held-out images at every log record (clean_*)
+    # how many; at most one global batch, so a log record costs at most one forward of a batch
+    clean_images: int = checked(256, positive, "a positive number of images")
+    knn: bool = True  # a kNN classifier on the backbone's features of whole images (knn_acc, knn_acc_random)
+    # steps between kNN evaluations; 0 = at every checkpoint
+    every: int = checked(0, non_negative, "a number of steps >= 0 (0 = at every checkpoint)")
+    # labelled images it is fitted on (and recalibrates batch norm on)
+    knn_train_images: int = checked(512, positive, "a positive number of images")
+    knn_test_images: int = checked(256, positive, "a positive number of images")  # held-out images it is scored on
+    knn_k: int = checked(20, positive, "a positive number of neighbours")  # neighbours that vote
+    knn_temperature: float = checked(0.07, positive, "a positive temperature")  # votes weigh exp(cosine / T)
+    batch: int = checked(256, positive, "a positive number of images")  # images per forward of a monitor
 
 
 @dataclass
@@ -157,6 +195,13 @@ class FinetuneSection:
     eval_every: int = checked(0, non_negative, "a number of steps >= 0")
     # global batch size of test-set evaluation
     eval_batch_size: int = checked(256, positive, "a positive number of images")
+    # a linear probe from a pretrained backbone first re-estimates the backbone's batch-norm statistics on
+    # whole training images (pretraining learned them on patches or views)
+    recalibrate_bn: bool = True
+    recalibration_images: int = checked(1024, positive, "a positive number of images")  # how many
+    # fraction of the training split held out (stratified, fixed) as the validation split that evaluation
+    # reports on instead of the test split, which is then never read: for choosing the lr (paper: 0.1)
+    holdout: float = checked(0.0, lambda f: 0 <= f < 1, "a fraction in [0, 1), e.g. 0.1 (0 = test on the test split)")
 
 
 @dataclass
@@ -182,6 +227,7 @@ def default_method() -> str:
 class PretrainConfig(StageConfig):
     STAGE: ClassVar[str] = "pretraining"
     method: str = choice(method_names, default_factory=default_method)  # pretext task (train/methods/)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # what a run measures besides its loss
 
 
 @dataclass

@@ -23,10 +23,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 CHANCE_KEY = "chance_acc"  # drawn dashed: the level a metric reaches by guessing
+FLOOR_SUFFIX = "_random"  # a floor measured once (knn_acc_random): drawn as a dashed line across the panel
 # Panels of the curves figure: title and which log keys it draws.
 CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda key: key == "loss" or key.endswith("_loss")),
-    ("accuracy", lambda key: key.endswith("_acc")),
+    ("accuracy", lambda key: key.endswith("_acc") or key.endswith("_acc" + FLOOR_SUFFIX)),
     ("learning rate", lambda key: key == "lr"),
     ("images/s", lambda key: key == "images_per_s"),
 )
@@ -46,6 +47,9 @@ def read_log(path: Path) -> list[dict]:
 def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
+        if key.endswith(FLOOR_SUFFIX):
+            ax.axhline(points[-1][1], linestyle=":", color="black", label=key)
+            continue
         style = {"linestyle": "--", "color": "grey"} if key == CHANCE_KEY else {}
         marker = "o" if key.startswith("test_") else None
         ax.plot(*zip(*points, strict=True), label=key, marker=marker, markersize=3, **style)

@@ -34,6 +34,7 @@ import hashlib
 import json
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,13 +43,14 @@ from accelerate import Accelerator
 from model.classifier import ARCHS, HEADS
 from pipeline.atomic import write_atomic
 from pipeline.data import INIT_STREAM, DataError, Source, check_readable, derive_seed
-from pipeline.subsets import SubsetSource, select_labeled_subset
+from pipeline.subsets import SubsetSource, holdout_split, select_labeled_subset
 from train.arguments import RUN_FLAGS, parse_args
 from train.cli import run_cli
 from train.config import FinetuneConfig, to_dict
-from train.loading import open_data, train_batches
-from train.loop import Training, fit, start_training
-from train.methods.supervised import SupervisedTask, build_model, evaluate
+from train.loading import check_loader_options, open_data, train_batches
+from train.loop import Hooks, Training, fit, start_training
+from train.methods.supervised import SupervisedTask, build_model, evaluate, model_input
+from train.monitors import recalibrate_batch_norm, whole_images
 from train.pretrained import Pretrained, initialise, load_init
 from train.run_folder import RESUMABLE_KEYS, prepare_run_dir
 from train.session import check_model_builds, make_accelerator, per_process_batch
@@ -72,6 +74,7 @@ STABLE_FLAGS = {
 
 def validate(config: FinetuneConfig) -> None:
     """Check what can be checked before any work starts (every key's values are checked when parsed)."""
+    check_loader_options(config)
     check_model_builds(lambda: build_model(config, num_classes=1), f"--arch {config.finetune.arch}")
 
 
@@ -88,10 +91,19 @@ def check_same_classes(train_source: Source, test_source: Source) -> None:
         )
 
 
-def labeled_subset(config: FinetuneConfig, train_source: Source, seed: int) -> np.ndarray:
-    """The seed's labelled subset (see pipeline/subsets.py), checked to hold one global batch."""
-    ft = config.finetune
-    subset = select_labeled_subset(train_source.labels, seed, ft.label_fraction, ft.per_class, train_source.classes)
+class Splits(NamedTuple):
+    train: Source  # the training split
+    pool: np.ndarray  # its images labelled subsets are drawn from: all, or all but the held-out ones
+    evaluation: Source  # what accuracy is reported on: the test split, or the held-out validation images
+    evaluation_name: str  # "test", or "validation (10% of the training split)"
+
+
+def labeled_subset(config: FinetuneConfig, splits: Splits, seed: int) -> np.ndarray:
+    """The seed's labelled subset (see pipeline/subsets.py) of the pool, as indices into the training
+    split, checked to hold one global batch."""
+    ft, train = config.finetune, splits.train
+    chosen = select_labeled_subset(train.labels[splits.pool], seed, ft.label_fraction, ft.per_class, train.classes)
+    subset = splits.pool[chosen]
     if len(subset) < config.train.batch_size:
         raise DataError(
             f"the labelled subset has {len(subset)} images, fewer than one global batch of "
@@ -109,7 +121,7 @@ class TestEvaluation:
         self.last: dict | None = None
 
     def run(self) -> dict:
-        return evaluate(self.training.model, self.source, self.config, self.training.accelerator)
+        return evaluate(self.training.net, self.source, self.config, self.training.accelerator)
 
     def __call__(self, done: int) -> None:
         every = self.config.finetune.eval_every
@@ -136,31 +148,42 @@ def seed_model(config: FinetuneConfig, num_classes: int, pretrained: Pretrained 
     return model if pretrained is None else initialise(model, config, pretrained)
 
 
+def recalibrate_probe(training: Training, config: FinetuneConfig, splits: Splits) -> None:
+    """A linear probe's frozen backbone: batch-norm statistics re-estimated on whole training images
+    before the head trains (pretraining learned them on patches or views); saved with every checkpoint."""
+    ft, pool = config.finetune, SubsetSource(splits.train, splits.pool)
+    images, _ = whole_images(pool, config.data.image_size, ft.recalibration_images, training.accelerator.device)
+    prepare = partial(model_input, config=config)
+    recalibrate_batch_norm(training.net.backbone, images, ft.eval_batch_size, prepare)
+
+
 def finetune_seed(
     config: FinetuneConfig,
     seed: int,
     subset: np.ndarray,
-    sources: tuple[Source, Source],
+    splits: Splits,
     pretrained: Pretrained | None,
     accelerator: Accelerator,
     run_dir: Path,
 ) -> dict:
-    """Train and test one seed in run_dir/seed_<seed>; a finished seed is read back, not rerun."""
-    (train_source, test_source), seed_dir = sources, run_dir / f"seed_{seed}"
+    """Train and evaluate one seed in run_dir/seed_<seed>; a finished seed is read back, not rerun."""
+    seed_dir, ft = run_dir / f"seed_{seed}", config.finetune
     if config.train.resume and (seed_dir / "result.json").is_file():
         return json.loads((seed_dir / "result.json").read_text())
-    labeled, classes = SubsetSource(train_source, subset), len(train_source.classes)
+    labeled, classes = SubsetSource(splits.train, subset), len(splits.train.classes)
     build = partial(seed_model, config, classes, pretrained)
     init_seed = derive_seed(seed, INIT_STREAM)  # the same fresh weights for every init and every rank
     # The whole training set's size is recorded: the labelled subset is drawn from it.
     training = start_training(
-        config, accelerator, seed_dir, build, KIND, seed, init_seed, len(train_source), {"seed": seed}
+        config, accelerator, seed_dir, build, KIND, seed, init_seed, len(splits.train), {"seed": seed}
     )
-    evaluation = TestEvaluation(training, test_source, config)
+    if ft.linear_probe and ft.recalibrate_bn and pretrained is not None and training.start_step == 0:
+        recalibrate_probe(training, config, splits)
+    evaluation = TestEvaluation(training, splits.evaluation, config)
     per_process = config.train.batch_size // accelerator.num_processes
     batches = partial(train_batches, config, labeled, per_process, seed, accelerator=accelerator)
     title, task = f"fine-tuning {run_dir.name}, seed {seed}", SupervisedTask(config, classes)
-    fit(training, task, config, batches, len(labeled), title, after_step=evaluation, progress_name=f"seed {seed}")
+    fit(training, task, config, batches, len(labeled), title, Hooks(after_step=evaluation), f"seed {seed}")
     # A run killed after its last checkpoint has its test record logged; the numbers are computed again.
     result = seed_result(seed, subset, labeled, evaluation.last or evaluation.run(), config)
     if accelerator.is_main_process:
@@ -177,11 +200,14 @@ def summarize(accuracies: list[float]) -> tuple[float, float]:
 
 
 def format_accuracy(mean: float, std: float, count: int) -> str:
-    return f"{mean:.1f} ± {std:.1f} ({count} seed{'s' if count != 1 else ''})"
+    """ "80.3 ± 0.3 (5 seeds)"; one seed has no spread to show: "80.3 (1 seed)"."""
+    if count == 1:
+        return f"{mean:.1f} (1 seed)"
+    return f"{mean:.1f} ± {std:.1f} ({count} seeds)"
 
 
-def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrained | None, sources) -> dict:
-    ft, (train_source, test_source) = config.finetune, sources
+def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits) -> dict:
+    ft = config.finetune
     accuracies = [r["test_accuracy"] for r in results]
     mean, std = summarize(accuracies)
     return {
@@ -196,34 +222,44 @@ def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrain
         "label_fraction": None if ft.per_class else ft.label_fraction,
         "per_class": ft.per_class or None,
         "labeled_images": [r["labeled_images"] for r in results],
-        "train_images": len(train_source),
-        "test_images": len(test_source),
+        "train_images": len(splits.train),
+        "evaluated_on": splits.evaluation_name,
+        "test_images": len(splits.evaluation),
         "config": to_dict(config),
     }
 
 
-def describe(config: FinetuneConfig, pretrained: Pretrained | None, sources, data_path: str, accelerator) -> str:
-    ft, run, (train_source, test_source) = config.finetune, config.train, sources
+def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits, data_path: str, accelerator) -> str:
+    ft, run, train = config.finetune, config.train, splits.train
     labels = f"{ft.per_class} per class" if ft.per_class else f"{ft.label_fraction:.1%}"
     init = "none (from scratch)"
     if pretrained is not None:
         init = f"{pretrained.path} ({pretrained.method} {pretrained.backbone}, step {pretrained.step})"
     return (
         f"finetune: {ft.arch}, {ft.head} head{', frozen backbone' if ft.linear_probe else ''}, init {init}; "
-        f"labels {labels} of {len(train_source)} training images from {data_path}, {len(train_source.classes)} "
-        f"classes; test on {len(test_source)} held-out images; {ft.seeds} seed(s) from {run.seed}; {run.steps} "
+        f"labels {labels} of {len(splits.pool)} training images from {data_path}, {len(train.classes)} classes; "
+        f"evaluated on {splits.evaluation_name} ({len(splits.evaluation)} images); {ft.seeds} seed(s) from "
+        f"{run.seed}; {run.steps} "
         f"steps of {run.batch_size} images ({run.batch_size // accelerator.num_processes} per process, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}), peak lr {config.optim.lr:g}, "
         f"precision {run.precision}; run folder {run.out}"
     )
 
 
-def open_splits(config: FinetuneConfig) -> tuple[tuple[Source, Source], str]:
-    (train_source, data_path), (test_source, _) = open_data(config, "train"), open_data(config, "test")
-    check_readable(train_source)
-    check_readable(test_source)
-    check_same_classes(train_source, test_source)
-    return (train_source, test_source), data_path
+def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
+    """The training split and what evaluation reports on. With `finetune.holdout`, a fixed stratified part
+    of the training split is the validation set and the test split is not even opened."""
+    train, data_path = open_data(config, "train")
+    check_readable(train)
+    holdout = config.finetune.holdout
+    if holdout:
+        pool, held_out = holdout_split(train.labels, holdout)
+        name = f"validation ({holdout:.0%} of the training split, {len(held_out)} images)"
+        return Splits(train, pool, SubsetSource(train, held_out), name), data_path
+    test, _ = open_data(config, "test")
+    check_readable(test)
+    check_same_classes(train, test)
+    return Splits(train, np.arange(len(train)), test, "test"), data_path
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -231,20 +267,21 @@ def main(argv: list[str] | None = None) -> dict:
     validate(config)
     accelerator = make_accelerator(config.train)
     per_process_batch(config.train, accelerator)
-    sources, data_path = open_splits(config)
+    splits, data_path = open_splits(config)
     seeds = [config.train.seed + k for k in range(config.finetune.seeds)]
-    subsets = {seed: labeled_subset(config, sources[0], seed) for seed in seeds}
+    subsets = {seed: labeled_subset(config, splits, seed) for seed in seeds}
     pretrained = load_init(config)
     keys, pattern = FINETUNE_RESUMABLE_KEYS, "seed_*/checkpoints/step_*.pt"
     run_dir = prepare_run_dir(config, f"finetune-{config_name}", accelerator, pattern, keys)
-    accelerator.print(describe(config, pretrained, sources, data_path, accelerator))
-    results = [finetune_seed(config, seed, subsets[seed], sources, pretrained, accelerator, run_dir) for seed in seeds]
-    summary = summary_of(results, config, pretrained, sources)
+    accelerator.print(describe(config, pretrained, splits, data_path, accelerator))
+    results = [finetune_seed(config, seed, subsets[seed], splits, pretrained, accelerator, run_dir) for seed in seeds]
+    summary = summary_of(results, config, pretrained, splits)
     if accelerator.is_main_process:
         write_atomic(run_dir / "results.json", json.dumps(summary, indent=1).encode())
     mean, std = summarize(summary["accuracy"]["per_seed"])
     accelerator.print(f"results: {run_dir / 'results.json'}")
-    accelerator.print(f"accuracy: {format_accuracy(mean, std, len(results))}")
+    which = "" if splits.evaluation_name == "test" else "validation "
+    accelerator.print(f"{which}accuracy: {format_accuracy(mean, std, len(results))}")
     return {"run_dir": str(run_dir), **summary}
 
 

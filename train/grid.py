@@ -44,6 +44,11 @@ def cell(results: dict) -> dict:
     return {"mean": accuracy["mean"], "std": accuracy["std"], "seeds": len(accuracy["per_seed"])}
 
 
+def format_cell(cell: dict) -> str:
+    """ "80.3 ± 0.3"; a cell of one seed has no spread: "80.3"."""
+    return f"{cell['mean']:.1f}" if cell["seeds"] == 1 else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
 def seeds_note(counts: set[int]) -> str:
     return f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, sorted(counts)))} seeds."
 

@@ -10,7 +10,7 @@ from accelerate import Accelerator, PartialState
 from pipeline.data import Batch, Source
 from pipeline.loaders import LOADERS
 from pipeline.patches import PatchSpec
-from train.config import StageConfig
+from train.config import ConfigError, StageConfig
 
 
 def open_data(config: StageConfig, split: str) -> tuple[Source, str]:
@@ -19,6 +19,17 @@ def open_data(config: StageConfig, split: str) -> tuple[Source, str]:
     with PartialState().main_process_first():  # one process builds (or converts) the demo data
         path = config.data.path or str(backend.demo(config.data.cache_dir))
     return backend.open(path, split), path
+
+
+def check_loader_options(config: StageConfig) -> None:
+    """Options the configured loader cannot honour, refused before anything runs."""
+    data, backend = config.data, LOADERS[config.data.loader]
+    if data.augment == "pad_crop_flip" and data.pad and data.pad_mode not in backend.pad_modes:
+        raise ConfigError(
+            f"data.pad_mode={data.pad_mode}: the {data.loader} loader pads with {' or '.join(backend.pad_modes)} "
+            f"only; loaders with {data.pad_mode} padding: "
+            f"{', '.join(name for name, b in LOADERS.items() if data.pad_mode in b.pad_modes)}"
+        )
 
 
 def train_batches(
@@ -35,6 +46,7 @@ def train_batches(
     data = config.data
     backend = LOADERS[data.loader]
     offered = {"patch_spec": patch_spec, "os_cache": data.ffcv_os_cache, "quasi_random": data.ffcv_quasi_random}
+    offered["pad_mode"] = data.pad_mode
     extra = {name: value for name, value in offered.items() if name in backend.options}
     return backend.train(
         source,

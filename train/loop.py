@@ -1,10 +1,9 @@
 """The one training loop. Pretraining (a pretext method) and fine-tuning (the supervised classifier) both
-run it: `start_training` builds the model, optimizer and schedule, prepares them with Accelerate and
-restores a checkpoint; `fit` runs the steps with logging, checkpoints, pictures and curves; `train_step`
-is one step.
+run it: `start_training` builds the model, optimizer and schedule, prepares them with Accelerate (and
+torch.compile), and restores a checkpoint; `fit` runs the steps (train/step.py: eager, or replayed from a
+CUDA graph) with logging, checkpoints, pictures and curves.
 
-Order within a step, the same for every task: the task's input op, one model call on all of its inputs,
-the loss, backward, (clipping), optimizer and schedule. Per finished step: a log record when due, the
+Per finished step: a log record when due, the
 `after_step` hook (fine-tuning's test evaluation, left out of images/s), then a checkpoint when due. Every
 log record of a step is written before that step's checkpoint, so a resumed run that drops the records
 after its checkpoint (`continue_log`) writes each one once.
@@ -14,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,40 +29,7 @@ from train.methods.base import Pictures, Task
 from train.metrics import JsonlLogger, MetricWindow
 from train.optim import build_schedule, build_sgd
 from train.run_folder import continue_log
-
-
-def _no_stage(name: str) -> AbstractContextManager:
-    return nullcontext()
-
-
-def train_step(
-    model: torch.nn.Module,
-    batch: Batch,
-    task: Task,
-    generator: torch.Generator,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    accelerator: Accelerator,
-    grad_clip: float = 0.0,
-    stage: Callable[[str], AbstractContextManager] = _no_stage,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The task's input op (on the device, `generator` drawing its randomness), one model call on all of
-    the batch's inputs, the loss, a step. Returns detached (loss, accuracy).
-
-    `stage(name)` wraps each stage (benchmarks.throughput times them with it)."""
-    with stage(task.op_stage):
-        inputs = task.inputs(batch, generator)
-    with stage("forward"):
-        loss, accuracy = task.objective(model, inputs)
-    with stage("backward"):
-        accelerator.backward(loss)
-    with stage("optimizer"):
-        if grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), accuracy.detach()
+from train.step import make_step
 
 
 @dataclass
@@ -72,7 +37,8 @@ class Training:
     """One run's state between set-up and the loop."""
 
     accelerator: Accelerator
-    model: torch.nn.Module  # prepared (possibly DDP-wrapped)
+    model: torch.nn.Module  # what the step calls: prepared (DDP-wrapped with several processes), compiled
+    net: torch.nn.Module  # the plain module under any wrapper: checkpoints, evaluation, pictures
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     folder: Path  # where log.jsonl, checkpoints/, pictures/ and curves.png go
@@ -99,26 +65,38 @@ def start_training(
     """Build (under `init_seed`: the same weights on every rank), prepare and, with --resume and a
     checkpoint in `folder`, restore; the log continues at the restored step."""
     torch.manual_seed(init_seed)
-    model = build()
-    optimizer = build_sgd(model, config.optim)
+    net = build()
+    optimizer = build_sgd(net, config.optim, accelerator.device)
     scheduler = build_schedule(optimizer, config.optim, config.train.steps)
     # The loader is not prepared: it shards by global rank itself (pipeline.data) and must not be
     # re-sharded; the scheduler is not prepared so that it steps once per optimizer step.
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    if config.train.compile:
+        model = torch.compile(model, mode=config.train.compile_mode)
     torch.manual_seed(derive_seed(seed, accelerator.process_index))  # per-rank dropout
     checkpoints = Checkpoints(folder / "checkpoints", config.train.keep_checkpoints)
     start_step = 0
     if config.train.resume and checkpoints.latest() is not None:
         start_step = restore_training_state(
-            checkpoints.latest(), kind, model, optimizer, scheduler, accelerator, num_images
+            checkpoints.latest(), kind, net, optimizer, scheduler, accelerator, num_images
         )
     logger = JsonlLogger(folder / "log.jsonl", accelerator.is_main_process)
     if accelerator.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         continue_log(logger.path, start_step)
     accelerator.wait_for_everyone()
-    fields = (model, optimizer, scheduler, folder, checkpoints, logger, kind, seed, num_images, start_step)
+    fields = (model, net, optimizer, scheduler, folder, checkpoints, logger, kind, seed, num_images, start_step)
     return Training(accelerator, *fields, extra_state or {})
+
+
+@dataclass
+class Hooks:
+    """What a stage adds to the loop, each part optional. Their time is left out of images/s."""
+
+    pictures: Pictures | None = None  # drawn at every checkpoint (rank 0)
+    after_step: Callable[[int], None] | None = None  # every rank, after every step (fine-tuning's test pass)
+    # (step, checkpoint due) -> extra fields of that step's log record (rank 0; the pretraining monitors)
+    log_fields: Callable[[int, bool], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -137,45 +115,42 @@ class Loop:
         self.window = MetricWindow(training.accelerator, training.logger, self.run.batch_size, hint)
         self.generator = torch.Generator(device=training.accelerator.device)
         self.last: dict[str, Any] = {}
+        parts = (training.model, task, training.optimizer, training.scheduler, training.accelerator)
+        self.run_step = make_step(*parts, config.optim.grad_clip, config.train.cuda_graph)
 
     def step(self, step: int, batch: Batch) -> None:
         t = self.t
-        step_lr = t.optimizer.param_groups[0]["lr"]
+        # The schedule's value for this step, computed on the host (a graphed step's rate is a device tensor).
+        self.step_lr = t.scheduler.base_lrs[0] * t.scheduler.lr_lambdas[0](step)
         self.generator.manual_seed(derive_seed(t.seed, MASK_STREAM, step, t.accelerator.process_index))
-        loss, accuracy = train_step(
-            t.model,
-            batch,
-            self.task,
-            self.generator,
-            t.optimizer,
-            t.scheduler,
-            t.accelerator,
-            self.config.optim.grad_clip,
-        )
+        loss, accuracy = self.run_step(batch, self.generator)
         self.window.add(batch.skipped, loss=loss, **{self.task.metric: accuracy})
-        self.step_lr = step_lr
 
-    def log(self, done: int, progress: tqdm) -> None:
+    def log(self, done: int, progress: tqdm, fields: dict[str, Any]) -> None:
         epoch = round(done * self.run.batch_size / self.epoch_images, 4)
-        self.last = self.window.flush(done, chance_acc=round(self.task.chance, 5), lr=self.step_lr, epoch=epoch)
+        self.last = self.window.flush(
+            done, chance_acc=round(self.task.chance, 5), lr=self.step_lr, epoch=epoch, **fields
+        )
         progress.set_postfix(loss=f"{self.last['loss']:.3f}", acc=f"{self.last[self.task.metric]:.1%}", refresh=False)
 
-    def hook(self, after_step: Callable[[int], None], done: int) -> None:
+    def timed_out(self, hook: Callable, *args: Any) -> Any:
+        """`hook(*args)`, its time left out of the window's images/s."""
         started = time.perf_counter()
-        after_step(done)
+        result = hook(*args)
         self.window.exclude(time.perf_counter() - started)
+        return result
 
     def checkpoint(self, done: int, pictures: Pictures | None, title: str) -> None:
         t = self.t
         rng_states = all_rng_states(t.accelerator)
         if t.accelerator.is_main_process:
             state = training_state(
-                t.kind, t.model, t.optimizer, t.scheduler, t.accelerator, done, self.config, rng_states, t.num_images
+                t.kind, t.net, t.optimizer, t.scheduler, t.accelerator, done, self.config, rng_states, t.num_images
             )
             t.checkpoints.save(state | t.extra_state, done)
             if pictures is not None:
                 path = t.folder / "pictures" / f"{pictures.name}_step_{done:08d}.png"
-                pictures.write(t.accelerator.unwrap_model(t.model), path)
+                pictures.write(t.net, path)
             plot_curves(t.logger.path, t.folder / "curves.png", title)
         t.accelerator.wait_for_everyone()
 
@@ -187,13 +162,12 @@ def fit(
     batches: Callable[[int], Iterator[Batch]],
     epoch_images: int,
     title: str,
-    pictures: Pictures | None = None,
-    after_step: Callable[[int], None] | None = None,
+    hooks: Hooks | None = None,
     progress_name: str | None = None,
 ) -> FitResult:
     """Train from `training.start_step` to `config.train.steps` on `batches(start_step)` (a loader
-    stream); an epoch is `epoch_images` images. `pictures` are drawn at every checkpoint (rank 0, as
-    pictures/<pictures.name>_step_XXXXXXXX.png), curves.png too, titled `title`."""
+    stream); an epoch is `epoch_images` images. At every checkpoint, rank 0 draws the hooks' pictures
+    (pictures/<pictures.name>_step_XXXXXXXX.png) and curves.png, titled `title`."""
     run, start = config.train, training.start_step
     if start >= run.steps:
         training.accelerator.print(f"nothing to do: the checkpoint is at step {start} of {run.steps}")
@@ -205,6 +179,8 @@ def fit(
         total=run.steps, initial=start, desc=progress_name, disable=show, mininterval=1.0, dynamic_ncols=True
     )
     training.model.train()
+    hooks = hooks or Hooks()
+    main = training.accelerator.is_main_process
     try:
         for step, batch in zip(range(start, run.steps), stream, strict=False):
             loop.step(step, batch)
@@ -212,11 +188,12 @@ def fit(
             progress.update(1)
             checkpoint_due = done % run.checkpoint_every == 0 or done == run.steps
             if done % run.log_every == 0 or checkpoint_due:
-                loop.log(done, progress)
-            if after_step is not None:
-                loop.hook(after_step, done)
+                fields = loop.timed_out(hooks.log_fields, done, checkpoint_due) if hooks.log_fields and main else {}
+                loop.log(done, progress, fields)
+            if hooks.after_step is not None:
+                loop.timed_out(hooks.after_step, done)
             if checkpoint_due:
-                loop.checkpoint(done, pictures, title)
+                loop.checkpoint(done, hooks.pictures, title)
     finally:
         progress.close()
         stream.close()  # stops the backend's workers and threads before the process goes on

@@ -38,7 +38,16 @@ from train import finetune, pretrain
 from train.arguments import parse_args
 from train.cli import run_cli
 from train.config import ConfigError, FinetuneConfig, PretrainConfig
-from train.grid import RUN_OWNED, cell, refuse_owned_flags, run_finetuning, run_pretraining, seeds_note, write_table
+from train.grid import (
+    RUN_OWNED,
+    cell,
+    format_cell,
+    refuse_owned_flags,
+    run_finetuning,
+    run_pretraining,
+    seeds_note,
+    write_table,
+)
 from train.methods import METHODS
 from train.pretrained import BACKBONE_KEYS, POOL_KEYS
 
@@ -66,7 +75,7 @@ def format_table(rows: dict[str, dict], title: str) -> str:
     """Markdown: one row per method or baseline; cells mean ± sample std (%) over seeds."""
     lines = [f"**{title}**", "", "| method | linear | tuned | pretext accuracy |", "| --- | ---: | ---: | ---: |"]
     for name, row in rows.items():
-        cells = [f"{row[c]['mean']:.1f} ± {row[c]['std']:.1f}" if c in row else "" for c in COLUMNS]
+        cells = [format_cell(row[c]) if c in row else "" for c in COLUMNS]
         pretext = row.get("pretext_acc")
         pretext_text = f"{100 * pretext:.1f} (chance {100 * row['chance_acc']:.1f})" if pretext is not None else ""
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {pretext_text} |")

@@ -33,9 +33,10 @@ from pipeline.data import check_readable
 from train.arguments import RUN_FLAGS, parse_args
 from train.cli import run_cli
 from train.config import PretrainConfig
-from train.loading import open_data, train_batches
-from train.loop import fit, start_training
+from train.loading import check_loader_options, open_data, train_batches
+from train.loop import Hooks, fit, start_training
 from train.methods import METHODS, PretextMethod, method_flags
+from train.monitors import build_monitors, random_network_knn
 from train.run_folder import prepare_run_dir
 from train.session import check_model_builds, make_accelerator, per_process_batch
 
@@ -55,6 +56,7 @@ def build_model(config: PretrainConfig) -> torch.nn.Module:
 def validate(config: PretrainConfig) -> type[PretextMethod]:
     """Everything that can be checked before any work starts; returns the method's class."""
     method = METHODS[config.method]
+    check_loader_options(config)
     method.check(config)
     check_model_builds(lambda: method.build_model(config), f"--method {config.method}")
     return method
@@ -86,17 +88,20 @@ def main(argv: list[str] | None = None) -> dict:
     batches = partial(
         train_batches, config, source, batch_per_process, seed, accelerator=accelerator, patch_spec=patch_spec
     )
-    pictures = method.pictures(source, accelerator.device) if accelerator.is_main_process else None
-    result = fit(
-        training, method, config, batches, len(source), f"{config.method} pretraining: {run_dir.name}", pictures
-    )
+    hooks = Hooks(method.pictures(source, accelerator.device) if accelerator.is_main_process else None)
+    hooks.log_fields = build_monitors(config, method, training.net, source, accelerator)
+    if hooks.log_fields is not None and hooks.log_fields.knn is not None and training.start_step == 0:
+        random = random_network_knn(hooks.log_fields, partial(build_model, config), seed, accelerator.device)
+        training.logger.write({"step": 0, "knn_acc_random": random})
+    result = fit(training, method, config, batches, len(source), f"{config.method} pretraining: {run_dir.name}", hooks)
     last = result.last
     if not last:
         return {"run_dir": str(run_dir), "step": training.start_step}
+    monitored = "; " + hooks.log_fields.summary(last) if hooks.log_fields is not None else ""
     accelerator.print(
         f"done: step {last.get('step')}, loss {last.get('loss')}, {config.method} {method.accuracy_name} accuracy "
-        f"{last.get(method.metric, 0):.1%} (chance {method.chance:.1%}); {result.skipped_images} unreadable images "
-        f"skipped; run folder {run_dir}"
+        f"{last.get(method.metric, 0):.1%} (chance {method.chance:.1%}){monitored}; {result.skipped_images} "
+        f"unreadable images skipped; run folder {run_dir}"
     )
     return {"run_dir": str(run_dir), **last}
 

@@ -28,6 +28,22 @@ RESUMABLE_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "train.cpu_threads",
+        # How the step is executed, not what it computes (up to floating-point rounding).
+        "train.compile",
+        "train.compile_mode",
+        "train.cuda_graph",
+        "train.cudnn_benchmark",
+        "optim.implementation",
+        # What the run measures, not what it trains.
+        "monitor.clean",
+        "monitor.clean_images",
+        "monitor.knn",
+        "monitor.every",
+        "monitor.knn_train_images",
+        "monitor.knn_test_images",
+        "monitor.knn_k",
+        "monitor.knn_temperature",
+        "monitor.batch",
         "data.workers",
         # Every backend reads the same images at every step: a run may resume through another one.
         "data.loader",

@@ -41,6 +41,10 @@ class Task(Protocol):
         """(loss, accuracy), scalars, the loss differentiable."""
         ...
 
+    def loader_patch_spec(self, loader: str) -> PatchSpec | None:
+        """What `loader` may do for the task: cut Selfie-style patches itself (a PatchSpec), or nothing."""
+        ...
+
 
 class Pictures(Protocol):
     """Fixed images drawn with the model's answers at every checkpoint (rank 0)."""

@@ -20,7 +20,7 @@ from torch import nn
 from model.view_classifier import ViewClassifier, build_view_classifier
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.rotation_views import NUM_ROTATIONS, patch_side, rotation_views
-from train.config import ConfigError, PretrainConfig
+from train.config import ConfigError, PretrainConfig, compute_dtype
 from train.methods.base import PretextMethod, register
 from train.pictures import picture_images, view_picture, write_png
 
@@ -85,6 +85,7 @@ class RotationMethod(PretextMethod):
             data.mean,
             data.std,
             generator,
+            dtype=compute_dtype(self.config.train),
             channels_last=self.config.train.channels_last,
         )
         return views.views, views.labels

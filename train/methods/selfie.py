@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.selfie import Selfie, build_selfie
+from model.selfie import LOGIT_SCALES, Selfie, build_selfie
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
 from pipeline.loaders import LOADERS
@@ -22,7 +22,7 @@ from pipeline.patches import (
     patchify_and_mask,
     sample_context_permutation,
 )
-from train.config import ConfigError, PretrainConfig, choice
+from train.config import ConfigError, PretrainConfig, choice, compute_dtype
 from train.methods.base import PretextMethod, register
 from train.pictures import picture_images, render_patch_picture, write_png
 
@@ -32,6 +32,9 @@ class SelfieSettings:
     patch_size: int = 8  # patch side in pixels; must divide data.image_size (paper: 8 on 32, 32 on 224)
     context_fraction: float = 0.75  # fraction p of patches given as context (paper: 0.75 or 0.5)
     patch_op: str = choice(PATCH_OPS, "auto")  # auto (triton on CUDA, numba on CPU) | reference | triton | numba
+    # logits of the patch selection: plain v.h (the paper's) | sqrt_d (times 1/sqrt(D)) | learned (a
+    # temperature learned from 1/sqrt(D))
+    logit_scale: str = choice(LOGIT_SCALES, "plain")
 
 
 def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
@@ -119,6 +122,7 @@ class SelfieMethod(PretextMethod):
             attn_dropout=m.attn_dropout,
             position_kind=m.position_kind,
             position_on_context=m.position_on_context,
+            logit_scale=config.selfie.logit_scale,
         )
 
     def describe(self) -> str:
@@ -143,6 +147,7 @@ class SelfieMethod(PretextMethod):
                 self.num_context,
                 data.mean,
                 data.std,
+                dtype=compute_dtype(self.config.train),
                 channels_last=self.config.train.channels_last,
             )
         return patches, perm[:, : self.num_context], perm[:, self.num_context :]

@@ -52,6 +52,9 @@ class SupervisedTask:
     def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         return model_input(batch.images, self.config), batch.labels
 
+    def loader_patch_spec(self, loader: str) -> None:
+        return None  # whole images
+
     def objective(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The cross-entropy, taken in fp32, and the accuracy."""
         images, labels = inputs
@@ -61,13 +64,12 @@ class SupervisedTask:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, source: Source, config: FinetuneConfig, accelerator: Accelerator) -> dict:
+def evaluate(net: nn.Module, source: Source, config: FinetuneConfig, accelerator: Accelerator) -> dict:
     """Accuracy and mean loss over every test image once, summed over ranks (no padded duplicates).
 
-    Runs the unwrapped model: ranks may hold different numbers of batches, and a DDP forward would
-    wait for its peers.
+    `net` is the plain module (under any DDP or compile wrapper): ranks may hold different numbers of
+    batches, and a DDP forward would wait for its peers.
     """
-    net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)  # correct, loss sum, count

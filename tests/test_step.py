@@ -1,0 +1,145 @@
+"""The training step (train/step.py): eager, and replayed from a CUDA graph (GPU tests skip without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.data import Batch
+from train.config import OptimConfig, PretrainConfig, load_config
+from train.methods import METHODS
+from train.optim import build_schedule, build_sgd, implementation_flags
+from train.pretrain import build_model
+from train.step import EagerStep, GraphedStep, TrainingSnapshot, make_step
+
+TINY = {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1}
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_the_snapshot_puts_weights_statistics_optimizer_state_and_rng_back() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    snapshot = TrainingSnapshot(model, optimizer)
+    first_draw = torch.rand(1)
+    for _ in range(2):
+        model(torch.randn(8, 4)).square().mean().backward()
+        optimizer.step()
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    snapshot.restore()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # num_batches_tracked too
+    buffers = [state["momentum_buffer"] for state in optimizer.state.values()]
+    assert buffers and all(torch.count_nonzero(b) == 0 for b in buffers)  # a fresh optimizer's state
+    assert torch.equal(torch.rand(1), first_draw)  # the RNG as it was
+
+
+@pytest.mark.parametrize(("implementation", "cuda", "flags"), [
+    ("auto", False, {}), ("auto", True, {"fused": True}), ("foreach", False, {"fused": False, "foreach": True}),
+    ("fused", True, {"fused": True, "foreach": False}), ("for-loop", True, {"fused": False, "foreach": False}),
+])  # fmt: skip
+def test_the_optimizer_implementation_flags(implementation: str, cuda: bool, flags: dict) -> None:
+    assert implementation_flags(implementation, torch.device("cuda" if cuda else "cpu")) == flags
+
+
+def test_every_cpu_implementation_takes_the_same_step() -> None:
+    results = []
+    for implementation in ("auto", "foreach", "for-loop"):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 3)
+        optimizer = build_sgd(model, OptimConfig(implementation=implementation))
+        model(torch.ones(2, 8)).sum().backward()
+        optimizer.step()
+        results.append(model.weight.detach().clone())
+    for other in results[1:]:
+        torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-7)
+
+
+def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str = "no"):
+    """A tiny model of `method` with its step on `device`, from fixed weights."""
+    config = load_config(PretrainConfig, "demo", {**TINY, "method": method, "model.attn_dropout": 0.0,
+                                                   "model.backbone": "resnet36" if method == "selfie" else "resnet8",
+                                                   "train.precision": precision})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    optimizer = build_sgd(model, config.optim, torch.device(device))
+    scheduler = build_schedule(optimizer, config.optim, 100)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    task = METHODS[method](config, torch.device(device))
+    return model, make_step(model, task, optimizer, scheduler, accelerator, 1.0, cuda_graph), optimizer
+
+
+def batches(device: str, count: int = 4) -> list[Batch]:
+    generator = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(count)]
+    return [Batch(x.to(device), torch.zeros(8, dtype=torch.int64, device=device), torch.arange(8)) for x in images]
+
+
+def test_on_a_cpu_the_step_is_eager() -> None:
+    _, step, _ = setup("cpu", cuda_graph=False)
+    assert isinstance(step, EagerStep)
+    loss, accuracy = step(batches("cpu", 1)[0], torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and 0 <= accuracy <= 1 and not loss.requires_grad
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["selfie", "patch_relnet"])
+def test_a_graphed_step_follows_the_eager_steps(method: str) -> None:
+    """Same weights, same batches and masks: the replayed graph's losses and final weights track eager
+    steps (cuDNN may pick other algorithms, so closely, not bit for bit); the lr schedule is followed."""
+    runs = {}
+    for graphed in (False, True):
+        model, step, optimizer = setup("cuda", graphed, method)
+        losses = []
+        for k, batch in enumerate(batches("cuda")):
+            losses.append(float(step(batch, torch.Generator("cuda").manual_seed(k))[0]))
+        runs[graphed] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, optimizer)
+    assert isinstance(runs[True][2].param_groups[0]["lr"], torch.Tensor)
+    torch.testing.assert_close(runs[True][0], runs[False][0], rtol=2e-3, atol=2e-3)
+    for name, value in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][name], value, rtol=2e-3, atol=2e-3)
+    assert float(runs[True][2].param_groups[0]["lr"]) == pytest.approx(runs[False][2].param_groups[0]["lr"])
+
+
+@gpu
+@pytest.mark.gpu
+def test_the_first_replay_computes_the_first_eager_step() -> None:
+    """The warm-up before the capture trains on the first batch; its effects are undone."""
+    eager_model, eager, _ = setup("cuda", False)
+    graph_model, graphed, _ = setup("cuda", True)
+    batch = batches("cuda", 1)[0]
+    a = eager(batch, torch.Generator("cuda").manual_seed(0))[0]
+    b = graphed(batch, torch.Generator("cuda").manual_seed(0))[0]
+    assert isinstance(graphed, GraphedStep) and graphed.graph is not None
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--train.cuda_graph=true", "--train.precision=fp16"], "train.cuda_graph=true with train.precision=fp16"),
+        (["--train.cuda_graph=true", "--train.compile=true", "--train.compile_mode=reduce-overhead"], "cannot sit"),
+        (["--train.compile_mode=fast"], "train.compile_mode 'fast': expected one of default, reduce-overhead"),
+        (["--optim.implementation=magic"], "optim.implementation 'magic': expected one of auto, fused, foreach"),
+    ]
+    + (
+        [(["--train.cuda_graph=true"], "train.cuda_graph=true needs a CUDA device")]
+        if not torch.cuda.is_available()
+        else []
+    ),
+)
+def test_step_options_that_cannot_work_are_refused_before_any_folder(
+    flags: list[str], message: str, tmp_path, monkeypatch, capsys
+) -> None:
+    from train import pretrain
+    from train.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(pretrain.main, [*flags, "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1 and message in error[0], error
+    assert list(tmp_path.iterdir()) == []
