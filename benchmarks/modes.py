@@ -38,7 +38,7 @@ from train.loading import train_batches
 from train.methods import method_flags
 from train.methods.supervised import SupervisedTask
 from train.methods.supervised import build_model as build_classifier
-from train.optim import build_sgd, warmup_cosine
+from train.optim import build_optimizer, warmup_cosine
 from train.session import make_accelerator
 from train.step import EagerStep, make_step
 
@@ -49,6 +49,7 @@ SYNTHETIC_POOL_BYTES = 2 * 64 * 2**20  # fresh synthetic batches cycle through t
 
 def build_config(args: argparse.Namespace, batch: int) -> StageConfig:
     overrides = {
+        "data.require_path": False,  # the benchmark opens its own data (benchmarks/loaders.py)
         "data.image_size": args.image_size,
         "data.augment": "pad_crop_flip" if args.image_size <= 64 else "random_resized_crop",
         "data.workers": args.workers,
@@ -90,7 +91,7 @@ class Bench:
         torch.manual_seed(0)
         self.task, self.net = self._task_and_model()
         self.initial = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.optimizer = build_sgd(self.net, self.config.optim, self.device)
+        self.optimizer = build_optimizer(self.net, self.config.optim, self.device, batch)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10, 10**9))
         self.model, self.optimizer = self.accelerator.prepare(self.net, self.optimizer)
         if self.config.train.compile:

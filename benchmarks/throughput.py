@@ -214,7 +214,9 @@ def arguments() -> argparse.ArgumentParser:
         parser.add_argument(flag, dest=key, type=kind, default=None, help=f"{help_text} (default: the config's)")
     parser.add_argument("--arch", choices=ARCHS, default="resnet50", help="--stage finetune: the network")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch", type=batch_sizes, default=[64], help="images per step; a comma list sweeps")
+    parser.add_argument(
+        "--batch", "--batch-size", type=batch_sizes, default=[64], help="images per step; a comma list sweeps"
+    )
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the backbone")
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
@@ -224,7 +226,9 @@ def arguments() -> argparse.ArgumentParser:
         "--cuda-graph", action="store_true", help="replay the step from a CUDA graph (train.cuda_graph)"
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes/threads")
-    parser.add_argument("--set", action="append", default=[], help="any config key, e.g. model.attn_layers=1")
+    parser.add_argument(
+        "--set", action="append", default=[], help="any config key, e.g. model.attn_layers=1 (or --model.attn_layers=1)"
+    )
     parser.add_argument(
         "--data", default="auto", help="auto (demo at <=64 px, else the JPEG set) | jpeg | demo | folder"
     )
@@ -239,9 +243,21 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
+def dotted_settings(rest: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """--section.key=value (or --section.key value), the trainer's own spelling, as --set key=value."""
+    settings, tokens = [], iter(rest)
+    for token in tokens:
+        key = token[2:].split("=", 1)[0]
+        if not token.startswith("--") or "." not in key:
+            parser.error(f"unrecognized argument {token!r}; config keys look like --section.key=value")
+        settings.append(token[2:] if "=" in token else f"{key}={next(tokens, '')}")
+    return settings
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = arguments()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    args.set += dotted_settings(rest, parser)
     picked = [*args.loader, *(["synthetic"] if args.synthetic else []), *(["naive"] if args.naive else [])]
     picked += [f"no-model:{loader}" for loader in args.loader] if args.no_model else []
     wanted = picked or [m for m in args.modes.split(",") if m]

@@ -27,13 +27,17 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.atomic import atomic_path, write_atomic
 from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_source
@@ -79,11 +83,17 @@ def sidecar_path(beton: Path) -> Path:
     return beton.with_name(beton.name + ".json")
 
 
-def fingerprint(reader) -> str:
+SIDECAR_FORMAT = "selfie-trainer beton v2"
+TRUSTED_FIELDS = ("fields", "images", "classes", "uniform_size")  # what the loader takes from the sidecar
+
+
+def fingerprint(reader, info: dict | None = None) -> str:
     """sha1 of a .beton's per-sample metadata and allocation table (where each sample's bytes are, their
-    sizes and modes), from its `ffcv.reader.Reader`: tells one file from another without reading the
-    image data."""
-    return hashlib.sha1(reader.metadata.tobytes() + reader.alloc_table.tobytes()).hexdigest()
+    sizes and modes), from its `ffcv.reader.Reader`, and of every sidecar field the loader trusts (`info`):
+    an edited sidecar, or one beside another file, no longer matches."""
+    trusted = json.dumps({key: (info or {}).get(key) for key in TRUSTED_FIELDS}, sort_keys=True).encode()
+    data = reader.metadata.tobytes() + reader.alloc_table.tobytes()
+    return hashlib.sha1(data + (trusted if info is not None else b"")).hexdigest()
 
 
 class _SourceImages:
@@ -137,8 +147,69 @@ def _write(tmp: Path, images: _SourceImages, indices: np.ndarray, options: Conve
         "label": IntField(),
         "index": IntField(),
     }
-    writer = DatasetWriter(str(tmp), fields, num_workers=options.workers or os.cpu_count() or 1)
-    writer.from_indexed_dataset(images, indices=list(indices), chunksize=options.chunk_size)
+    page = page_size(images.source, options.max_resolution)
+    writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=options.workers or os.cpu_count() or 1)
+    watched(lambda: writer.from_indexed_dataset(images, indices=list(indices), chunksize=options.chunk_size))
+
+
+def page_size(source: Source, max_resolution: int | None) -> int:
+    """FFCV's page (a power of two, at least its default) large enough for the largest sample: the
+    writer cannot split a sample over pages, and a sample larger than a page fails in a worker."""
+    if isinstance(source, CifarSource):
+        largest = 32 * 32 * 3
+    elif max_resolution is not None:
+        largest = max_resolution * max_resolution * 3
+    else:
+        largest = max(_pixels(source, i) for i in range(len(source))) * 3
+    needed = largest + 2**20  # room for the sample's header and the writer's bookkeeping
+    return max(4 * 2**21, 1 << (needed - 1).bit_length())
+
+
+def _pixels(source: Source, index: int) -> int:
+    """Width x height from the file's header (nothing decoded); 0 for an unreadable file."""
+    try:
+        with Image.open(source.name(index)) as image:
+            return image.width * image.height
+    except DECODE_ERRORS:
+        return 0
+
+
+def _die_with_parent() -> None:
+    """In a forked child (FFCV's writer processes): Linux kills it when the converter dies, even by
+    SIGKILL, so no writer is left running (and holding memory) after its parent."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+if sys.platform.startswith("linux"):
+    os.register_at_fork(after_in_child=_die_with_parent)
+
+
+def watched(write: Callable[[], None]) -> None:
+    """Run FFCV's writer in a thread and watch its worker processes: FFCV's main loop waits for every
+    sample forever, so a worker that dies (a failed allocation, a kill) would hang the conversion. A dead
+    worker, or Ctrl-C, ends it here with one line instead (the temporary file is removed by the caller)."""
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(write, errors), daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+        failed = [p for p in multiprocessing.active_children() if p.exitcode not in (None, 0)]
+        if failed:
+            for process in multiprocessing.active_children():
+                process.kill()
+            raise DataError(f"a writer process of FFCV failed (exit code {failed[0].exitcode}); nothing was written")
+    if errors:
+        raise errors[0]
+
+
+def _capture(write: Callable[[], None], errors: list[BaseException]) -> None:
+    try:
+        write()
+    except BaseException as error:  # noqa: BLE001 (handed to the main thread, which raises it)
+        errors.append(error)
 
 
 def _decode_error(source: Source, index: int) -> str:
@@ -160,8 +231,30 @@ def _stored_size(height: int, width: int, max_resolution: int | None) -> tuple[i
 def _check_destination(dst: Path) -> None:
     if dst.suffix != ".beton":
         raise DataError(f"--dst {dst}: expected a file name ending in .beton")
+    if dst.is_dir():
+        raise DataError(f"--dst {dst}: a folder; expected the .beton file to write")
     if not dst.parent.is_dir():
         raise DataError(f"--dst {dst}: folder {dst.parent} does not exist")
+    _remove_stale_temporaries(dst)
+
+
+def _remove_stale_temporaries(dst: Path) -> None:
+    """Temporary files of conversions to `dst` whose process is gone (killed): nothing will finish them."""
+    for stale in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[-1].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+            print(f"note: removed {stale}, left by a conversion that did not finish", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_readable(
@@ -187,12 +280,10 @@ def _write_readable(
 
 
 def _sidecar(tmp: Path, images: _SourceImages, indices: np.ndarray, skipped: list[str], src, split, options) -> dict:
-    from ffcv.reader import Reader
-
     sizes = np.frombuffer(images.sizes, dtype=np.int32).reshape(-1, 2)[indices]
     stored = {_stored_size(int(h), int(w), options.max_resolution) for h, w in np.unique(sizes, axis=0)}
     return {
-        "format": "selfie-trainer beton v1",
+        "format": SIDECAR_FORMAT,
         "fields": list(FIELD_NAMES),
         "images": int(len(indices)),
         "classes": list(images.source.classes),
@@ -203,7 +294,6 @@ def _sidecar(tmp: Path, images: _SourceImages, indices: np.ndarray, skipped: lis
         "skipped": skipped,
         "options": asdict(options),
         "bytes": tmp.stat().st_size,
-        "fingerprint": fingerprint(Reader(str(tmp))),
     }
 
 
@@ -218,11 +308,14 @@ def convert(
     options.check()
     dst = Path(dst)
     _check_destination(dst)
+    from ffcv.reader import Reader
+
     images = _SourceImages(open_source(src, split), stop_at_failure=fail_on_corrupt)
     started = time.perf_counter()
     with atomic_path(dst) as tmp:
         indices, skipped = _write_readable(tmp, images, options, fail_on_corrupt, src)
         info = _sidecar(tmp, images, indices, skipped, src, split, options)
+        info["fingerprint"] = fingerprint(Reader(str(tmp)), info)
         info["seconds"] = round(time.perf_counter() - started, 2)
         # The sidecar first: a .beton under its final name always has its sidecar complete beside it.
         write_atomic(sidecar_path(dst), json.dumps(info, indent=1).encode())

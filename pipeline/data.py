@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipeline.augment import pad_crop_flip, random_resized_crop_box
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_FILE = "test_batch"
+CIFAR_CLASSES = 10
 SPLITS = ("train", "test")
 AUGMENTS = ("pad_crop_flip", "random_resized_crop", "none")
 EVAL_CROP_FRACTION = 0.875  # evaluation: resize the shorter side to S / 0.875, then center-crop S x S
@@ -58,7 +60,9 @@ class FolderSource:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+        self.classes = sorted(
+            entry.name for entry in os.scandir(root) if entry.is_dir() and not _loops_back(entry, root)
+        )
         files: list[str] = []
         labels: list[int] = []
         for label, name in enumerate(self.classes):
@@ -84,7 +88,32 @@ class FolderSource:
 
     def load(self, index: int) -> Image.Image:
         with Image.open(self.files[index]) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
+
+
+def _loops_back(entry: os.DirEntry, root: Path) -> bool:
+    """A class folder that is a link to the data root or above it: following it would count every image
+    again (or forever). It is left out, and said so."""
+    if not entry.is_symlink():
+        return False
+    target, top = Path(entry.path).resolve(), root.resolve()
+    if target == top or target in top.parents:
+        print(f"note: {entry.path} links back to {target}, which holds it; left out")
+        return True
+    return False
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB. A 16-bit (or 32-bit integer) grayscale image is scaled to 0..255, not clipped (PIL's own
+    conversion would clip almost every pixel of a 16-bit image to white)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if image.mode != "I" or pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(np.round(pixels / scale * 255), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 class CifarSource:
@@ -103,11 +132,12 @@ class CifarSource:
                     batch = pickle.load(f, encoding="bytes")
                 images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(batch[b"labels"])
+                _check_cifar_batch(root / name, len(images[-1]), batch[b"labels"])
             except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
                 raise DataError(f"{root / name}: not a readable CIFAR-10 python batch ({error})") from error
         self.images = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # NHWC
         self.labels = np.asarray(labels, dtype=np.int64)
-        self.classes = [str(i) for i in range(int(self.labels.max()) + 1)]
+        self.classes = [str(i) for i in range(CIFAR_CLASSES)]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -117,6 +147,18 @@ class CifarSource:
 
     def load(self, index: int) -> Image.Image:
         return Image.fromarray(self.images[index])
+
+
+def _check_cifar_batch(path: Path, count: int, labels: list) -> None:
+    """Every image has its label, and every label names one of CIFAR-10's classes: a shorter label list
+    would silently shift every later label onto the wrong image."""
+    if len(labels) != count:
+        raise DataError(f"{path}: {count} images but {len(labels)} labels; expected one label per image")
+    values = np.asarray(labels)
+    if len(values) and (values.min() < 0 or values.max() >= CIFAR_CLASSES):
+        raise DataError(
+            f"{path}: labels run {values.min()} .. {values.max()}; expected class indices 0 .. {CIFAR_CLASSES - 1}"
+        )
 
 
 Source = FolderSource | CifarSource
@@ -343,6 +385,7 @@ def torch_loader(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=one_thread_per_worker,
         # Its own generator: starting the iterator must not draw from the global RNG, whose state
         # (dropout) a resumed run restores before the loader starts.
         generator=torch.Generator().manual_seed(seed),
@@ -374,9 +417,21 @@ def eval_loader(
         batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
+        worker_init_fn=one_thread_per_worker,
         generator=torch.Generator(),  # starting workers must not draw from the global RNG (training's dropout)
     )
     yield from _on_device(loader, device)
+
+
+def one_thread_per_worker(_worker_id: int) -> None:
+    """A loader worker shares the cores with the training process's intra-op threads: torch already runs
+    one thread in a worker, and so must the thread pools a decoder may have brought in (numba, OpenCV),
+    or a loaded machine runs several times more threads than cores and the step slows by an order of
+    magnitude."""
+    if "numba" in sys.modules:
+        sys.modules["numba"].set_num_threads(1)
+    if "cv2" in sys.modules:
+        sys.modules["cv2"].setNumThreads(1)
 
 
 def _on_device(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterator[Batch]:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.convert import FIELD_NAMES, fingerprint, sidecar_path
+from pipeline.convert import FIELD_NAMES, SIDECAR_FORMAT, fingerprint, sidecar_path
 from pipeline.data import (
     EPOCH_ORDER_STREAM,
     EVAL_CROP_FRACTION,
@@ -77,11 +77,7 @@ class BetonSource:
             self.reader = Reader(str(self.path))
         except Exception as error:  # noqa: BLE001 (FFCV raises AssertionError and others on a bad file)
             raise DataError(f"{self.path}: not a readable .beton file ({error!r})") from error
-        if fingerprint(self.reader) != self.info.get("fingerprint"):
-            raise DataError(
-                f"{self.path}: its sidecar {sidecar.name} describes another file (a conversion interrupted "
-                "while replacing it?); convert it again"
-            )
+        self._check_fingerprint(sidecar)
         if self.reader.field_names != list(FIELD_NAMES) or self.reader.num_samples != self.info.get("images"):
             raise DataError(
                 f"{self.path}: holds fields {self.reader.field_names} and {self.reader.num_samples} images, "
@@ -94,6 +90,23 @@ class BetonSource:
         self.classes = list(self.info["classes"])
         size = self.info.get("uniform_size")
         self.uniform_size = tuple(size) if size else None
+        if len(self.labels) and not 0 <= self.labels.min() <= self.labels.max() < len(self.classes):
+            raise DataError(
+                f"{self.path}: labels run {self.labels.min()} .. {self.labels.max()} but its sidecar names "
+                f"{len(self.classes)} classes; convert it again"
+            )
+
+    def _check_fingerprint(self, sidecar: Path) -> None:
+        """The sidecar describes this file, and (format v2) is as conversion wrote it."""
+        v2 = self.info.get("format") == SIDECAR_FORMAT
+        if fingerprint(self.reader, self.info if v2 else None) != self.info.get("fingerprint"):
+            raise DataError(
+                f"{self.path}: its sidecar {sidecar.name} does not match the file (edited, or left from another "
+                "conversion); convert it again with python -m pipeline.convert"
+            )
+        if not v2:
+            print(f"note: {self.path} was converted by an older version; its sidecar's classes and sizes are not "
+                  "checked (convert it again to have them checked)")  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.labels)

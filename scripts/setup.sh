@@ -32,3 +32,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[dev]"
     echo "$want" > "$stamp"
 fi
+
+# A default Accelerate config (this machine, one process) unless one exists: `accelerate launch` then
+# starts without its warning about defaults. The run's own config still decides its precision.
+.venv/bin/accelerate config default >/dev/null 2>&1 || true

@@ -33,6 +33,8 @@ TINY = [
 ]
 # The monitors on few images: they must not change what is trained, which these runs show.
 MONITORS = ["--monitor.knn_train_images=48", "--monitor.knn_test_images=24"]
+# The demo's pretraining augmentation when these were recorded (issue 15 made its pad 0).
+AS_PINNED = ["--data.pad=4", "--data.pad_mode=zero", "--selfie.logit_scale=plain"]
 # (name, pretraining flags); the rotation family runs on the CIFAR ResNet-8.
 PRETRAINING = (
     ("selfie", []),
@@ -85,7 +87,7 @@ def compute(demo_root: Path, out: Path, part: int = 0, parts: int = 1) -> dict[s
             if name not in share:
                 continue
             runs[name] = out / name
-            pretrain.main([*TINY, *MONITORS, *flags, "--data", str(demo_root), "--out", str(runs[name])])
+            pretrain.main([*TINY, *MONITORS, *AS_PINNED, *flags, "--data", str(demo_root), "--out", str(runs[name])])
             hashes[name] = run_hash(runs[name])
         for name, init, flags in FINETUNING:
             if (init not in share) if init else part != parts - 1:  # from scratch: in the last share

@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -33,6 +34,21 @@ TINY = [
     "--train.log_every=1",
     "--train.cpu_threads=1",
 ]
+
+
+def free_port() -> str:
+    """A TCP port no one listens on now, for torchrun's rendezvous: a fixed one can still be held (TIME_WAIT,
+    another job) when the test starts."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+@pytest.fixture
+def keep_threads() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -78,8 +94,9 @@ def finetune(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProces
 
 def kill_when_exists(script: str, args: list[str], cwd: Path, marker: Path) -> None:
     """Start train/<script> and SIGKILL it as soon as `marker` (a checkpoint) exists: a crash mid-run."""
+    monitors = SMALL_MONITORS if script == "pretrain.py" and not any(a.startswith("--monitor.") for a in args) else []
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "train" / script), *args],
+        [sys.executable, str(ROOT / "train" / script), *monitors, *args],
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -163,3 +163,11 @@ def test_the_naive_baseline_computes_the_step_the_trainer_computes(demo_root) ->
     context_pos, masked_pos = (torch.cat([inputs[k] for inputs in per_image]) for k in (1, 2))
     batched, _ = bench.task.objective(bench.net, (patches, context_pos, masked_pos))
     torch.testing.assert_close(naive, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_the_benchmark_speaks_the_trainers_vocabulary() -> None:
+    args = throughput.parse_args(["--batch-size", "8,16", "--model.attn_layers=1", "--train.cpu_threads", "1"])
+    assert args.batch == [8, 16] and args.set == ["model.attn_layers=1", "train.cpu_threads=1"]
+    assert throughput.parse_args(["--precision", "fp32"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--bogus"])

@@ -179,7 +179,7 @@ def test_loader_refuses_a_beton_without_its_own_sidecar_or_a_foreign_file(tmp_pa
     convert(root, tmp_path / "j.beton", options=ConvertOptions(write_mode="jpg", workers=1))
     # A replacement interrupted between its two renames: the old file beside the new sidecar.
     sidecar_path(tmp_path / "j.beton").replace(sidecar_path(tmp_path / "t.beton"))
-    with pytest.raises(DataError, match="t.beton: its sidecar t.beton.json describes another file"):
+    with pytest.raises(DataError, match="t.beton: its sidecar t.beton.json does not match the file"):
         BetonSource(tmp_path / "t.beton")
     sidecar_path(tmp_path / "t.beton").unlink()
     with pytest.raises(DataError, match="sidecar t.beton.json is missing"):

@@ -156,3 +156,25 @@ def test_demo_data_is_deterministic_and_labelled(tmp_path: Path, demo_root: Path
         name = Path(train.files[index]).relative_to(demo_root)
         assert (again / name).read_bytes() == (demo_root / name).read_bytes()
     assert demo_dataset(tmp_path / "other-cache") == again  # cached, not rebuilt
+
+
+class NumbaThreads(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> int:
+        import numba
+
+        return numba.get_num_threads()
+
+
+def test_a_loader_worker_runs_one_thread_in_every_pool_it_has() -> None:
+    """Workers beside the training process's threads must not each bring a full thread pool (issue 17)."""
+    import numba
+
+    from pipeline.data import one_thread_per_worker
+
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)  # what a worker inherits: every core
+    loader = torch.utils.data.DataLoader(NumbaThreads(), batch_size=None, num_workers=1,
+                                         worker_init_fn=one_thread_per_worker)  # fmt: skip
+    assert list(loader) == [1]

@@ -13,7 +13,7 @@ import torch
 from model.classifier import ARCHS, pretrained_backbones
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
-from tests.conftest import ROOT, TINY, finetune, kill_when_exists, pretrain, run_concurrently, run_script
+from tests.conftest import ROOT, TINY, finetune, free_port, kill_when_exists, pretrain, run_concurrently, run_script
 from train.compare import format_table
 from train.finetune import format_accuracy, summarize
 
@@ -133,19 +133,26 @@ def test_every_arch_fine_tunes_from_pretraining_and_from_scratch(
 def test_a_linear_probe_leaves_the_pretrained_backbone_untouched(
     tmp_path: Path, demo_root: Path, pretrained_run: Path, arch: str
 ) -> None:
-    run = tmp_path / "probe"
-    args = [*FAST, "--data", str(demo_root), "--init", str(pretrained_run), "--out", str(run), "--arch", arch]
-    result = finetune([*args, "--linear-probe", "--steps", "3"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=False)["model"]
+    """Frozen weights stay the pretrained ones; the batch-norm statistics are re-estimated on whole images
+    first (pretraining learned them on patches), or kept too with --finetune.recalibrate_bn=false."""
     selfie = torch.load(sorted((pretrained_run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
     parts = [("backbone.", "patch_net.")] + ([("pool.", "pool.")] if arch == "resnet36_attn" else [])
-    for mine, theirs in parts:
-        names = [k for k in tuned if k.startswith(mine)]
-        assert names
-        for name in names:  # weights and batch-norm statistics alike
-            assert torch.equal(tuned[name], selfie[theirs + name.removeprefix(mine)]), name
-    assert tuned["head.weight"].abs().sum() > 0
+    for recalibrate in (True, False):
+        run = tmp_path / f"probe-{recalibrate}"
+        args = [*FAST, "--data", str(demo_root), "--init", str(pretrained_run), "--out", str(run), "--arch", arch]
+        result = finetune(
+            [*args, "--linear-probe", "--steps", "3", f"--finetune.recalibrate_bn={recalibrate}"], tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=False)["model"]
+        for mine, theirs in parts:
+            names = [k for k in tuned if k.startswith(mine)]
+            assert names
+            for name in names:
+                same = torch.equal(tuned[name], selfie[theirs + name.removeprefix(mine)])
+                statistic = name.endswith(("running_mean", "running_var"))
+                assert same != (recalibrate and statistic), name  # only the statistics move, and only then
+        assert tuned["head.weight"].abs().sum() > 0
 
 
 @pytest.mark.slow
@@ -182,6 +189,7 @@ def test_kill_then_resume_gives_the_same_model(tmp_path: Path, demo_root: Path) 
     assert [json.loads(line)["step"] for line in log_before.splitlines() if "test_acc" in line] == [40]
 
 
+@pytest.mark.xdist_group("torchrun")  # two processes each: one such test at a time
 @pytest.mark.slow
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_two_processes_count_every_test_image_once(
@@ -200,7 +208,7 @@ def test_two_processes_count_every_test_image_once(
     result = run_script(
         [*args, "--init", str(pretrained_run), "--steps", "3", "--finetune.eval_batch_size=126"],
         tmp_path,
-        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", "29527"],
+        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", free_port()],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = results_of(run)
@@ -330,8 +338,9 @@ def test_a_rotation_checkpoint_initialises_the_backbone_under_a_two_layer_head(
     pretext = torch.load(sorted((rotation_run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
     names = [k for k in tuned if k.startswith("backbone.")]
     assert names and all(name in pretext for name in names)  # the same names under the same prefix
-    unchanged = [torch.equal(tuned[name], pretext[name]) for name in names]
-    assert all(unchanged) if linear_probe else not all(unchanged)
+    weights = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    unchanged = [torch.equal(tuned[name], pretext[name]) for name in weights]
+    assert all(unchanged) if linear_probe else not all(unchanged)  # a probe's statistics are recalibrated
     assert tuned["head.0.weight"].shape == (16, 8)  # TINY ResNet-8 (width 0.125): 8 features -> 16 -> 10 classes
     assert tuned["head.3.weight"].shape == (10, 16) and tuned["head.3.weight"].abs().sum() > 0
     saved = results_of(run)

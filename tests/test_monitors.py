@@ -67,7 +67,8 @@ def test_the_clean_metric_cannot_see_the_augmentation(demo_root: Path) -> None:
 
     values = []
     for augment in ("pad_crop_flip", "none"):
-        config, _ = parse_args([*SMALL, f"--data.augment={augment}", "--monitor.knn=false"], PretrainConfig, {}, "")
+        args = [*SMALL, f"--data.path={demo_root}", f"--data.augment={augment}", "--monitor.knn=false"]
+        config, _ = parse_args(args, PretrainConfig, {}, "")
         method = pretrain.validate(config)(config, torch.device("cpu"))
         torch.manual_seed(0)
         net = pretrain.build_model(config)

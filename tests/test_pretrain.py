@@ -12,7 +12,16 @@ import torch
 
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
-from tests.conftest import ROOT, TINY, demo_data_for, kill_when_exists, pretrain, run_concurrently, run_script
+from tests.conftest import (
+    ROOT,
+    TINY,
+    demo_data_for,
+    free_port,
+    kill_when_exists,
+    pretrain,
+    run_concurrently,
+    run_script,
+)
 from train.methods import METHODS
 from train.methods.rotation import RotationMethod
 
@@ -78,16 +87,18 @@ def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_pa
     assert result.returncode == 0, result.stderr
     # The log holds every step once: records written after the checkpoint, before the kill, were dropped.
     assert [r["step"] for r in read_log(killed) if "loss" in r] == list(range(1, 41))
-    assert read_log(killed) == [
-        {**r, "time": b["time"], "images_per_s": b["images_per_s"]}
-        for r, b in zip(read_log(straight), read_log(killed), strict=True)
-    ]
+
+    def timeless(records: list[dict]) -> list[dict]:  # wall-clock fields differ run to run
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in records]
+
+    assert timeless(read_log(killed)) == timeless(read_log(straight))
     a, b = final_model(straight), final_model(killed)
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.xdist_group("torchrun")  # two processes each: one such test at a time
 @pytest.mark.parametrize("loader", sorted(LOADERS))
 def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, demo_root: Path, loader: str) -> None:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -108,7 +119,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
             "8",
         ],
         tmp_path,
-        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", "29517"],
+        launcher=[torchrun, "--nproc_per_node", "2", "--master_port", free_port()],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))

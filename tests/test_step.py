@@ -8,7 +8,7 @@ import torch
 from pipeline.data import Batch
 from train.config import OptimConfig, PretrainConfig, load_config
 from train.methods import METHODS
-from train.optim import build_schedule, build_sgd, implementation_flags
+from train.optim import build_optimizer, build_schedule, implementation_flags
 from train.pretrain import build_model
 from train.step import EagerStep, GraphedStep, TrainingSnapshot, make_step
 
@@ -47,7 +47,7 @@ def test_every_cpu_implementation_takes_the_same_step() -> None:
     for implementation in ("auto", "foreach", "for-loop"):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 3)
-        optimizer = build_sgd(model, OptimConfig(implementation=implementation))
+        optimizer = build_optimizer(model, OptimConfig(implementation=implementation))
         model(torch.ones(2, 8)).sum().backward()
         optimizer.step()
         results.append(model.weight.detach().clone())
@@ -62,7 +62,7 @@ def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str 
                                                    "train.precision": precision})  # fmt: skip
     torch.manual_seed(0)
     model = build_model(config).to(device)
-    optimizer = build_sgd(model, config.optim, torch.device(device))
+    optimizer = build_optimizer(model, config.optim, torch.device(device))
     scheduler = build_schedule(optimizer, config.optim, 100)
     from accelerate import Accelerator
 

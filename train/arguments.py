@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.loaders import LOADERS
-from train.config import C, load_config, stage_class
+from train.config import C, allowed_values, config_from, load_config, stage_class, to_dict
 
 
 def key_hint(cls: type, dotted: str) -> Any:
@@ -63,19 +65,38 @@ RUN_FLAGS: dict[str, tuple[str, Any, str]] = {
 }
 
 
-def _parser(flags: dict[str, tuple[str, Any, str]], description: str) -> argparse.ArgumentParser:
+def key_lines(cls: type, prefix: str = "") -> list[str]:
+    """Every config key of `cls` with its default and what it allows, for --help."""
+    lines = []
+    for spec in dataclasses.fields(cls):
+        key = prefix + spec.name
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        if dataclasses.is_dataclass(default):
+            lines += key_lines(type(default), key + ".")
+            continue
+        allowed = f" ({' | '.join(allowed_values(spec))})" if "choices" in spec.metadata else ""
+        expected = f" ({spec.metadata['expected']})" if "expected" in spec.metadata else ""
+        lines.append(f"  --{key}={default}{allowed}{expected}")
+    return lines
+
+
+def _parser(flags: dict[str, tuple[str, Any, str]], description: str, cls: type) -> argparse.ArgumentParser:
+    keys = "\n".join(key_lines(stage_class(cls)))
     parser = argparse.ArgumentParser(
         description=description,
         allow_abbrev=False,
-        epilog="Any config key can be overridden as --section.key=value, e.g. --optim.warmup_steps=500.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Every config key, as --section.key=value, with its default (what a flag left out takes from the "
+        f"config; meanings in train/config.py):\n{keys}",
     )
     parser.add_argument("--config", default="demo", help="built-in config name or YAML path (default: demo)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     for flag, (key, kind, help_text) in flags.items():
         if kind == "store_true":
             parser.add_argument(flag, dest=key, action="store_true", default=None, help=help_text)
         else:
             metavar = key.rsplit(".", 1)[-1].upper()
-            parser.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=help_text)
+            parser.add_argument(flag, dest=key, type=kind, default=None, metavar=metavar, help=f"{help_text} ({key})")
     return parser
 
 
@@ -98,17 +119,47 @@ def _dotted_overrides(rest: list[str], cls: type, parser: argparse.ArgumentParse
     return overrides
 
 
+def saved_config(overrides: dict[str, Any]) -> dict[str, Any] | None:
+    """With --resume --out RUN: the run's own resolved config (RUN/config.yaml), which a resume starts
+    from instead of --config, so only what is given on this command line changes."""
+    out = overrides.get("train.out")
+    if not overrides.get("train.resume") or out is None or not (Path(out) / "config.yaml").is_file():
+        return None
+    saved = yaml.safe_load((Path(out) / "config.yaml").read_text())
+    return saved if isinstance(saved, dict) else None
+
+
+def note(text: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # before the Accelerator exists: one note, not one per process
+        print(text)
+
+
 def parse_args(
     argv: Sequence[str] | None, cls: type[C], flags: dict[str, tuple[str, Any, str]], description: str
 ) -> tuple[C, str]:
     """Parse --config, the stable flags and --section.key=value overrides into a resolved, checked config.
+    A resume (--resume --out RUN) starts from RUN's config, not from --config: values not given on the
+    command line are the run's own.
 
     `flags` maps a flag ("--lr") to (config key, argparse type or "store_true", help).
     Returns the config and the config name it started from.
     """
-    parser = _parser(flags, description)
+    parser = _parser(flags, description, cls)
     args, rest = parser.parse_known_args(argv)
-    given = {key: value for key, value in vars(args).items() if key != "config" and value is not None}
+    given = {
+        key: value for key, value in vars(args).items() if key not in ("config", "print_config") and value is not None
+    }
     by_key = {key: flag for flag, (key, _, _) in flags.items() if key in given}
     overrides = {**given, **_dotted_overrides(rest, stage_class(cls), parser)}
-    return load_config(cls, args.config, overrides, by_key), Path(args.config).stem
+    saved = saved_config(overrides)
+    if saved is None:
+        config = load_config(cls, args.config, overrides, by_key)
+    else:
+        config = config_from(cls, saved, overrides, by_key)
+        before, after = saved.get("train", {}).get("steps"), config.train.steps
+        if before != after:
+            note(f"note: the resumed run's horizon changes from {before} to {after} steps (the schedule with it)")
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        sys.exit(0)
+    return config, Path(args.config).stem

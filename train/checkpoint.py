@@ -25,6 +25,10 @@ def has_checkpoint(folder: Path, pattern: str = "checkpoints/*") -> bool:
     return any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(pattern))
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, a folder removed); the message names the path."""
+
+
 class Checkpoints:
     """`step_XXXXXXXX.pt` files in one folder; the newest `keep` are kept."""
 
@@ -42,12 +46,37 @@ class Checkpoints:
         found = self.all()
         return found[-1] if found else None
 
+    def newest_readable(self, quiet: bool = False) -> tuple[Path | None, dict[str, Any] | None]:
+        """The newest checkpoint that loads, and its state; a newer one that does not (torn by a copy,
+        corrupted) is named and skipped."""
+        return newest_readable(self.all(), quiet)
+
     def save(self, state: dict[str, Any], step: int) -> Path:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        path = write_atomic(self.folder / f"step_{step:08d}.pt", lambda f: torch.save(state, f))
+        """Write step `step`'s checkpoint atomically, then drop the oldest beyond `keep`. A failed write
+        (disk full, a folder gone) is one line naming the path; the previous checkpoints stay as they were."""
+        path = self.folder / f"step_{step:08d}.pt"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, lambda f: torch.save(state, f))
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            message = (
+                f"{path}: the checkpoint could not be written ({error}); the newest one in {self.folder} is intact"
+            )
+            raise CheckpointWriteError(message) from error
         for old in self.all()[: -self.keep]:
             old.unlink()
         return path
+
+
+def newest_readable(paths: list[Path], quiet: bool = False) -> tuple[Path | None, dict[str, Any] | None]:
+    """Of `paths` (oldest first), the newest checkpoint that loads, and its state."""
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path)
+        except ConfigError as error:
+            if not quiet:
+                print(f"warning: skipping {path}, it does not load ({error}); resuming from an older checkpoint")
+    return None, None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -58,6 +87,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ConfigError(f"{path}: not a checkpoint written by this trainer (format {CHECKPOINT_FORMAT})")
     return state
+
+
+STANDARD_KEYS = frozenset(
+    {"images", "format", "kind", "step", "model", "optimizer", "scheduler", "scaler", "rng", "world_size", "config"}
+)
 
 
 def training_state(
@@ -106,10 +140,12 @@ def restore_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accelerator: Accelerator,
     num_images: int,
-) -> int:
-    """Load a `training_state` checkpoint into the plain module and the prepared optimizer on every rank;
-    returns its step."""
-    state = load_checkpoint(path)
+    state: dict[str, Any] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Load a `training_state` checkpoint (`state`: already loaded from `path`) into the plain module and
+    the prepared optimizer on every rank; returns its step and what the run added to it (`extra_state`: a
+    tracker's run id, ...)."""
+    state = state if state is not None else load_checkpoint(path)
     if state.get("kind") != kind:
         raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {kind!r} one")
     if state.get("images", num_images) != num_images:
@@ -133,7 +169,7 @@ def restore_training_state(
             f"note: checkpoint from {state['world_size']} processes, resuming on "
             f"{accelerator.num_processes}: dropout RNG streams restart"
         )
-    return int(state["step"])
+    return int(state["step"]), {key: value for key, value in state.items() if key not in STANDARD_KEYS}
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """How the entry scripts end: a bad flag, value, file or data set is one clear line and exit status 2;
-a diverged run is one line and exit status 1."""
+a diverged run, or a checkpoint that could not be written, is one line and exit status 1."""
 
 from __future__ import annotations
 
@@ -7,9 +7,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from pipeline.data import DataError
+from train.checkpoint import CheckpointWriteError
 from train.config import ConfigError
 from train.metrics import NonFiniteLoss
+from train.signals import Stopped
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1
@@ -22,6 +26,31 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    except NonFiniteLoss as error:
+    except (NonFiniteLoss, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
+    except Stopped as error:
+        print(str(error), file=sys.stderr)
+        sys.exit(error.exit_code)
+    except RuntimeError as error:
+        if not is_collective_failure(error):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(
+            f"error: a collective with the other processes failed or waited past train.collective_timeout "
+            f"(a peer stopped answering?): {first[:300]}; the newest checkpoint is intact, --resume continues",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_DIVERGED)
+
+
+# What gloo and NCCL say when a peer is gone or silent; DDP's backward raises them as plain RuntimeErrors.
+COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "nccl")
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    message = str(error).lower()
+    initialized = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return initialized and any(failure in message for failure in COLLECTIVE_FAILURES)

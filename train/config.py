@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import math
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -38,10 +39,13 @@ from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-PRECISIONS = ("no", "bf16", "fp16")
+# auto = what `accelerate launch` / `accelerate config` chose, else no; fp32 is another name for no
+PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
 # torch.compile modes; the two that capture CUDA graphs of their own cannot sit inside train.cuda_graph's
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+OPTIMIZERS = ("sgd", "lars", "adamw")
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # train.log_with (train/tracking.py)
 # the optimizer's implementation: auto = fused on CUDA, torch's own choice elsewhere
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 # The package whose import registers the built-in pretext methods and their config sections.
@@ -80,6 +84,9 @@ def non_negative(value: float) -> bool:
 @dataclass
 class DataConfig:
     path: str | None = None  # ImageNet-layout folder or CIFAR-10 python folder; None = built-in demo data
+    # a reference recipe (cifar10, imagenet224) trains on named data only: without data.path it is an error,
+    # never a silent run of its 120k steps on the demo images
+    require_path: bool = False
     loader: str = choice(lambda: LOADERS, "torch")  # loader backend (pipeline/loaders.py)
     image_size: int = checked(32, positive, "a positive number of pixels")  # training resolution S
     augment: str = choice(AUGMENTS, "pad_crop_flip")  # pad_crop_flip (32x32) | random_resized_crop (224) | none
@@ -92,19 +99,40 @@ class DataConfig:
     ffcv_os_cache: bool = True  # ffcv: read through the OS page cache (shared by the ranks of a node)
     ffcv_quasi_random: bool = False  # ffcv: quasi-random order for data larger than RAM (one process only)
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation, on a 0..1 scale
-    std: tuple[float, float, float] = IMAGENET_STD
+    std: tuple[float, float, float] = checked(
+        IMAGENET_STD, lambda std: all(math.isfinite(v) and v > 0 for v in std), "three positive numbers"
+    )
     cache_dir: str | None = None  # where the demo data is built; None = ~/.cache/selfie-trainer
+
+
+def finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def finite_non_negative(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1  # peak learning rate for the global batch (paper tunes it in 0.01 .. 0.4)
-    momentum: float = 0.9  # Nesterov momentum (paper §3.2)
-    nesterov: bool = True
-    weight_decay: float = 1e-4  # L2 on conv/linear weights (paper: 1e-4)
+    # sgd (Nesterov: the papers') | lars (SGD with layer-wise trust ratios; norms and biases neither decayed
+    # nor adapted, as SimCLR's and solo-learn's) | adamw (decoupled weight decay)
+    name: str = choice(OPTIMIZERS, "sgd")
+    # peak learning rate for the global batch (paper tunes it in 0.01 .. 0.4); replaced by base_lr's when set
+    lr: float = checked(0.1, finite_positive, "a positive, finite learning rate")
+    # when > 0: the linear scaling rule, lr = base_lr x global batch / 256 (printed when a run starts)
+    base_lr: float = checked(0.0, finite_non_negative, "a learning rate >= 0 (0 = use optim.lr)")
+    momentum: float = checked(0.9, lambda m: 0 <= m < 1, "a momentum in [0, 1)")  # sgd/lars (paper §3.2: 0.9)
+    nesterov: bool = True  # sgd/lars
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw's moment decays
+    lars_eta: float = checked(0.001, finite_positive, "a positive trust coefficient")  # lars: trust coefficient
+    # L2 on conv/linear weights (paper: 1e-4); adamw: its decoupled decay
+    weight_decay: float = checked(1e-4, finite_non_negative, "a weight decay >= 0")
     decay_all: bool = False  # also decay norm scales, biases, embeddings and u0 (a literal "L2 on everything")
-    warmup_steps: int = 100  # linear warm-up, then cosine decay to zero at train.steps
-    grad_clip: float = 0.0  # max global gradient norm; 0 = no clipping (paper: none)
+    # linear warm-up, then cosine decay to zero at train.steps
+    warmup_steps: int = checked(100, non_negative, "a number of steps >= 0")
+    # max global gradient norm; 0 = no clipping (paper: none)
+    grad_clip: float = checked(0.0, finite_non_negative, "a norm >= 0 (0 = no clipping)")
     # fused (one kernel for all parameters, CUDA) | foreach (a few kernels) | for-loop | auto (fused on CUDA)
     implementation: str = choice(OPTIMIZER_IMPLEMENTATIONS, "auto")
 
@@ -115,7 +143,18 @@ class RunConfig:
     # global batch: images per optimizer step over all processes
     batch_size: int = checked(512, positive, "a positive number of images")
     seed: int = checked(0, non_negative, "an integer >= 0")  # drives data order, augmentation, masks, init
-    precision: str = choice(PRECISIONS, "no")  # no | bf16 | fp16 autocast, through Accelerate
+    # autocast through Accelerate: no (= fp32) | bf16 | fp16 | auto (the launcher's choice, else no); a
+    # value given here wins over the launcher's, and the run says so when they differ
+    precision: str = choice(PRECISIONS, "auto")
+    # optimizer steps are taken every grad_accum micro-batches of batch_size / grad_accum images each
+    grad_accum: int = checked(1, positive, "a positive number of micro-batches")
+    sync_bn: bool = False  # several processes: batch-norm statistics over the global batch, not each rank's
+    # seconds a process waits for its peers in a collective before the job ends with an error (a wedged node)
+    collective_timeout: int = checked(300, positive, "a positive number of seconds")
+    log_with: str = choice(TRACKERS, "none")  # experiment tracker that also receives every log record
+    tracker_project: str = "selfie-trainer"  # the tracker's project (W&B project, MLflow experiment, TB folder)
+    # steps between plain progress lines when stdout is not a terminal (a batch job's log); 0 = every log record
+    print_every: int = checked(0, non_negative, "a number of steps >= 0")
     # intra-op threads per process on a CPU; 0 = available cores / local processes
     cpu_threads: int = checked(0, non_negative, "a number of threads >= 0")
     channels_last: bool = False  # NHWC patches and weights (faster convolutions on tensor-core GPUs)
@@ -136,7 +175,7 @@ class RunConfig:
 def compute_dtype(run: RunConfig) -> torch.dtype:
     """The dtype the model computes its convolutions in: what an input op should write (autocast would cast
     an fp32 input to it anyway, with the same rounding)."""
-    return {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[run.precision]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
 
 
 @dataclass
@@ -370,7 +409,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         loaded = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({error})") from error
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{line} ({problem})") from error
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     return loaded
@@ -418,6 +460,21 @@ def load_config(
         config = _stage_configs(read_yaml(path))[cls.STAGE]
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
+    for dotted, value in (overrides or {}).items():
+        _apply(config, nest(dotted, value))
+    check_values(config, flags)
+    return config
+
+
+def config_from(
+    cls: type[C], saved: dict[str, Any], overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None
+) -> C:
+    """A run's saved config (its config.yaml) with `overrides` on top, checked like `load_config`'s."""
+    config = stage_class(cls)()
+    try:
+        _apply(config, saved)
+    except ConfigError as error:
+        raise ConfigError(f"the run's config.yaml: {error}") from error
     for dotted, value in (overrides or {}).items():
         _apply(config, nest(dotted, value))
     check_values(config, flags)

@@ -37,10 +37,12 @@ def read_log(path: Path) -> list[dict]:
     """The step records of a log.jsonl (events such as skipped images left out)."""
     records = []
     for line in path.read_text().splitlines():
-        if line.strip():
-            record = json.loads(line)
-            if "event" not in record and "step" in record:
-                records.append(record)
+        try:
+            record = json.loads(line) if line.strip() else {}
+        except ValueError:  # a line cut short by a kill: the resume drops it; here it is skipped
+            continue
+        if "event" not in record and "step" in record:
+            records.append(record)
     return records
 
 

@@ -51,9 +51,11 @@ from train.loading import check_loader_options, open_data, train_batches
 from train.loop import Hooks, Training, fit, start_training
 from train.methods.supervised import SupervisedTask, build_model, evaluate, model_input
 from train.monitors import recalibrate_batch_norm, whole_images
+from train.optim import describe_lr, warmup_warning
 from train.pretrained import Pretrained, initialise, load_init
-from train.run_folder import RESUMABLE_KEYS, prepare_run_dir
+from train.run_folder import RESUMABLE_KEYS, prepare_run_dir, record_invocation
 from train.session import check_model_builds, make_accelerator, per_process_batch
+from train.tracking import TrackerSink, start_trackers
 
 KIND = "finetune"  # the checkpoint kind of fine-tuning runs
 # A resumed fine-tuning run may add seeds; it may not change the horizon, or finished seeds and the
@@ -165,8 +167,10 @@ def finetune_seed(
     pretrained: Pretrained | None,
     accelerator: Accelerator,
     run_dir: Path,
+    tracker_id: str | None = None,
 ) -> dict:
-    """Train and evaluate one seed in run_dir/seed_<seed>; a finished seed is read back, not rerun."""
+    """Train and evaluate one seed in run_dir/seed_<seed>; a finished seed is read back, not rerun. With
+    a tracker (`tracker_id`), the seed's records go to it under seed_<seed>/."""
     seed_dir, ft = run_dir / f"seed_{seed}", config.finetune
     if config.train.resume and (seed_dir / "result.json").is_file():
         return json.loads((seed_dir / "result.json").read_text())
@@ -174,13 +178,14 @@ def finetune_seed(
     build = partial(seed_model, config, classes, pretrained)
     init_seed = derive_seed(seed, INIT_STREAM)  # the same fresh weights for every init and every rank
     # The whole training set's size is recorded: the labelled subset is drawn from it.
-    training = start_training(
-        config, accelerator, seed_dir, build, KIND, seed, init_seed, len(splits.train), {"seed": seed}
-    )
+    state = {"seed": seed} | ({"tracker_run_id": tracker_id} if tracker_id else {})
+    training = start_training(config, accelerator, seed_dir, build, KIND, seed, init_seed, len(splits.train), state)
+    if config.train.log_with != "none":
+        training.tracker = training.logger.sink = TrackerSink(accelerator, config.train.log_with, f"seed_{seed}/")
     if ft.linear_probe and ft.recalibrate_bn and pretrained is not None and training.start_step == 0:
         recalibrate_probe(training, config, splits)
     evaluation = TestEvaluation(training, splits.evaluation, config)
-    per_process = config.train.batch_size // accelerator.num_processes
+    per_process = per_process_batch(config.train, accelerator)  # one micro-batch's images per process
     batches = partial(train_batches, config, labeled, per_process, seed, accelerator=accelerator)
     title, task = f"fine-tuning {run_dir.name}, seed {seed}", SupervisedTask(config, classes)
     fit(training, task, config, batches, len(labeled), title, Hooks(after_step=evaluation), f"seed {seed}")
@@ -229,20 +234,20 @@ def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrain
     }
 
 
-def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits, data_path: str, accelerator) -> str:
+def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits, accelerator: Accelerator) -> str:
     ft, run, train = config.finetune, config.train, splits.train
     labels = f"{ft.per_class} per class" if ft.per_class else f"{ft.label_fraction:.1%}"
     init = "none (from scratch)"
     if pretrained is not None:
         init = f"{pretrained.path} ({pretrained.method} {pretrained.backbone}, step {pretrained.step})"
+    per_process = run.batch_size // accelerator.num_processes
     return (
         f"finetune: {ft.arch}, {ft.head} head{', frozen backbone' if ft.linear_probe else ''}, init {init}; "
-        f"labels {labels} of {len(splits.pool)} training images from {data_path}, {len(train.classes)} classes; "
-        f"evaluated on {splits.evaluation_name} ({len(splits.evaluation)} images); {ft.seeds} seed(s) from "
-        f"{run.seed}; {run.steps} "
-        f"steps of {run.batch_size} images ({run.batch_size // accelerator.num_processes} per process, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}), peak lr {config.optim.lr:g}, "
-        f"precision {run.precision}; run folder {run.out}"
+        f"labels {labels} of {len(splits.pool)} training images from {config.data.path}, {len(train.classes)} "
+        f"classes; evaluated on {splits.evaluation_name} ({len(splits.evaluation)} images); {ft.seeds} seed(s) "
+        f"from {run.seed}; {run.steps} steps of {run.batch_size} images ({per_process} per process, "
+        f"{accelerator.num_processes} process(es) on {accelerator.device}), {config.optim.name} "
+        f"{describe_lr(config.optim, run.batch_size)}, precision {run.precision}; run folder {run.out}"
     )
 
 
@@ -254,7 +259,7 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
     holdout = config.finetune.holdout
     if holdout:
         pool, held_out = holdout_split(train.labels, holdout)
-        name = f"validation ({holdout:.0%} of the training split, {len(held_out)} images)"
+        name = f"validation ({holdout:.0%} of the training split)"
         return Splits(train, pool, SubsetSource(train, held_out), name), data_path
     test, _ = open_data(config, "test")
     check_readable(test)
@@ -267,14 +272,19 @@ def main(argv: list[str] | None = None) -> dict:
     validate(config)
     accelerator = make_accelerator(config.train)
     per_process_batch(config.train, accelerator)
-    splits, data_path = open_splits(config)
+    splits, config.data.path = open_splits(config)  # config.yaml records where the data is
     seeds = [config.train.seed + k for k in range(config.finetune.seeds)]
     subsets = {seed: labeled_subset(config, splits, seed) for seed in seeds}
     pretrained = load_init(config)
     keys, pattern = FINETUNE_RESUMABLE_KEYS, "seed_*/checkpoints/step_*.pt"
     run_dir = prepare_run_dir(config, f"finetune-{config_name}", accelerator, pattern, keys)
-    accelerator.print(describe(config, pretrained, splits, data_path, accelerator))
-    results = [finetune_seed(config, seed, subsets[seed], splits, pretrained, accelerator, run_dir) for seed in seeds]
+    record_invocation(run_dir, accelerator, 0)
+    tracker_id = start_trackers(accelerator, config.train, run_dir, to_dict(config))
+    for text in (describe(config, pretrained, splits, accelerator), warmup_warning(config.optim, config.train.steps)):
+        if text:
+            accelerator.print(text)
+    run = (pretrained, accelerator, run_dir, tracker_id)
+    results = [finetune_seed(config, seed, subsets[seed], splits, *run) for seed in seeds]
     summary = summary_of(results, config, pretrained, splits)
     if accelerator.is_main_process:
         write_atomic(run_dir / "results.json", json.dumps(summary, indent=1).encode())
@@ -282,6 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.print(f"results: {run_dir / 'results.json'}")
     which = "" if splits.evaluation_name == "test" else "validation "
     accelerator.print(f"{which}accuracy: {format_accuracy(mean, std, len(results))}")
+    accelerator.end_training()
     return {"run_dir": str(run_dir), **summary}
 
 

@@ -50,6 +50,8 @@ def format_cell(cell: dict) -> str:
 
 
 def seeds_note(counts: set[int]) -> str:
+    if counts == {1}:
+        return "Test accuracy (%) of one seed each (no spread to show)."
     return f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, sorted(counts)))} seeds."
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from accelerate import Accelerator, PartialState
 
-from pipeline.data import Batch, Source
+from pipeline.data import Batch, DataError, Source
 from pipeline.loaders import LOADERS
 from pipeline.patches import PatchSpec
 from train.config import ConfigError, StageConfig
@@ -22,13 +22,27 @@ def open_data(config: StageConfig, split: str) -> tuple[Source, str]:
 
 
 def check_loader_options(config: StageConfig) -> None:
-    """Options the configured loader cannot honour, refused before anything runs."""
+    """Data settings that cannot work (a reference recipe without its data, an option the configured
+    loader cannot honour), refused before anything runs."""
     data, backend = config.data, LOADERS[config.data.loader]
+    if data.require_path and data.path is None:
+        raise ConfigError(
+            "this config is a reference recipe (data.require_path=true): it trains on named data, so give "
+            "--data DATA_DIR; the built-in demo data is --config demo's"
+        )
     if data.augment == "pad_crop_flip" and data.pad and data.pad_mode not in backend.pad_modes:
         raise ConfigError(
             f"data.pad_mode={data.pad_mode}: the {data.loader} loader pads with {' or '.join(backend.pad_modes)} "
             f"only; loaders with {data.pad_mode} padding: "
             f"{', '.join(name for name, b in LOADERS.items() if data.pad_mode in b.pad_modes)}"
+        )
+
+
+def check_batch_fits(source: Source, global_batch: int) -> None:
+    """One global batch must fit in the data (checked before the run folder exists)."""
+    if len(source) < global_batch:
+        raise DataError(
+            f"the data set has {len(source)} images, fewer than one global batch of {global_batch}; lower --batch-size"
         )
 
 

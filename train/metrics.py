@@ -18,17 +18,21 @@ class NonFiniteLoss(RuntimeError):
 
 
 class JsonlLogger:
-    """Appends one JSON object per line to `path`, on the main process only."""
+    """Appends one JSON object per line to `path`, on the main process only, and hands each record to
+    `sink` (an experiment tracker, train/tracking.py) when there is one."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path
         self.enabled = enabled
+        self.sink: Any = None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.sink is not None:
+            self.sink.record(record)
 
 
 class MetricWindow:

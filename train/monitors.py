@@ -35,7 +35,7 @@ from pipeline.data import (
     Source,
     derive_seed,
 )
-from train.loading import open_data
+from pipeline.loaders import LOADERS
 from train.methods.supervised import model_input
 
 
@@ -169,9 +169,10 @@ class Monitors:
 
 def held_out_source(config, train_source: Source) -> Source:
     """The data's held-out split (val/, test/, test_batch, val.beton) for the monitors; without one, the
-    training images themselves (un-augmented, but not held out: the note says so)."""
-    try:
-        return open_data(config, "test")[0]
+    training images themselves (un-augmented, but not held out: the note says so). `config.data.path` is
+    the resolved one (the run's set-up fills it in)."""
+    try:  # rank 0 alone runs this: no collective (open_data's) may be called here
+        return LOADERS[config.data.loader].open(config.data.path, "test")
     except DataError as error:
         print(f"note: the monitors score on training images, the data has no held-out split ({error})")
         return train_source

@@ -1,4 +1,5 @@
-"""The optimizer and learning-rate schedule both stages use (Selfie §3.2: Nesterov SGD, warm-up, cosine)."""
+"""The optimizer and learning-rate schedule both stages use: Nesterov SGD (Selfie §3.2, the default),
+LARS or AdamW; a linear warm-up, then cosine decay; the linear scaling rule for `optim.base_lr`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,30 @@ import torch
 from train.config import OptimConfig
 
 NO_DECAY_NAMES = ("position", "u0")  # learned embeddings and the pooling token
+SCALING_BATCH = 256  # the linear scaling rule's reference batch: lr = base_lr x batch / 256
+
+
+def peak_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The peak learning rate a run uses: base_lr x global batch / 256 when base_lr is set, else lr."""
+    return optim.base_lr * global_batch / SCALING_BATCH if optim.base_lr > 0 else optim.lr
+
+
+def describe_lr(optim: OptimConfig, global_batch: int) -> str:
+    if optim.base_lr > 0:
+        return (
+            f"peak lr {peak_lr(optim, global_batch):g} (base_lr {optim.base_lr:g} x {global_batch} / {SCALING_BATCH})"
+        )
+    return f"peak lr {optim.lr:g}"
+
+
+def warmup_warning(optim: OptimConfig, steps: int) -> str | None:
+    """Why the configured peak lr would never be reached, or None."""
+    if optim.warmup_steps > steps:
+        return (
+            f"warning: optim.warmup_steps={optim.warmup_steps} is longer than the run's {steps} steps: the lr "
+            f"climbs to {optim.warmup_steps and steps / optim.warmup_steps:.0%} of its peak and never reaches it"
+        )
+    return None
 
 
 def implementation_flags(implementation: str, device: torch.device) -> dict[str, bool | None]:
@@ -19,18 +44,64 @@ def implementation_flags(implementation: str, device: torch.device) -> dict[str,
     return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
 
 
-def build_sgd(model: torch.nn.Module, optim: OptimConfig, device: torch.device | str = "cpu") -> torch.optim.SGD:
-    """Nesterov SGD for parameters that will train on `device`. Weight decay on conv/linear weights only,
-    unless `optim.decay_all` (L2 on everything)."""
+def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+    """[decayed conv/linear weights, everything else] (everything decayed with `optim.decay_all`). The
+    second group is what LARS leaves unadapted: norm scales, biases, embeddings, u0."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         is_matrix_weight = param.ndim > 1 and not any(part in name for part in NO_DECAY_NAMES)
         (decay if optim.decay_all or is_matrix_weight else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": optim.weight_decay, "adapt": True},
+        {"params": no_decay, "weight_decay": 0.0, "adapt": False},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017): each adapted parameter's update is
+    scaled by eta x |w| / |g + wd w| (1 where either norm is zero); groups with adapt=False take plain
+    momentum SGD. The trust ratio is computed on the device, with no host sync (graph-capturable)."""
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool, eta: float) -> None:
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "eta": eta, "weight_decay": 0.0}
+        super().__init__(params, defaults | {"adapt": True})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._update(param, group)
+
+    def _update(self, param: torch.Tensor, group: dict) -> None:
+        grad = param.grad.add(param, alpha=group["weight_decay"]) if group["weight_decay"] else param.grad.clone()
+        if group["adapt"]:
+            weight_norm, grad_norm = param.norm(), grad.norm()
+            trust = torch.where((weight_norm > 0) & (grad_norm > 0), group["eta"] * weight_norm / grad_norm, 1.0)
+            grad.mul_(trust)
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+        buffer = state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+        update = grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
+        param.sub_(update * group["lr"])
+
+
+def build_optimizer(
+    model: torch.nn.Module, optim: OptimConfig, device: torch.device | str = "cpu", global_batch: int = SCALING_BATCH
+) -> torch.optim.Optimizer:
+    """`optim.name`'s optimizer for parameters that will train on `device`, at the peak lr for `global_batch`."""
+    groups, lr = parameter_groups(model, optim), peak_lr(optim, global_batch)
     flags = implementation_flags(optim.implementation, torch.device(device))
-    return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, **flags)
+    if optim.name == "lars":
+        return LARS(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, eta=optim.lars_eta)
+    for group in groups:
+        del group["adapt"]
+    if optim.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, **flags)
+    return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, **flags)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

@@ -26,7 +26,6 @@ accuracy) and OUT/table.json.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -50,6 +49,8 @@ from train.grid import (
 )
 from train.methods import METHODS
 from train.pretrained import BACKBONE_KEYS, POOL_KEYS
+from train.run_folder import read_records
+from train.session import resolve_precision
 
 COLUMNS = ("linear", "tuned")
 STAGE_FLAGS = ("--pretrain", "--finetune", "--linear", "--tuned")  # each takes one quoted string of flags
@@ -61,7 +62,7 @@ def last_record(folder: Path, key: str) -> float | None:
     log = folder / "log.jsonl"
     if not log.is_file():
         return None
-    values = [json.loads(line).get(key) for line in log.read_text().splitlines() if line.strip()]
+    values = [record.get(key) for _, record in read_records(log)]
     values = [v for v in values if v is not None]
     return values[-1] if values else None
 
@@ -153,6 +154,7 @@ def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
         if mine != theirs:
             raise ConfigError(f"model.{key}: {mine!r} for pretraining but {theirs!r} for fine-tuning; expected one")
     # Every run shares this process, and Accelerate keeps the first run's mixed precision.
+    resolve_precision(method.train), resolve_precision(tuning.train)  # auto is the launcher's choice
     if method.train.precision != tuning.train.precision:
         raise ConfigError(
             f"train.precision: {method.train.precision} for pretraining but {tuning.train.precision} for "

@@ -6,18 +6,20 @@ Launch:
     accelerate launch train/pretrain.py --method patch_rotnet --model.backbone=resnet8 --patch-ratio 0.4
     python train/pretext_table.py                                         # all methods, Table 1 on the demo
     accelerate launch train/pretrain.py --config cifar10 --data /data/cifar-10-batches-py
-    accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 \
-        --data /data/imagenet --out runs/in224
-    accelerate launch train/pretrain.py --config imagenet224 --data /data/imagenet --out runs/in224 --resume
-    accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 --loader dali \
+    accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 \\
+        --data /data/imagenet --out runs/in224 --train.sync_bn=true --train.log_with=tensorboard
+    accelerate launch train/pretrain.py --out runs/in224 --resume         # everything else from the run itself
+    accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 --loader dali \\
         --data /data/imagenet --out runs/in224-dali                         # nvJPEG decode on the GPUs
     python -m pipeline.convert --src /data/imagenet/train --dst /data/imagenet/train.beton --max-resolution 256
     accelerate launch train/pretrain.py --config imagenet224 --loader ffcv --data /data/imagenet/train.beton
     torchrun --nproc_per_node 2 train/pretrain.py --steps 20              # 2 CPU processes (gloo)
-    python train/pretrain.py --steps 50 --model.position_on_context=false
+    python train/pretrain.py --print-config --optim.name=lars --optim.base_lr=0.3   # the resolved config
+    python -m train.export runs/in224 --format timm --out p.pth           # the backbone, for other tools
 
-The run folder (--out, default runs/<config>-<time>) receives config.yaml (the resolved config),
-log.jsonl (one JSON object per logging step), checkpoints/step_XXXXXXXX.pt, and at every checkpoint the
+The run folder (--out, default runs/<config>-<time>) receives config.yaml (the resolved config), run.json
+(every invocation: command, commit, versions, devices), log.jsonl (one JSON object per logging step, with
+the clean pretext metric and the kNN monitor), checkpoints/step_XXXXXXXX.pt, and at every checkpoint the
 method's pictures (pictures/<name>_step_XXXXXXXX.png) and curves.png.
 Fine-tune the result with train/finetune.py --init RUN_DIR (its backbone: --arch resnet36, resnet8, ...).
 """
@@ -27,18 +29,20 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 
-from pipeline.data import check_readable
+from pipeline.data import Source, check_readable
 from train.arguments import RUN_FLAGS, parse_args
 from train.cli import run_cli
-from train.config import PretrainConfig
-from train.loading import check_loader_options, open_data, train_batches
-from train.loop import Hooks, fit, start_training
+from train.config import PretrainConfig, to_dict
+from train.loading import check_batch_fits, check_loader_options, open_data, train_batches
+from train.loop import Hooks, Training, fit, start_training
 from train.methods import METHODS, PretextMethod, method_flags
 from train.monitors import build_monitors, random_network_knn
-from train.run_folder import prepare_run_dir
+from train.optim import describe_lr, warmup_warning
+from train.run_folder import prepare_run_dir, record_invocation
 from train.session import check_model_builds, make_accelerator, per_process_batch
+from train.tracking import TrackerSink, start_trackers
 
 KIND_SUFFIX = "_pretrain"  # a checkpoint's kind is "<method>_pretrain"
 
@@ -62,48 +66,83 @@ def validate(config: PretrainConfig) -> type[PretextMethod]:
     return method
 
 
-def main(argv: list[str] | None = None) -> dict:
-    config, config_name = parse_args(argv, PretrainConfig, stable_flags(), "Self-supervised pretraining")
-    method_class = validate(config)
-    accelerator = make_accelerator(config.train)
-    batch_per_process = per_process_batch(config.train, accelerator)
-    method = method_class(config, accelerator.device)
-    source, data_path = open_data(config, "train")
-    check_readable(source)
-    run_dir = prepare_run_dir(config, config_name, accelerator)
-    state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
-    seed = config.train.seed  # one seed for the initial weights (every rank) and the run's streams
-    kind = config.method + KIND_SUFFIX
-    training = start_training(
-        config, accelerator, run_dir, lambda: build_model(config), kind, seed, seed, len(source), state
+def describe(config: PretrainConfig, method: PretextMethod, training: Training, source: Source, batch: int) -> str:
+    run, accelerator = config.train, training.accelerator
+    parameters = sum(p.numel() for p in training.net.parameters()) / 1e6
+    accumulated = f", {run.grad_accum} micro-batches of {batch}" if run.grad_accum > 1 else f" ({batch} per process)"
+    return (
+        f"{config.method}: {len(source)} images from {config.data.path}; {config.data.image_size}px, "
+        f"{method.describe()}; {accelerator.num_processes} process(es) on {accelerator.device}, {run.batch_size} "
+        f"images/step{accumulated}, {config.optim.name} {describe_lr(config.optim, run.batch_size)}, precision "
+        f"{run.precision}; {config.model.backbone} backbone, {parameters:.2f}M parameters; run folder {run.out}"
     )
-    parameters = sum(p.numel() for p in training.model.parameters()) / 1e6
-    accelerator.print(
-        f"{config.method}: {len(source)} images from {data_path}; {config.data.image_size}px, {method.describe()}; "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, {config.train.batch_size} images/step "
-        f"({batch_per_process} per process), peak lr {config.optim.lr:g}, precision {config.train.precision}; "
-        f"{config.model.backbone} backbone, {parameters:.2f}M parameters; run folder {run_dir}"
-    )
-    patch_spec = method.loader_patch_spec(config.data.loader)
-    batches = partial(
-        train_batches, config, source, batch_per_process, seed, accelerator=accelerator, patch_spec=patch_spec
-    )
+
+
+def start_tracking(config: PretrainConfig, training: Training) -> None:
+    """The configured tracker, continuing the run's tracker run on a resume; records and pictures go to it."""
+    run_id = start_trackers(training.accelerator, config.train, training.folder, to_dict(config))
+    if config.train.log_with != "none":
+        training.extra_state["tracker_run_id"] = run_id
+        training.tracker = TrackerSink(training.accelerator, config.train.log_with)
+        training.logger.sink = training.tracker
+
+
+def make_hooks(config: PretrainConfig, method: PretextMethod, training: Training, source: Source) -> Hooks:
+    """The pictures and monitors of rank 0; at a run's start, the kNN floor of a random network."""
+    accelerator = training.accelerator
     hooks = Hooks(method.pictures(source, accelerator.device) if accelerator.is_main_process else None)
     hooks.log_fields = build_monitors(config, method, training.net, source, accelerator)
     if hooks.log_fields is not None and hooks.log_fields.knn is not None and training.start_step == 0:
-        random = random_network_knn(hooks.log_fields, partial(build_model, config), seed, accelerator.device)
-        training.logger.write({"step": 0, "knn_acc_random": random})
-    result = fit(training, method, config, batches, len(source), f"{config.method} pretraining: {run_dir.name}", hooks)
-    last = result.last
-    if not last:
-        return {"run_dir": str(run_dir), "step": training.start_step}
-    monitored = "; " + hooks.log_fields.summary(last) if hooks.log_fields is not None else ""
-    accelerator.print(
-        f"done: step {last.get('step')}, loss {last.get('loss')}, {config.method} {method.accuracy_name} accuracy "
-        f"{last.get(method.metric, 0):.1%} (chance {method.chance:.1%}){monitored}; {result.skipped_images} "
-        f"unreadable images skipped; run folder {run_dir}"
+        floor = random_network_knn(
+            hooks.log_fields, partial(build_model, config), config.train.seed, accelerator.device
+        )
+        training.logger.write({"step": 0, "knn_acc_random": floor})
+    return hooks
+
+
+def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -> tuple:
+    """(method, its training, the data, images per process per micro-batch): everything `fit` needs."""
+    method = METHODS[config.method](config, accelerator.device)
+    batch = per_process_batch(config.train, accelerator)
+    source, config.data.path = open_data(config, "train")  # config.yaml records where the data is
+    check_readable(source)
+    check_batch_fits(source, config.train.batch_size)
+    run_dir = prepare_run_dir(config, config_name, accelerator)
+    state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
+    seed = config.train.seed  # one seed for the initial weights (every rank) and the run's streams
+    build = partial(build_model, config)
+    training = start_training(
+        config, accelerator, run_dir, build, config.method + KIND_SUFFIX, seed, seed, len(source), state
     )
-    return {"run_dir": str(run_dir), **last}
+    record_invocation(run_dir, accelerator, training.start_step)
+    return method, training, source, batch
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config, config_name = parse_args(argv, PretrainConfig, stable_flags(), "Self-supervised pretraining")
+    validate(config)
+    accelerator = make_accelerator(config.train)
+    method, training, source, batch = set_up(config, config_name, accelerator)
+    start_tracking(config, training)
+    for text in (describe(config, method, training, source, batch), warmup_warning(config.optim, config.train.steps)):
+        if text:
+            accelerator.print(text)
+    spec = method.loader_patch_spec(config.data.loader)
+    batches = partial(train_batches, config, source, batch, config.train.seed, accelerator=accelerator, patch_spec=spec)
+    hooks = make_hooks(config, method, training, source)
+    result = fit(
+        training, method, config, batches, len(source), f"{config.method} pretraining: {training.folder.name}", hooks
+    )
+    accelerator.end_training()
+    if not result.last:
+        return {"run_dir": str(training.folder), "step": training.start_step}
+    last, monitored = result.last, "; " + hooks.log_fields.summary(result.last) if hooks.log_fields else ""
+    accelerator.print(
+        f"done: step {last['step']}, loss {last['loss']}, {config.method} {method.accuracy_name} accuracy "
+        f"{last[method.metric]:.1%} (chance {method.chance:.1%}){monitored}; {result.skipped_images} unreadable "
+        f"images skipped; run folder {training.folder}"
+    )
+    return {"run_dir": str(training.folder), **last}
 
 
 if __name__ == "__main__":

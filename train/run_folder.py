@@ -1,19 +1,26 @@
 """The run folder and the resume policy: where a run writes, when a folder may be reused, which config
-changes a resume may make, and the log a resumed run continues."""
+changes a resume may make, the log a resumed run continues, and run.json: what ran there, how, on what."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
+import platform
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.atomic import write_atomic
-from train.checkpoint import CHECKPOINT_PATTERN, load_checkpoint
+from train.checkpoint import CHECKPOINT_PATTERN, newest_readable
 from train.config import ConfigError, StageConfig, to_dict
 
 # Keys a resumed run may change: speed, bookkeeping, the horizon, and where the data set lives (it may be
@@ -28,6 +35,10 @@ RESUMABLE_KEYS = frozenset(
         "train.checkpoint_every",
         "train.keep_checkpoints",
         "train.cpu_threads",
+        "train.collective_timeout",
+        "train.print_every",
+        "train.log_with",
+        "train.tracker_project",
         # How the step is executed, not what it computes (up to floating-point rounding).
         "train.compile",
         "train.compile_mode",
@@ -62,6 +73,8 @@ def _folder_for(config: StageConfig, config_name: str) -> Path:
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(stamp)  # every rank must agree on the folder
         run.out = str(Path("runs") / f"{config_name}-{stamp[0]}")
+    if Path(run.out).exists() and not Path(run.out).is_dir():
+        raise ConfigError(f"--out {run.out}: a file; expected a run folder (a new one, or a run's to --resume)")
     return Path(run.out)
 
 
@@ -83,8 +96,10 @@ def prepare_run_dir(
     if config.train.resume:
         if latest is None:
             raise ConfigError(f"--resume: no checkpoint in {folder / Path(checkpoint_glob).parent} to continue from")
-        saved = load_checkpoint(latest)["config"]
-        check_resumable(saved, to_dict(config), latest, resumable_keys, "", to_dict(type(config)()))
+        readable, state = newest_readable(found, quiet=not accelerator.is_main_process)
+        if readable is None:
+            raise ConfigError(f"--resume: none of the checkpoints in {latest.parent} loads")
+        check_resumable(state["config"], to_dict(config), readable, resumable_keys, "", to_dict(type(config)()))
     elif latest is not None:
         raise ConfigError(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"
@@ -131,5 +146,73 @@ def continue_log(path: Path, step: int) -> None:
         return
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    write_atomic(path, "".join(line + "\n" for line in kept).encode())
+    kept = [line for line in read_records(path) if line[1].get("step", 0) <= step]
+    write_atomic(path, "".join(text + "\n" for text, _ in kept).encode())
+
+
+def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every record of a JSON-lines file. A line cut short (the run was killed while
+    appending it) is dropped with a note; only the last line can be cut, any other bad line is an error."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append((line, json.loads(line)))
+        except ValueError as error:
+            if number < len(lines):
+                raise ConfigError(
+                    f"{path}: line {number} is not JSON ({error}); expected one record per line"
+                ) from error
+            print(f"note: {path}: its last line was cut short (a kill while it was written); dropped")
+    return records
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """The project's commit and whether its tree differs from it (None outside a git checkout)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if commit.returncode:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "accelerate", "numpy", "numba", "triton", "ffcv", "nvidia-dali-cuda130", "safetensors"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def record_invocation(folder: Path, accelerator: Accelerator, start_step: int) -> None:
+    """Append this invocation to folder/run.json: command line, git commit, package versions, world size,
+    every rank's device (a collective: every rank calls it)."""
+    name = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else platform.processor()
+    mine = [f"{socket.gethostname()}: {accelerator.device} {name}"]
+    devices = gather_object(mine) if accelerator.num_processes > 1 else mine
+    if accelerator.is_main_process:
+        path = folder / "run.json"
+        runs = json.loads(path.read_text()).get("invocations", []) if path.is_file() else []
+        runs.append(
+            {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": sys.argv,
+                "cwd": os.getcwd(),
+                "git": git_state(Path(__file__).resolve().parent.parent),
+                "versions": versions(),
+                "world_size": accelerator.num_processes,
+                "devices": devices,
+                "start_step": start_step,
+            }
+        )
+        write_atomic(path, json.dumps({"invocations": runs}, indent=1).encode())
+    accelerator.wait_for_everyone()

@@ -58,14 +58,46 @@ def train_step(
     return loss.detach(), accuracy.detach()
 
 
+def accumulated_step(
+    model: torch.nn.Module,
+    batches: list[Batch],
+    task: Task,
+    generator: torch.Generator,
+    optimizer: Optimizer,
+    scheduler: Scheduler,
+    accelerator: Accelerator,
+    grad_clip: float = 0.0,
+) -> StepResult:
+    """One optimizer step over several micro-batches (Accelerate's `accumulate`: each loss divided by their
+    number, gradients summed, no all-reduce until the last): the update of one batch as large as all of
+    them. Returns the micro-batches' mean loss and accuracy."""
+    losses, accuracies = [], []
+    for batch in batches:
+        with accelerator.accumulate(model):
+            loss, accuracy = task.objective(model, task.inputs(batch, generator))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()  # Accelerate's optimizer steps (and zeroes) on the last micro-batch only
+            if accelerator.sync_gradients:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        accuracies.append(accuracy.detach())
+    return torch.stack(losses).mean(), torch.stack(accuracies).mean()
+
+
 class EagerStep:
-    """`train_step` with the run's model, optimizer and schedule."""
+    """`train_step` with the run's model, optimizer and schedule; `accumulated_step` for a list of
+    micro-batches (train.grad_accum > 1)."""
 
     def __init__(self, model, task, optimizer, scheduler, accelerator, grad_clip: float) -> None:
         self.parts = (model, task, optimizer, scheduler, accelerator, grad_clip)
 
-    def __call__(self, batch: Batch, generator: torch.Generator, stage=_no_stage) -> StepResult:
+    def __call__(self, batch: Batch | list[Batch], generator: torch.Generator, stage=_no_stage) -> StepResult:
         model, task, optimizer, scheduler, accelerator, grad_clip = self.parts
+        if isinstance(batch, list):
+            return accumulated_step(model, batch, task, generator, optimizer, scheduler, accelerator, grad_clip)
         return train_step(model, batch, task, generator, optimizer, scheduler, accelerator, grad_clip, stage)
 
 

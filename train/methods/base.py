@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +52,9 @@ class Pictures(Protocol):
 
     name: str  # the files are pictures/<name>_step_XXXXXXXX.png
 
-    def write(self, model: nn.Module, path: Path) -> None: ...
+    def write(self, model: nn.Module, path: Path) -> np.ndarray:
+        """Draw with `model` (the plain module), write the PNG to `path`, return the (H, W, 3) uint8 picture."""
+        ...
 
 
 class PretextMethod:

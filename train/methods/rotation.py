@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -130,7 +131,7 @@ class ViewPictures:
         self.config = config
 
     @torch.no_grad()
-    def write(self, model: nn.Module, path: Path) -> None:
+    def write(self, model: nn.Module, path: Path) -> np.ndarray:
         was_training = model.training
         model.eval()
         out = model(self.views, self.labels)
@@ -139,7 +140,9 @@ class ViewPictures:
         if len(right) < len(self.labels):  # relation pairs: both views of pair k share its verdict
             right = right.repeat(2)
         data = self.config.data
-        write_png(path, view_picture(self.views.float().cpu(), right.cpu(), self.num_images, data.mean, data.std))
+        picture = view_picture(self.views.float().cpu(), right.cpu(), self.num_images, data.mean, data.std)
+        write_png(path, picture)
+        return picture
 
 
 register(RotNet)

@@ -171,12 +171,13 @@ class PatchPictures:
         self.config = config
         self.num_context = num_context
 
-    def write(self, model: nn.Module, path: Path) -> None:
+    def write(self, model: nn.Module, path: Path) -> np.ndarray:
         data = self.config.data
         picture = patch_picture(
             model, self.images, self.perm, self.num_context, self.config.selfie.patch_size, data.mean, data.std
         )
         write_png(path, picture)
+        return picture
 
 
 @torch.no_grad()

@@ -1,0 +1,70 @@
+"""Preemption: SIGTERM (what SLURM and Kubernetes send before the kill) or SIGINT (Ctrl-C) asks a run to
+stop; it finishes the step, writes a checkpoint, says how to resume and exits non-zero. A second signal
+exits at once."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import torch
+from accelerate import Accelerator
+
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, as a shell reports a killed job
+
+
+class Stopped(RuntimeError):
+    """The run stopped on a signal after writing a checkpoint; `exit_code` is what the process returns."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequests:
+    """While a run trains: the first SIGTERM or SIGINT is remembered (`requested`), a second ends the
+    process at once. With several processes, ranks agree to stop at a log step (`agreed`), so all of them
+    checkpoint the same step."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_CODES}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal is not None:
+            os._exit(EXIT_CODES.get(signum, 1))
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint; again to exit at once",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    def agreed(self, accelerator: Accelerator) -> int | None:
+        """The signal to stop on, the same on every rank (a collective with several processes)."""
+        if accelerator.num_processes == 1:
+            return self.signal
+        mine = torch.tensor([self.signal or 0], device=accelerator.device)
+        return int(accelerator.reduce(mine, "max").item()) or None
+
+
+def stopped(signum: int, step: int, folder: Path) -> Stopped:
+    """The exception that ends a stopped run, with the command that resumes it."""
+    argv = [arg for arg in sys.argv if arg != "--resume"]
+    given_out = any(arg == "--out" or arg.startswith(("--out=", "--train.out")) for arg in argv)
+    command = shlex.join([sys.executable, *argv, *([] if given_out else ["--out", str(folder)]), "--resume"])
+    name = signal.Signals(signum).name
+    return Stopped(
+        f"stopped by {name} after step {step}, checkpoint written; resume with: {command}", EXIT_CODES[signum]
+    )
