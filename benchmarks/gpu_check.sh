@@ -57,7 +57,8 @@ grep -q "^nvidia.dali NOT" "$OUT/env.txt" || LOADERS=$LOADERS,dali,no-model:dali
 TP="$PY -m benchmarks.throughput --precision bf16 --channels-last --warmup 3 --window 5 --windows 3 --profile-steps 3"
 S224="--image-size 224 --patch-size 32 --width 1"
 
-run gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -m "gpu or timm" tests/
+# `-o addopts=` drops the two xdist workers of pyproject.toml: pytest-xdist is not on the GPU machine.
+run gpu_tests 150 $PY -m pytest -q -p no:cacheprovider -o addopts= -m "gpu or timm" tests/
 # Selfie at 224 px, full-width ResNet-36 + A: eager against the graphed step over the batch sweep.
 run selfie224_eager 75 $TP $S224 --modes synthetic --batch 64,256,512,1024 --json "$OUT/selfie224_eager.json"
 run selfie224_graph 75 $TP $S224 --modes synthetic --batch 64,256,512,1024 --cuda-graph --json "$OUT/selfie224_graph.json"
