@@ -280,3 +280,11 @@ def test_an_edited_sidecar_and_a_folder_as_destination_are_refused(tmp_path: Pat
     result = run_script(["-m", "pipeline.convert", "--src", str(demo_root), "--dst", str(tmp_path / "dir.beton")], ROOT)
     assert result.returncode == 2 and "a folder; expected the .beton file" in result.stderr
     assert not sidecar_path(tmp_path / "dir.beton").exists()
+
+
+def test_only_collective_failures_become_the_timeout_line() -> None:
+    from train.cli import is_collective_failure
+
+    assert is_collective_failure(torch.distributed.DistError("anything"))
+    # Without a process group a "timed out" RuntimeError is someone else's: it stays a traceback.
+    assert not is_collective_failure(RuntimeError("Timed out waiting 10000ms for recv operation to complete"))

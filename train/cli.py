@@ -44,8 +44,9 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         sys.exit(EXIT_DIVERGED)
 
 
-# What gloo and NCCL say when a peer is gone or silent; DDP's backward raises them as plain RuntimeErrors.
-COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer", "nccl")
+# What gloo says when a peer is gone or silent (DDP's backward raises it as a plain RuntimeError; NCCL
+# raises DistBackendError, a DistError). Other RuntimeErrors stay tracebacks.
+COLLECTIVE_FAILURES = ("timed out", "timeout", "connection closed by peer", "connection reset by peer")
 
 
 def is_collective_failure(error: RuntimeError) -> bool:

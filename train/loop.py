@@ -114,13 +114,13 @@ def check_finite(net: torch.nn.Module, step: int, folder: Path) -> None:
 def micro_batches(stream: Iterator[Batch], count: int) -> Iterator[Batch | list[Batch]]:
     """The loader's batches, or (count > 1) lists of `count` consecutive micro-batches, one per step."""
     if count == 1:
-        yield from stream
+        yield from stream  # closing this generator closes `stream` too
         return
-    while True:
-        group = list(itertools.islice(stream, count))
-        if len(group) < count:
-            return
-        yield group
+    try:
+        while len(group := list(itertools.islice(stream, count))) == count:
+            yield group
+    finally:
+        stream.close()  # as `yield from` would: the backend's workers stop when the run does
 
 
 class ProgressLines:
