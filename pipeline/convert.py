@@ -44,10 +44,13 @@ from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_so
 
 # Importing ffcv sets torch's intra-op thread count to 1 (ffcv.pipeline.compiler runs
 # `Compiler.set_num_threads(1)`, which calls torch.set_num_threads); every ffcv import in this project
-# comes after this one, which puts the count back.
+# comes after this one, which puts the count back. Where FFCV is not installed this module still imports
+# (the torch and DALI loaders, and the tests, do not need it); converting then says what is missing.
 _threads = torch.get_num_threads()
-import ffcv  # noqa: E402, F401
-
+try:
+    import ffcv  # noqa: F401
+except ModuleNotFoundError:
+    ffcv = None
 torch.set_num_threads(_threads)
 
 WRITE_MODES = ("raw", "jpg", "proportion", "smart")
@@ -306,6 +309,8 @@ def convert(
 ) -> dict:
     """Write `src` (its `split`) to the `.beton` file `dst` and its sidecar; returns the sidecar's content."""
     options.check()
+    if ffcv is None:
+        raise DataError("converting to .beton needs FFCV, which is not installed here (pip install ffcv)")
     dst = Path(dst)
     _check_destination(dst)
     from ffcv.reader import Reader

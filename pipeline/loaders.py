@@ -4,6 +4,7 @@ backend) and for evaluation (every image once over all ranks, nothing padded).""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +70,16 @@ class Backend:
     options: frozenset[str] = frozenset()
     reads_beton: bool = False  # it reads .beton files (pipeline.convert's), not image folders
     pad_modes: tuple[str, ...] = ("zero",)  # the pad modes its pad_crop_flip implements
+    package: str | None = None  # the optional package it needs (None: torch's own)
+
+    def installed(self) -> bool:
+        """Whether its package is there to import (a machine may lack FFCV or DALI: its tests skip)."""
+        if self.package is None:
+            return True
+        try:
+            return importlib.util.find_spec(self.package) is not None
+        except (ModuleNotFoundError, ValueError):  # a missing parent package, or one hidden in sys.modules
+            return False
 
 
 LOADERS: dict[str, Backend] = {
@@ -82,7 +93,9 @@ LOADERS: dict[str, Backend] = {
         frozenset({"pad_mode"}),
         pad_modes=PAD_MODES,
     ),
-    "dali": Backend(_dali_train, _dali_eval, open_source, demo_dataset, False, lambda workers: 2),
+    "dali": Backend(
+        _dali_train, _dali_eval, open_source, demo_dataset, False, lambda workers: 2, package="nvidia.dali"
+    ),
     "ffcv": Backend(
         _ffcv_train,
         _ffcv_eval,
@@ -92,5 +105,6 @@ LOADERS: dict[str, Backend] = {
         lambda workers: 3,
         frozenset({"patch_spec", "os_cache", "quasi_random"}),
         reads_beton=True,
+        package="ffcv",
     ),
 }

@@ -36,6 +36,22 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test of a loader backend whose package is not installed here (FFCV, DALI: the GPU machine has
+    neither) is skipped, never failed or aborted: the tests parametrized by the loader's name, and those
+    marked `needs_loader(name)`."""
+    from pipeline.loaders import LOADERS
+
+    missing = {name for name, backend in LOADERS.items() if not backend.installed()}
+    for item in items if missing else ():
+        wanted = {marker.args[0] for marker in item.iter_markers("needs_loader")}
+        callspec = getattr(item, "callspec", None)
+        wanted |= {value for value in callspec.params.values() if isinstance(value, str)} if callspec else set()
+        if absent := sorted(wanted & missing):
+            names = ", ".join(LOADERS[name].package for name in absent)
+            item.add_marker(pytest.mark.skip(reason=f"needs {names}, not installed here"))
+
+
 def free_port() -> str:
     """A TCP port no one listens on now, for torchrun's rendezvous: a fixed one can still be held (TIME_WAIT,
     another job) when the test starts."""

@@ -17,6 +17,8 @@ def test_patch_op_benchmark_prints_a_row_per_op_and_shape(capsys: pytest.Capture
     assert len(rows) == 4 and {row.split("|")[2].strip() for row in rows} == {"reference", "numba"}
 
 
+@pytest.mark.needs_loader("ffcv")
+@pytest.mark.needs_loader("dali")
 def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "loaders.json"
     loaders.main(
@@ -51,6 +53,8 @@ def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFi
     assert all(r["min"] <= r["median"] <= r["max"] for r in record["results"].values())
 
 
+@pytest.mark.needs_loader("ffcv")
+@pytest.mark.needs_loader("dali")
 def test_throughput_benchmark_runs_every_mode(tmp_path, demo_root, capsys: pytest.CaptureFixture) -> None:
     tiny = ["--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--set", "model.attn_intermediate=32"]
     record = throughput.main(

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.convert import ConvertOptions, convert, sidecar_path
-from pipeline.data import DataError, open_source
-from pipeline.ffcv_loader import BetonSource
-from tests.conftest import ROOT, run_concurrently
-from tests.test_data import make_cifar, make_folder
+pytest.importorskip("ffcv", reason="the converter writes FFCV's .beton files; FFCV is not installed here")
+
+from pipeline.convert import ConvertOptions, convert, sidecar_path  # noqa: E402
+from pipeline.data import DataError, open_source  # noqa: E402
+from pipeline.ffcv_loader import BetonSource  # noqa: E402
+from tests.conftest import ROOT, run_concurrently  # noqa: E402
+from tests.test_data import make_cifar, make_folder  # noqa: E402
 
 
 def stored_images(beton: Path) -> list[np.ndarray]:

@@ -12,7 +12,6 @@ from PIL import Image
 
 from pipeline.convert import ConvertOptions, convert
 from pipeline.data import DataError, ShardedBatchSampler, open_source
-from pipeline.ffcv_loader import BetonSource, split_patch_buffer
 from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, patchify_and_mask
 from pipeline.subsets import SubsetSource
@@ -38,7 +37,7 @@ def image_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     square_folder(root / "data" / "train", classes=3, per_class=10)
     square_folder(root / "data" / "val", classes=3, per_class=3)
     (root / "betons").mkdir()
-    for split, name in (("train", "train"), ("test", "val")):
+    for split, name in (("train", "train"), ("test", "val")) if LOADERS["ffcv"].installed() else ():
         convert(root / "data", root / "betons" / f"{name}.beton", split, ConvertOptions(write_mode="raw", workers=1))
     return root
 
@@ -66,6 +65,8 @@ def test_batch_contract(image_set: Path, backend: str, augment: str) -> None:
         assert batch.patches is None and batch.perm is None
 
 
+@pytest.mark.needs_loader("ffcv")
+@pytest.mark.needs_loader("dali")
 def test_all_backends_read_the_same_images_at_every_step(image_set: Path) -> None:
     steps = 3 * ShardedBatchSampler(30, BATCH, 0, WORLD, SEED).steps_per_epoch  # three epochs
     for rank in range(WORLD):
@@ -133,6 +134,7 @@ def test_evaluation_counts_every_image_once(image_set: Path, backend: str, world
     assert seen == list(range(9))
 
 
+@pytest.mark.needs_loader("dali")
 def test_dali_evaluation_leaves_an_unreadable_image_out(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "val", classes=2, per_class=3, size=32)
     (root / "class1" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
@@ -142,6 +144,7 @@ def test_dali_evaluation_leaves_an_unreadable_image_out(tmp_path: Path) -> None:
     assert any("1.png: truncated PNG" in entry for b in batches for entry in b.skipped)
 
 
+@pytest.mark.needs_loader("dali")
 def test_dali_training_replaces_an_unreadable_image_and_names_it(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "train", classes=2, per_class=4, size=32)
     (root / "class0" / "2.png").write_bytes(b"")
@@ -153,6 +156,7 @@ def test_dali_training_replaces_an_unreadable_image_and_names_it(tmp_path: Path)
         stream("dali", source, 4, "none", world=1, fail_on_corrupt=True)
 
 
+@pytest.mark.needs_loader("dali")
 def test_dali_reads_cifar_through_its_external_source(tmp_path: Path) -> None:
     cifar = open_source(make_cifar(tmp_path / "cifar", per_batch=4), "train")
     for backend_batch, torch_batch in zip(
@@ -162,6 +166,7 @@ def test_dali_reads_cifar_through_its_external_source(tmp_path: Path) -> None:
         assert torch.equal(backend_batch.images, torch_batch.images)
 
 
+@pytest.mark.needs_loader("ffcv")
 @pytest.mark.parametrize("workers", [1, 2])  # 2: the parallel (prange) compilation of the op
 def test_ffcv_pipeline_patch_op_equals_the_reference(image_set: Path, workers: int) -> None:
     spec = PatchSpec(8, 5, IMAGENET_MEAN, IMAGENET_STD)
@@ -178,6 +183,8 @@ def test_ffcv_pipeline_patch_op_equals_the_reference(image_set: Path, workers: i
 
 
 def test_split_patch_buffer_layout() -> None:
+    from pipeline.ffcv_loader import split_patch_buffer
+
     spec = PatchSpec(2, 1, IMAGENET_MEAN, IMAGENET_STD)
     buffer = torch.arange(2 * (4 * 3 * 4 + 4), dtype=torch.float32).view(2, -1)
     patches, perm = split_patch_buffer(buffer, spec)
@@ -204,7 +211,11 @@ def test_images_of_another_size_are_resized_whole(tmp_path: Path, backend: str) 
             assert np.abs(image.permute(1, 2, 0).numpy() - whole).max() <= 4  # interpolation differences only
 
 
+@pytest.mark.needs_loader("ffcv")
+@pytest.mark.needs_loader("dali")
 def test_backends_refuse_data_they_cannot_read(image_set: Path) -> None:
+    from pipeline.ffcv_loader import BetonSource
+
     with pytest.raises(DataError, match="--loader ffcv reads .beton files.*python -m pipeline.convert"):
         LOADERS["ffcv"].open(image_set / "data", "train")
     betons = LOADERS["ffcv"].open(image_set / "betons", "train")
@@ -219,6 +230,7 @@ def test_backends_refuse_data_they_cannot_read(image_set: Path) -> None:
         LOADERS["ffcv"].open(image_set / "betons" / "train.beton", "test")
 
 
+@pytest.mark.needs_loader("ffcv")
 @pytest.mark.parametrize("workers", [1, 2])  # 2: FFCV compiles the op's loop as numba's parallel prange
 def test_ffcv_pipeline_masks_are_reproducible_and_resume(image_set: Path, workers: int) -> None:
     spec = PatchSpec(8, 5, IMAGENET_MEAN, IMAGENET_STD)
@@ -236,6 +248,7 @@ def test_ffcv_pipeline_masks_are_reproducible_and_resume(image_set: Path, worker
     assert len({tuple(b.perm[0].tolist()) for b in one}) == len(one)  # masks vary from batch to batch
 
 
+@pytest.mark.needs_loader("dali")
 def test_dali_names_a_file_corrupt_inside(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "train", classes=2, per_class=4, size=32)
     bad = root / "class1" / "0.png"
@@ -266,6 +279,7 @@ def test_evaluation_crops_alike_on_mixed_sizes(tmp_path: Path, backend: str) -> 
     assert (got[0].float() - reference[0].float()).abs().max() <= 8  # interpolation differences only
 
 
+@pytest.mark.needs_loader("ffcv")
 def test_using_ffcv_keeps_the_runs_torch_thread_count(image_set: Path) -> None:
     """Importing ffcv sets torch's intra-op threads to 1; a CPU run through the ffcv backend must not lose them."""
     code = (

@@ -258,6 +258,8 @@ def test_resume_refuses_a_different_config(tmp_path: Path, demo_root: Path) -> N
     assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3, 4]
 
 
+@pytest.mark.needs_loader("ffcv")
+@pytest.mark.needs_loader("dali")
 def test_resume_may_switch_loader_but_not_the_data_size(tmp_path: Path, demo_root: Path) -> None:
     data = tmp_path / "data"
     shutil.copytree(demo_root / "train", data / "train")

@@ -222,6 +222,7 @@ def photo(path: Path, width: int, height: int) -> None:
     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path, quality=95)
 
 
+@pytest.mark.needs_loader("ffcv")
 def test_the_converter_takes_a_large_photo_with_default_options(tmp_path: Path) -> None:
     from pipeline.convert import convert
 
@@ -233,6 +234,7 @@ def test_the_converter_takes_a_large_photo_with_default_options(tmp_path: Path) 
     assert info["images"] == 2 and time.time() - started < 120
 
 
+@pytest.mark.needs_loader("ffcv")
 def test_a_killed_converter_leaves_no_writer_and_its_temporary_file_is_cleaned(tmp_path: Path, demo_root: Path) -> None:
     code = (
         "import sys; from pipeline.convert import convert, ConvertOptions; "
@@ -261,6 +263,7 @@ def test_a_killed_converter_leaves_no_writer_and_its_temporary_file_is_cleaned(t
     assert not list(tmp_path.glob(".out.beton.tmp-*")) and dst.is_file()
 
 
+@pytest.mark.needs_loader("ffcv")
 def test_an_edited_sidecar_and_a_folder_as_destination_are_refused(tmp_path: Path, demo_root: Path) -> None:
     from pipeline.convert import ConvertOptions, convert, sidecar_path
     from pipeline.ffcv_loader import BetonSource
