@@ -83,7 +83,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, batch: int) -> None:
         self.args, self.batch = args, batch
         self.config = build_config(args, batch)
-        self.accelerator = make_accelerator(self.config.train)
+        self.accelerator = make_accelerator(self.config.train, self.config.optim)
         self.device = self.accelerator.device
         data = args.data if args.data != "auto" else ("demo" if args.image_size <= 64 else "jpeg")
         self.folder, self.beton = benchmark_data(data, args.cache, args.images)
@@ -91,7 +91,7 @@ class Bench:
         torch.manual_seed(0)
         self.task, self.net = self._task_and_model()
         self.initial = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.optimizer = build_optimizer(self.net, self.config.optim, self.device, batch)
+        self.optimizer = build_optimizer(self.net, self.config.optim, self.device, batch, self.config.train.cuda_graph)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10, 10**9))
         self.model, self.optimizer = self.accelerator.prepare(self.net, self.optimizer)
         if self.config.train.compile:

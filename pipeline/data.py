@@ -14,6 +14,7 @@ on exactly the images it would have read.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import sys
@@ -448,32 +449,43 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
 
 def device_prefetch(batches: Iterator[Batch], device: torch.device) -> Iterator[Batch]:
     """`batches` (pinned host memory on a CUDA machine) on `device`. On CUDA the next batch's host-to-device
-    copy runs on a side stream while the current one is consumed, so the step never waits for a copy
-    (the consumer's stream waits for the side stream only before it uses a batch)."""
+    copy runs on a side stream while the current one is consumed (`side_stream_prefetch`)."""
     if device.type != "cuda":
         yield from (_to_device(batch, device) for batch in batches)
         return
-    side = torch.cuda.Stream(device)
+    copy = functools.partial(_to_device, device=device)
+    yield from side_stream_prefetch(batches, copy, torch.cuda.Stream(device), torch.cuda)
 
-    def staged(batch: Batch) -> Batch:
-        with torch.cuda.stream(side):
-            return _to_device(batch, device)
+
+def side_stream_prefetch(batches: Iterator[Batch], copy, side, cuda) -> Iterator[Batch]:
+    """Each batch's copy (`copy`, issued on the stream `side`) starts one batch ahead, and an event recorded
+    after it marks its end: the consumer's stream waits for that event only before it uses the batch, so
+    step k never waits for the copy of batch k + 1 (waiting on the whole side stream would). `cuda` is
+    the `torch.cuda` namespace (Event, stream, current_stream); a test passes a stand-in."""
+
+    def staged(batch: Batch) -> tuple[Batch, object]:
+        with cuda.stream(side):
+            copied = copy(batch)
+            done = cuda.Event()
+            done.record(side)
+        return copied, done
 
     upcoming = None
     for batch in batches:
         copied = staged(batch)
         if upcoming is not None:
-            yield _handed_over(upcoming, side)
+            yield _handed_over(*upcoming, cuda)
         upcoming = copied
     if upcoming is not None:
-        yield _handed_over(upcoming, side)
+        yield _handed_over(*upcoming, cuda)
 
 
-def _handed_over(batch: Batch, side: torch.cuda.Stream) -> Batch:
-    """`batch`, copied on `side`, made safe to use on the current stream: wait for the copy, and tell the
-    allocator the tensors are in use there (so their memory is not reused under the consumer)."""
-    current = torch.cuda.current_stream()
-    current.wait_stream(side)
+def _handed_over(batch: Batch, done, cuda) -> Batch:
+    """`batch`, whose copy ends at the event `done`, made safe to use on the current stream: wait for that
+    copy alone, and tell the allocator the tensors are in use there (so their memory is not reused under
+    the consumer)."""
+    current = cuda.current_stream()
+    current.wait_event(done)
     for tensor in (batch.images, batch.labels, batch.indices):
         tensor.record_stream(current)
     return batch

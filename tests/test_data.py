@@ -178,3 +178,85 @@ def test_a_loader_worker_runs_one_thread_in_every_pool_it_has() -> None:
     loader = torch.utils.data.DataLoader(NumbaThreads(), batch_size=None, num_workers=1,
                                          worker_init_fn=one_thread_per_worker)  # fmt: skip
     assert list(loader) == [1]
+
+
+class _Recorder:
+    """A stand-in for the `torch.cuda` namespace that writes down every stream, event and wait in order."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        recorder = self
+
+        class Event:
+            count = 0
+
+            def __init__(self) -> None:
+                Event.count += 1
+                self.id = Event.count
+
+            def record(self, stream: str) -> None:
+                recorder.log.append(("record", self.id, stream))
+
+        class Stream:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def wait_event(self, event: Event) -> None:
+                recorder.log.append(("wait_event", event.id, self.name))
+
+            def wait_stream(self, other) -> None:
+                recorder.log.append(("wait_stream", getattr(other, "name", other), self.name))
+
+        self.Event, self.main = Event, Stream("main")
+
+    def stream(self, side: str):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def entered():
+            self.log.append(("on", side))
+            yield
+            self.log.append(("off", side))
+
+        return entered()
+
+    def current_stream(self):
+        return self.main
+
+
+class _Tensor:
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def record_stream(self, stream) -> None:
+        pass
+
+
+def test_each_prefetched_batch_waits_for_its_own_copy_only() -> None:
+    """CUDA's side-stream prefetch, its ordering under a stand-in: batch k + 1's copy is issued before
+    batch k is used (overlap), and the consumer waits on the event recorded after batch k's own copy,
+    never on the whole side stream (which would wait for batch k + 1's copy too)."""
+    from pipeline.data import Batch, side_stream_prefetch
+
+    cuda = _Recorder()
+
+    def copy(batch):
+        cuda.log.append(("copy", batch.labels.k))
+        return batch
+
+    host = [Batch(_Tensor(k), _Tensor(k), _Tensor(k)) for k in range(4)]
+    for batch in side_stream_prefetch(iter(host), copy, "side", cuda):
+        cuda.log.append(("use", batch.labels.k))
+    log = cuda.log
+    assert [entry[1] for entry in log if entry[0] == "use"] == [0, 1, 2, 3]
+    assert not [entry for entry in log if entry[0] == "wait_stream"]
+    for k in range(4):
+        copied, used = log.index(("copy", k)), log.index(("use", k))
+        event = next(entry[1] for entry in log[copied:] if entry[0] == "record")
+        assert ("on", "side") in log[:copied] and log[copied + 1] == ("record", event, "side")
+        waits = [entry for entry in log[:used] if entry[0] == "wait_event" and entry[1] == event]
+        assert waits == [("wait_event", event, "main")]  # on the consumer's stream, once
+        last_wait = [entry for entry in log[:used] if entry[0] == "wait_event"][-1]
+        assert last_wait[1] == event  # its own copy's event, not a later one
+        if k < 3:
+            assert log.index(("copy", k + 1)) < used  # the next copy is already under way

@@ -115,6 +115,22 @@ def test_the_self_check_catches_an_op_that_differs() -> None:
     assert not agrees_with_reference(off_by_one_ulp, torch.device("cpu"), 32, 8, num_context=12)
 
 
+@pytest.mark.parametrize(("precision", "dtype"), [("bf16", torch.bfloat16), ("no", torch.float32)])
+def test_the_run_time_check_covers_the_dtype_the_step_writes(monkeypatch, precision: str, dtype) -> None:
+    """On a GPU the fused op is checked against the reference before a run uses it, in the dtype (bf16 has
+    its own rounding path in the kernel) and layout the step will ask for."""
+    from train.config import PretrainConfig, load_config
+    from train.methods import selfie
+
+    checked = []
+    monkeypatch.setattr(selfie, "agrees_with_reference", lambda op, device, *args, **kwargs: checked.append(kwargs))
+    overrides = {"train.precision": precision, "train.channels_last": True, "selfie.patch_op": "triton"}
+    config = load_config(PretrainConfig, "demo", overrides)
+    with pytest.raises(selfie.ConfigError, match="differs from the reference"):  # the stand-in answered None
+        selfie.choose_patch_op(config, torch.device("cuda"), 12)
+    assert checked and checked[0]["dtype"] == dtype and checked[0]["channels_last"] is True
+
+
 @pytest.mark.slow
 def test_pretraining_with_the_fused_op_equals_the_reference(tmp_path: Path, demo_root: Path) -> None:
     models = []

@@ -185,6 +185,16 @@ def test_device_prefetch_copies_one_batch_ahead_on_a_side_stream() -> None:
     assert all(torch.equal(a, b) for a, b in zip(seen, expected, strict=True))
 
 
+def test_the_triton_op_passes_its_run_time_check_in_bf16_channels_last() -> None:
+    from train.config import PretrainConfig, load_config
+    from train.methods.selfie import choose_patch_op
+
+    overrides = {"train.precision": "bf16", "train.channels_last": True, "selfie.patch_op": "triton"}
+    config = load_config(PretrainConfig, "demo", overrides)
+    assert choose_patch_op(config, torch.device("cuda"), 12)[0] == "triton"
+
+
+@pytest.mark.slow  # five training processes: the GPU check runs them in a step of their own
 def test_pretraining_with_a_cuda_graph_and_compile_resumes_at_the_right_step(tmp_path) -> None:
     """A graphed run, and a compiled + graphed one, killed between checkpoints resume at their step and end
     close to the uninterrupted graphed run (kernels round differently, so closely, not bit for bit)."""

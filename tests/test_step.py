@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -55,14 +57,14 @@ def test_every_cpu_implementation_takes_the_same_step() -> None:
         torch.testing.assert_close(other, results[0], rtol=1e-6, atol=1e-7)
 
 
-def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str = "no"):
-    """A tiny model of `method` with its step on `device`, from fixed weights."""
+def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str = "no", **overrides):
+    """A tiny model of `method` with its step on `device`, from fixed weights (`overrides`: config keys)."""
     config = load_config(PretrainConfig, "demo", {**TINY, "method": method, "model.attn_dropout": 0.0,
                                                    "model.backbone": "resnet36" if method == "selfie" else "resnet8",
-                                                   "train.precision": precision})  # fmt: skip
+                                                   "train.precision": precision, **overrides})  # fmt: skip
     torch.manual_seed(0)
     model = build_model(config).to(device)
-    optimizer = build_optimizer(model, config.optim, torch.device(device))
+    optimizer = build_optimizer(model, config.optim, torch.device(device), cuda_graph=cuda_graph)
     scheduler = build_schedule(optimizer, config.optim, 100)
     from accelerate import Accelerator
 
@@ -86,13 +88,16 @@ def test_on_a_cpu_the_step_is_eager() -> None:
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("method", ["selfie", "patch_relnet"])
-def test_a_graphed_step_follows_the_eager_steps(method: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "optimizer_name"), [("selfie", "sgd"), ("patch_relnet", "sgd"), ("selfie", "adamw"), ("selfie", "lars")]
+)
+def test_a_graphed_step_follows_the_eager_steps(method: str, optimizer_name: str) -> None:
     """Same weights, same batches and masks: the replayed graph's losses and final weights track eager
-    steps (cuDNN may pick other algorithms, so closely, not bit for bit); the lr schedule is followed."""
+    steps (cuDNN may pick other algorithms, so closely, not bit for bit); the lr schedule is followed.
+    Every optimizer: fused SGD, fused AdamW (capturable when graphed), LARS."""
     runs = {}
     for graphed in (False, True):
-        model, step, optimizer = setup("cuda", graphed, method)
+        model, step, optimizer = setup("cuda", graphed, method, **{"optim.name": optimizer_name})
         losses = []
         for k, batch in enumerate(batches("cuda")):
             losses.append(float(step(batch, torch.Generator("cuda").manual_seed(k))[0]))
@@ -117,10 +122,109 @@ def test_the_first_replay_computes_the_first_eager_step() -> None:
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
 
 
+@gpu
+@pytest.mark.gpu
+def test_dropout_inside_the_graph_draws_fresh_masks_at_every_replay() -> None:
+    """Attention dropout captured in the graph: each replay advances the CUDA generator and draws new
+    dropout masks (not the capture's, baked in). With the learning rate at zero the weights stay put, so
+    the same batch under the same patch masks can differ between replays only through dropout."""
+    model, step, optimizer = setup("cuda", True, "selfie", **{"model.attn_dropout": 0.5})
+    step.scheduler.base_lrs = [0.0] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    batch, losses, states = batches("cuda", 1)[0], [], []
+    for _ in range(4):
+        losses.append(float(step(batch, torch.Generator("cuda").manual_seed(0))[0]))
+        states.append(torch.cuda.get_rng_state())
+    assert all(map(math.isfinite, losses)) and len(set(losses)) > 1, losses
+    assert all(
+        not torch.equal(a, b) for a, b in zip(states, states[1:], strict=False)
+    )  # the graph's RNG offset moves on
+
+
+@gpu
+@pytest.mark.gpu
+def test_a_graph_is_captured_while_the_torch_loaders_pin_thread_runs(demo_root) -> None:
+    """The capture happens while the torch loader's workers and pin-memory thread are live (they allocate
+    pinned host memory meanwhile): thread-local capture lets it succeed, and training goes on from it."""
+    from itertools import islice
+
+    from pipeline.loaders import LOADERS
+
+    source = LOADERS["torch"].open(demo_root, "train")
+    loader = LOADERS["torch"].train(source, 32, "pad_crop_flip", 8, 0, 1, 0, workers=2, device="cuda")
+    _, step, _ = setup("cuda", True)
+    losses = [
+        float(step(batch, torch.Generator("cuda").manual_seed(k))[0]) for k, batch in enumerate(islice(loader, 6))
+    ]
+    loader.close()
+    assert isinstance(step, GraphedStep) and step.graph is not None and all(map(math.isfinite, losses))
+
+
+class _StandInGraph:
+    """torch.cuda's graph API on a CPU: the captured body runs once, eagerly; a replay does nothing."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")  # the stand-in update never steps
+def test_the_capture_is_thread_local_and_restores_the_warm_up(monkeypatch) -> None:
+    """Under CPU stand-ins for torch.cuda's streams and graph: the capture is entered in thread-local mode
+    (a loader's pin-memory thread may call CUDA meanwhile), the warm-up's updates are undone before it,
+    and each step copies its inputs into the static ones and replays once."""
+    from contextlib import contextmanager, nullcontext
+
+    entered = []
+
+    @contextmanager
+    def graph(cuda_graph, **kwargs):
+        entered.append(kwargs)
+        yield
+
+    class Stream:
+        def wait_stream(self, other) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    model, step, _ = setup("cpu", cuda_graph=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(GraphedStep, "update", lambda self: (torch.tensor(1.0), torch.tensor(0.5)), raising=True)
+    step(batches("cpu", 1)[0], torch.Generator().manual_seed(0))
+    assert entered == [{"capture_error_mode": "thread_local"}] and step.graph.replays == 1
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    second = batches("cpu", 2)[1]
+    step(second, torch.Generator().manual_seed(1))
+    assert step.graph.replays == 2 and len(entered) == 1  # captured once
+    expected = step.task.inputs(second, torch.Generator().manual_seed(1))
+    assert all(torch.equal(a, b) for a, b in zip(step.static_inputs, expected, strict=True))
+
+
+def test_a_graphed_adamw_is_capturable_and_host_lr_sgd_is_refused() -> None:
+    from train.config import ConfigError
+
+    model = torch.nn.Linear(4, 2)
+    assert build_optimizer(model, OptimConfig(name="adamw"), cuda_graph=True).defaults["capturable"] is True
+    assert build_optimizer(model, OptimConfig(name="adamw")).defaults["capturable"] is False
+    for implementation in ("foreach", "for-loop"):
+        with pytest.raises(ConfigError, match=f"optim.implementation={implementation} with train.cuda_graph=true"):
+            build_optimizer(model, OptimConfig(implementation=implementation), cuda_graph=True)
+        build_optimizer(model, OptimConfig(implementation=implementation, name="lars"), cuda_graph=True)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--train.cuda_graph=true", "--train.precision=fp16"], "train.cuda_graph=true with train.precision=fp16"),
+        (["--train.cuda_graph=true", "--optim.implementation=foreach"], "optim.implementation=foreach with train"),
+        (["--train.cuda_graph=true", "--optim.implementation=for-loop"], "the tensor learning rate on the host"),
         (["--train.cuda_graph=true", "--train.compile=true", "--train.compile_mode=reduce-overhead"], "cannot sit"),
         (["--train.compile_mode=fast"], "train.compile_mode 'fast': expected one of default, reduce-overhead"),
         (["--optim.implementation=magic"], "optim.implementation 'magic': expected one of auto, fused, foreach"),

@@ -270,7 +270,7 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
 def main(argv: list[str] | None = None) -> dict:
     config, config_name = parse_args(argv, FinetuneConfig, STABLE_FLAGS, "Fine-tuning and linear evaluation")
     validate(config)
-    accelerator = make_accelerator(config.train)
+    accelerator = make_accelerator(config.train, config.optim)
     per_process_batch(config.train, accelerator)
     splits, config.data.path = open_splits(config)  # config.yaml records where the data is
     seeds = [config.train.seed + k for k in range(config.finetune.seeds)]

@@ -75,7 +75,7 @@ def start_training(
     net = build()
     if config.train.sync_bn and accelerator.num_processes > 1:
         net = synchronise_batch_norm(net, accelerator.device)
-    optimizer = build_optimizer(net, config.optim, accelerator.device, config.train.batch_size)
+    optimizer = build_optimizer(net, config.optim, accelerator.device, config.train.batch_size, config.train.cuda_graph)
     scheduler = build_schedule(optimizer, config.optim, config.train.steps)
     # The loader is not prepared: it shards by global rank itself (pipeline.data) and must not be
     # re-sharded; the scheduler is not prepared so that it steps once per optimizer step.

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from train.config import OptimConfig
+from train.config import ConfigError, OptimConfig
 
 NO_DECAY_NAMES = ("position", "u0")  # learned embeddings and the pooling token
 SCALING_BATCH = 256  # the linear scaling rule's reference batch: lr = base_lr x batch / 256
@@ -42,6 +42,21 @@ def implementation_flags(implementation: str, device: torch.device) -> dict[str,
     if implementation == "auto":
         return {"fused": True} if device.type == "cuda" else {}
     return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
+
+
+# torch's SGD in its foreach and for-loop forms reads a tensor learning rate on the host (an `alpha`
+# argument), which a CUDA graph cannot capture; the fused form reads it on the device.
+GRAPHABLE_SGD_IMPLEMENTATIONS = ("auto", "fused")
+
+
+def check_graphable(optim: OptimConfig, cuda_graph: bool) -> None:
+    """The optimizer a graphed step can capture, or ConfigError (checked before anything is written)."""
+    if cuda_graph and optim.name == "sgd" and optim.implementation not in GRAPHABLE_SGD_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"optim.implementation={optim.implementation} with train.cuda_graph=true: torch's {optim.implementation} "
+            "SGD reads the tensor learning rate on the host, which a CUDA graph cannot capture; use "
+            "optim.implementation=fused (or auto)"
+        )
 
 
 def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
@@ -90,9 +105,16 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(
-    model: torch.nn.Module, optim: OptimConfig, device: torch.device | str = "cpu", global_batch: int = SCALING_BATCH
+    model: torch.nn.Module,
+    optim: OptimConfig,
+    device: torch.device | str = "cpu",
+    global_batch: int = SCALING_BATCH,
+    cuda_graph: bool = False,
 ) -> torch.optim.Optimizer:
-    """`optim.name`'s optimizer for parameters that will train on `device`, at the peak lr for `global_batch`."""
+    """`optim.name`'s optimizer for parameters that will train on `device`, at the peak lr for `global_batch`.
+    For a graphed step (`cuda_graph`), AdamW keeps its step count and tensor lr on the device
+    (`capturable`): without it the fused AdamW step fails at capture."""
+    check_graphable(optim, cuda_graph)
     groups, lr = parameter_groups(model, optim), peak_lr(optim, global_batch)
     flags = implementation_flags(optim.implementation, torch.device(device))
     if optim.name == "lars":
@@ -100,7 +122,9 @@ def build_optimizer(
     for group in groups:
         del group["adapt"]
     if optim.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, **flags)
+        return torch.optim.AdamW(
+            groups, lr=lr, betas=optim.betas, **flags, **({"capturable": True} if cuda_graph else {})
+        )
     return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.nesterov, **flags)
 
 

@@ -121,7 +121,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
 def main(argv: list[str] | None = None) -> dict:
     config, config_name = parse_args(argv, PretrainConfig, stable_flags(), "Self-supervised pretraining")
     validate(config)
-    accelerator = make_accelerator(config.train)
+    accelerator = make_accelerator(config.train, config.optim)
     method, training, source, batch = set_up(config, config_name, accelerator)
     start_tracking(config, training)
     for text in (describe(config, method, training, source, batch), warmup_warning(config.optim, config.train.steps)):

@@ -12,7 +12,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
-from train.config import GRAPHING_COMPILE_MODES, ConfigError, RunConfig
+from train.config import GRAPHING_COMPILE_MODES, ConfigError, OptimConfig, RunConfig
+from train.optim import check_graphable
 from train.tracking import check_tracker
 
 LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` (or `accelerate config`) chose
@@ -66,9 +67,11 @@ def check_processes(run: RunConfig, accelerator: Accelerator) -> None:
         )
 
 
-def make_accelerator(run: RunConfig) -> Accelerator:
+def make_accelerator(run: RunConfig, optim: OptimConfig | None = None) -> Accelerator:
     note = resolve_precision(run)
     check_step_options(run)
+    if optim is not None:
+        check_graphable(optim, run.cuda_graph)
     check_machine(run)
     check_tracker(run)
     # A graph must not capture autocast's cast cache: its casts belong to the replayed step itself.

@@ -25,6 +25,10 @@ from train.methods.base import Task
 Optimizer = torch.optim.Optimizer
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 StepResult = tuple[torch.Tensor, torch.Tensor]  # detached (loss, accuracy)
+# Only this thread's CUDA calls are barred while the step is captured: the torch loader's pin-memory
+# thread keeps allocating pinned host memory (cudaHostAlloc) meanwhile, which the default global mode
+# would turn into a failed capture.
+CAPTURE_MODE = "thread_local"
 
 
 def _no_stage(name: str) -> AbstractContextManager:
@@ -136,7 +140,7 @@ class GraphedStep:
         torch.cuda.current_stream().wait_stream(side)
         saved.restore()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
             self.outputs = self.update()
 
     def __call__(self, batch: Batch, generator: torch.Generator, stage=_no_stage) -> StepResult:

@@ -55,6 +55,7 @@ def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: i
         num_context=num_context,
         mean=data.mean,
         std=data.std,
+        dtype=compute_dtype(config.train),  # the dtype the step asks for: bf16 has its own rounding path
         channels_last=config.train.channels_last,
     )
     if same:
