@@ -8,6 +8,7 @@ the host's wait for the next batch, is always wall-clock time, which is what a d
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -120,6 +121,20 @@ def profile_steps(step: Step, device: torch.device, steps: int) -> dict:
         "launches_per_step": round(launches / steps, 1),
         "gpu_busy": round(min(1.0, busy / 1e6 / wall), 4),
     }
+
+
+def prepare_profiler_for_graphs() -> None:
+    """Call before any CUDA graph is captured in a process that will profile graph replays. CUPTI must be
+    initialised before the capture for the profiler to see the graph's kernels, and must not be torn down
+    and re-initialised between profiling sessions while graphs exist (a crash on CUDA 11 and 12): PyTorch's
+    own workaround (pytorch/pytorch#75504), which torch.compile applies for its graph modes, is one empty
+    profiling session up front and no teardown. gpu_check.sh also sets the variables in the environment."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
+    os.environ.setdefault("DISABLE_CUPTI_LAZY_REINIT", "1")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]):
+        pass
 
 
 def _covered_us(intervals: list[tuple[float, float]]) -> float:

@@ -32,19 +32,32 @@ import importlib.metadata
 import json
 import os
 import platform
+import sys
 import textwrap
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import peak_memory_gib, profile_steps, reset_peak_memory, time_windows
-from benchmarks.modes import MODES, PRECISIONS, STAGES, Bench
+from benchmarks.harness import (
+    peak_memory_gib,
+    prepare_profiler_for_graphs,
+    profile_steps,
+    reset_peak_memory,
+    time_windows,
+)
+from benchmarks.modes import MODES, PRECISIONS, STAGES, Bench, build_config
 from model.classifier import ARCHS
 from pipeline.loaders import LOADERS
-from train.config import COMPILE_MODES, to_dict
+from train import pretrain
+from train.config import COMPILE_MODES, ConfigError, to_dict
 from train.methods import METHODS, default_method, method_flags
+from train.optim import check_graphable
+from train.session import check_step_options, resolve_precision
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRETEXT_ONLY_MODES = ("naive", "no-model:naive")  # per-image forwards: a batch-norm head needs more than one image
@@ -63,14 +76,16 @@ def release_memory(device: torch.device) -> None:
             pass
 
 
-def run_mode(bench: Bench, name: str) -> dict:
-    """Time one mode, then profile a few of its steps; its peak device memory over both."""
+def run_mode(bench: Bench, name: str, timed: Callable[[dict], None] = lambda result: None) -> dict:
+    """Time one mode (handing its rates to `timed` at once, so a profiler that fails later loses nothing),
+    then profile a few of its steps; its peak device memory over both."""
     bench.reset()
     mode, args = MODES[name], bench.args
     reset_peak_memory(bench.device)
     with mode.run(bench) as step:
         warmup = args.warmup + mode.ready(args.workers)
         result = time_windows(step, bench.device, bench.batch, warmup, args.windows, args.window)
+        timed(result)
         if args.profile_steps:
             result |= profile_steps(step, bench.device, args.profile_steps)
     result["peak_memory_gib"] = peak_memory_gib(bench.device)
@@ -238,7 +253,12 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=5, help="steps per timed window")
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--profile-steps", type=int, default=3, help="steps profiled after the timing (0: none)")
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--json", help="write the results here, again after every mode and batch size measured")
+    parser.add_argument(
+        "--check-args",
+        action="store_true",
+        help="only check: the flags parse and every batch size's config resolves (no data, model or device)",
+    )
     parser.add_argument("--plot", help="write a bar chart of images/s by mode here (PNG)")
     return parser
 
@@ -310,52 +330,106 @@ def compute_figures(bench: Bench, results: dict, peak: float) -> tuple[dict, str
     return {"step_gflop": round(flops / 1e9, 3)}, text
 
 
-def sweep(args: argparse.Namespace) -> tuple[dict, dict, list[str], dict]:
-    """Every mode at every batch size: (results by batch, FLOPs by batch, figure lines, {"header": the
-    set-up in words, "config": the first batch size's resolved config})."""
-    results, compute, lines, about = {}, {}, [], {}
-    peak = None
+@dataclass
+class Sweep:
+    """What a sweep has measured so far: results by batch size and mode, FLOPs by batch size, the figure
+    lines, and {"header": the set-up in words, "config": the first batch size's resolved config}."""
+
+    results: dict = field(default_factory=dict)
+    compute: dict = field(default_factory=dict)
+    lines: list[str] = field(default_factory=list)
+    about: dict = field(default_factory=dict)
+
+
+def _keep(done: Sweep, modes: dict, name: str, save: Callable[[Sweep], None], result: dict) -> None:
+    modes[name] = result
+    save(done)
+
+
+def sweep(args: argparse.Namespace, save: Callable[[Sweep], None] = lambda done: None) -> Sweep:
+    """Every mode at every batch size; `save` is called with what is measured after every mode's timing
+    and every batch size's figures (a sweep stopped by a time limit or out of memory keeps them)."""
+    done, peak = Sweep(), None
     for batch in args.batch:
         bench = Bench(args, batch)
-        if not results:
-            about = {"header": describe(bench), "config": to_dict(bench.config)}
-            print(about["header"])
+        if not done.results:
+            done.about = {"header": describe(bench), "config": to_dict(bench.config)}
+            print(done.about["header"])
             peak = matmul_peak(bench.device, DTYPES[args.precision], 8192 if bench.device.type == "cuda" else 2048)
-        results[batch] = {}
+            done.compute["matmul_peak_tflops"] = round(peak / 1e12, 4)
+            done.lines.append(f"measured {args.precision} matmul peak {peak / 1e12:,.3f} TFLOP/s")
+        modes = done.results.setdefault(batch, {})
         for name in args.mode_list:
-            results[batch][name] = run_mode(bench, name)
-            print(f"{name} @ {batch}: {results[batch][name]['median']:,.0f} images/s", flush=True)
+            modes[name] = run_mode(bench, name, partial(_keep, done, modes, name, save))
+            print(f"{name} @ {batch}: {modes[name]['median']:,.0f} images/s", flush=True)
+            save(done)
             release_memory(bench.device)
-        compute[batch], line = compute_figures(bench, results[batch], peak)
-        lines.append(line)
+        done.compute[batch], line = compute_figures(bench, modes, peak)
+        done.lines.insert(-1, line)
+        save(done)
         del bench
         release_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    compute["matmul_peak_tflops"] = round(peak / 1e12, 4)
-    lines.append(f"measured {args.precision} matmul peak {peak / 1e12:,.3f} TFLOP/s")
-    return results, compute, lines, about
+    return done
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    results, compute, lines, about = sweep(args)
-    table = format_tables(results) + "\n\n" + "\n".join(lines)
-    print(table)
+def make_record(args: argparse.Namespace, done: Sweep) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    record = {
+    return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "versions": versions(),
         "args": {k: v for k, v in vars(args).items() if k != "mode_list"},
-        **about,
-        "results": results,
-        "compute": compute,
-        "table": table,
+        **done.about,
+        "results": done.results,
+        "compute": done.compute,
+        "table": format_tables(done.results) + "\n\n" + "\n".join(done.lines),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(record, indent=1))
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Written whole or not at all: a process killed mid-write leaves the previous version."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1))
+    os.replace(partial, path)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """What `gpu_check.sh --dry-run` runs: every batch size's config resolves and passes the checks a run
+    makes before it starts (config keys and values, step options, the optimizer a graph can capture, the
+    method's own), and every loader mode's package is installed. No data, model or device is touched."""
+    for batch in args.batch:
+        config = build_config(args, batch)
+        resolve_precision(config.train)
+        check_step_options(config.train)
+        check_graphable(config.optim, config.train.cuda_graph)
+        if args.stage == "pretrain":
+            pretrain.validate(config)
+    loaders = {m: m.removeprefix("no-model:") for m in args.mode_list}
+    missing = [m for m, loader in loaders.items() if loader in LOADERS and not LOADERS[loader].installed()]
+    missing += ["raw-ffcv"] if "raw-ffcv" in args.mode_list and not LOADERS["ffcv"].installed() else []
+    if missing:
+        raise ConfigError(f"--modes {','.join(missing)}: their loader's package is not installed here")
+    print(f"arguments ok: batch {','.join(map(str, args.batch))}, modes {','.join(args.mode_list)}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.check_args:
+        try:
+            check_arguments(args)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return {}
+    if args.cuda_graph and args.profile_steps and torch.cuda.is_available():
+        prepare_profiler_for_graphs()
+    save = (lambda done: write_json(Path(args.json), make_record(args, done))) if args.json else (lambda done: None)
+    done = sweep(args, save)
+    record = make_record(args, done)
+    print(record["table"])
     if args.plot:
-        plot(results, Path(args.plot), about["header"][:160])
+        plot(done.results, Path(args.plot), done.about["header"][:160])
     return record
 
 

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import loaders, modes, patch_op, throughput
 
@@ -175,3 +176,47 @@ def test_the_benchmark_speaks_the_trainers_vocabulary() -> None:
     assert throughput.parse_args(["--precision", "fp32"]).precision == "fp32"
     with pytest.raises(SystemExit):
         throughput.parse_args(["--bogus"])
+
+
+def test_the_json_holds_every_batch_size_measured_before_a_failure(tmp_path, demo_root, monkeypatch) -> None:
+    """An out-of-memory (or a time limit) at a large batch keeps the smaller batches' figures on disk."""
+    measure = throughput.run_mode
+
+    def out_of_memory_at_4(bench, name, timed):
+        if bench.batch == 4:
+            raise torch.cuda.OutOfMemoryError("stand-in: out of memory at batch 4")
+        return measure(bench, name, timed)
+
+    monkeypatch.setattr(throughput, "run_mode", out_of_memory_at_4)
+    path = tmp_path / "sweep.json"
+    args = ["--width", "0.125", "--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--workers", "1"]
+    args += ["--warmup", "1", "--window", "1", "--windows", "1", "--profile-steps", "0"]
+    args += ["--cache", str(demo_root.parent), "--modes", "synthetic", "--batch", "2,4", "--json", str(path)]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        throughput.main(args)
+    record = json.loads(path.read_text())
+    assert list(record["results"]) == ["2"] and record["results"]["2"]["synthetic"]["median"] > 0
+    assert "2" in record["compute"] and "| synthetic | 2 |" in record["table"]
+    assert [p.name for p in tmp_path.iterdir()] == ["sweep.json"]  # no partial file left beside it
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--set", "model.bogus=1"], "unknown config key 'model.bogus'"),
+        (["--cuda-graph", "--set", "optim.implementation=for-loop"], "optim.implementation=for-loop with train"),
+        (["--cuda-graph", "--precision", "fp16"], "train.cuda_graph=true with train.precision=fp16"),
+        (["--image-size", "224", "--patch-size", "30"], "patch"),
+    ],
+)
+def test_check_args_refuses_what_a_run_would_refuse(flags: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        throughput.main(["--check-args", "--modes", "synthetic", *flags])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert stopped.value.code == 2 and len(error) == 1 and message in error[0], error
+
+
+def test_check_args_passes_the_headline_sweep_without_a_device(capsys) -> None:
+    flags = ["--image-size", "224", "--patch-size", "32", "--precision", "bf16", "--channels-last", "--cuda-graph"]
+    throughput.main(["--check-args", *flags, "--compile", "--batch", "64,1024", "--modes", "synthetic,torch"])
+    assert capsys.readouterr().out.strip() == "arguments ok: batch 64,1024, modes synthetic,torch"
