@@ -66,8 +66,9 @@ def throughput(where: Where, *flags: str) -> tuple[str, ...]:
 
 
 def tests(marks: str) -> tuple[str, ...]:
-    # `-o addopts=`: no xdist workers (pyproject's), which the GPU machine need not have.
-    return ("-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=", "-m", marks, "tests/")
+    # `-o addopts=`: no xdist workers (pyproject's), which the GPU machine need not have. `-v`: a line per
+    # test, so a step cut at its limit still shows which tests ran and how they ended.
+    return ("-m", "pytest", "-v", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts=", "-m", marks, "tests/")
 
 
 def data_step(where: Where, limit_s: int) -> Step:

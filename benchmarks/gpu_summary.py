@@ -61,14 +61,20 @@ class Report:
 
 
 def count_tests(log: str) -> dict:
-    """pytest's last summary line as counts, and the FAILED/ERROR lines of its short summary."""
-    counts = {}
-    for line in reversed(log.splitlines()):
+    """pytest's last summary line as counts, and the FAILED/ERROR lines of its short summary. A run cut
+    before its summary is counted from its per-test lines (`-v`), marked partial."""
+    lines, counts = log.splitlines(), {}
+    for line in reversed(lines):
         found = re.findall(r"(\d+)(?:/\d+)? (passed|failed|skipped|errors?|deselected|tests? collected)", line)
         if found:
             counts = {COUNT_NAMES.get(kind, kind): int(n) for n, kind in found}
             break
-    failures = [line for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    if not counts:
+        for outcome in re.findall(r"::\S+ (PASSED|FAILED|SKIPPED|ERROR)\b", log):
+            counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+        counts |= {"partial": 1} if counts else {}
+    failures = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+    failures += [] if failures else [line.split(" ")[0] for line in lines if re.search(r"::\S+ (FAILED|ERROR)\b", line)]
     return {**counts, "failures": failures[:20]}
 
 

@@ -94,6 +94,8 @@ def test_test_counts_read_pytests_summary_and_failures() -> None:
         "skipped": 4,
         "failures": ["FAILED tests/test_step.py::test_x - AssertionError"],
     }
+    cut = "\n".join(["tests/test_step.py::test_a PASSED [ 10%]", "tests/test_step.py::test_b FAILED [ 20%]", "t::c "])
+    assert count_tests(cut) == {"passed": 1, "failed": 1, "partial": 1, "failures": ["tests/test_step.py::test_b"]}
     assert count_tests("57/510 tests collected (453 deselected) in 7.1s") == {
         "collected": 57,
         "deselected": 453,
