@@ -58,7 +58,7 @@ class Where:
 
 
 def env_step(where: Where) -> Step:
-    return Step("env", 15, "env", ("-m", "benchmarks.gpu_prepare", "env", "--json", str(where.work / "env.json")))
+    return Step("env", 20, "env", ("-m", "benchmarks.gpu_prepare", "env", "--json", str(where.work / "env.json")))
 
 
 def throughput(where: Where, *flags: str) -> tuple[str, ...]:
