@@ -9,7 +9,8 @@
 # OUTDIR receives three files, rewritten after every step: summary.md (every figure and its ratios, also
 # printed at the end), results.json (everything merged), logs.tar.gz (each step's log and JSON). The steps
 # and their limits are in benchmarks/gpu_plan.py; GPU_CHECK_DRY_RUN=1 is --dry-run; PY picks the
-# interpreter, WORKERS the loader workers (default: all cores but two).
+# interpreter, WORKERS the loader workers (default: all cores but two). On a lent machine (its output folder
+# $OUT, 600 s a command): `bash benchmarks/gpu_check.sh "$OUT" quick` with a 600 s timeout, later `... full`.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu_check.sh OUTDIR quick|full [--dry-run]}
 CALL=${2:?usage: bash benchmarks/gpu_check.sh OUTDIR quick|full [--dry-run]}

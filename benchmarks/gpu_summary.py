@@ -25,7 +25,7 @@ PROFILE_COLUMNS = (  # (key in a mode's result, title, format)
     ("launches_per_step", "launches/step", "{:g}"),
     ("gpu_busy", "GPU busy", "{:.0%}"),
     ("peak_memory_gib", "peak GiB", "{:.1f}"),
-    ("achieved_tflops", "TFLOP/s", "{:.1f}"),
+    ("achieved_tflops", "TFLOP/s", "{:.3g}"),
 )
 COUNT_NAMES = {"errors": "error", "tests collected": "collected", "test collected": "collected"}
 DATA_SIDE_MODES = ("synthetic", "naive", "raw-ffcv")  # modes that are not a loader end to end
