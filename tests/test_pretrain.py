@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
@@ -24,6 +25,7 @@ from tests.conftest import (
 )
 from train.methods import METHODS
 from train.methods.rotation import RotationMethod
+from train.pictures import picture_size
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +56,9 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
         "patches_step_00000002.png",
         "patches_step_00000004.png",
     ]
+    width, height = Image.open(run / "pictures" / "patches_step_00000004.png").size
+    grid_width, grid_height = picture_size(4, 32, 8)
+    assert width == grid_width and height > grid_height  # the column titles and frame legend above the grid
     assert (run / "curves.png").stat().st_size > 0
 
 
