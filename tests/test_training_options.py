@@ -111,8 +111,13 @@ def test_tensorboard_receives_every_record_and_a_resume_continues_it(tmp_path: P
     assert json.loads((run / "trackers.json").read_text())["log_with"] == "tensorboard"
     events = EventAccumulator(str(run / "trackers" / "selfie-trainer"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]  # both invocations, one folder
-    assert "clean_patch_acc" in events.Tags()["scalars"] and "pictures/patches" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # both invocations, one folder
+    scalars = events.Tags()["scalars"]
+    assert {"monitor/clean_patch_acc", "speed/images_per_s", "train/lr"} <= set(scalars)
+    assert not any(tag.endswith("time") for tag in scalars) and "pictures/patches" in events.Tags()["images"]
+    # The hyperparameters sit in the run's own event folder, not in a timestamped second "run".
+    assert [p.name for p in (run / "trackers" / "selfie-trainer").iterdir() if p.is_dir()] == []
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)
     assert state["tracker_run_id"] == str(run / "trackers")
 
@@ -157,3 +162,21 @@ def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path: Path, demo_
     )
     assert result.returncode == 2 and "train.log_with=wandb: wandb is not installed" in result.stderr
     assert not (tmp_path / "r").exists() and "Traceback" not in result.stderr
+
+
+def test_the_time_left_follows_the_recent_pace_not_the_warm_up(monkeypatch, capsys) -> None:
+    """10 slow warm-up steps (100 s), then 0.1 s a step: by the third line the estimate is the recent pace."""
+    from types import SimpleNamespace
+
+    import train.loop
+
+    clock = iter([0.0, 100.0, 101.0, 102.0])
+    monkeypatch.setattr(train.loop.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(train.loop.sys.stdout, "isatty", lambda: False)
+    run = SimpleNamespace(print_every=0, steps=100)
+    lines = train.loop.ProgressLines(run, "acc", 0, SimpleNamespace(is_main_process=True))
+    for done in (10, 20, 30):
+        lines.line(done, {"loss": 1.0, "acc": 0.5, "images_per_s": 10.0})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("15.0 min left")  # one line: all there is to go on is the warm-up
+    assert printed[-1].endswith("0.1 min left")  # 70 steps at 0.1 s (was 102 s / 30 steps * 70 = 4.0 min)
