@@ -160,6 +160,10 @@ class SelfieMethod(PretextMethod):
             )
         return patches, perm[:, : self.num_context], perm[:, self.num_context :]
 
+    @classmethod
+    def backbone_input(cls, config: dict) -> tuple[str, int]:
+        return "patches", int(config.get("selfie", {}).get("patch_size", SelfieSettings().patch_size))
+
     def pictures(self, source: Source, device: torch.device) -> PatchPictures:
         return PatchPictures(source, self.config, self.num_patches, self.num_context, device)
 
