@@ -7,6 +7,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from accelerate import Accelerator
 
 from pipeline.data import Batch
-from tests.conftest import ROOT, TINY, free_port, pretrain, run_script
+from tests.conftest import ROOT, TINY, free_port, pretrain, run_concurrently, run_script
 from train.config import OptimConfig
 from train.methods.supervised import SupervisedTask, build_model
 from train.optim import LARS, build_optimizer, describe_lr, peak_lr
@@ -147,11 +148,24 @@ def test_footguns_a_new_user_hits(tmp_path: Path, demo_root: Path) -> None:
     assert resumed.returncode == 0 and "nothing to do: the checkpoint is at step 2 of 2" in resumed.stdout
     longer = pretrain(["--out", str(run), "--resume", "--steps", "3", "--train.cpu_threads=1"], tmp_path)
     assert longer.returncode == 0 and "horizon changes from 2 to 3 steps" in longer.stdout, longer.stderr[-2000:]
-    printed = run_script([str(ROOT / "train" / "pretrain.py"), "--print-config", "--optim.name=lars"], tmp_path)
+    script = str(ROOT / "train" / "pretrain.py")
+    printed = run_script([script, "--print-config", "--optim.name=lars", "--optim.base_lr=0.3"], tmp_path)
     assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["optim"]["name"] == "lars"
+    # Both lr keys are printed; the last line says which one the run uses (demo: batch 64).
+    assert printed.stdout.splitlines()[-1] == (
+        "# the run's peak lr 0.075 (base_lr 0.3 x 64 / 256) (optim.base_lr is set: optim.lr is not used)"
+    )
     assert not (tmp_path / "runs").exists()
-    helped = run_script([str(ROOT / "train" / "pretrain.py"), "--help"], tmp_path)
+    helped, cifar = run_concurrently(
+        [
+            partial(run_script, [script, "--help"], tmp_path),
+            partial(run_script, [script, "--config", "cifar10", "-h"], tmp_path),
+        ]
+    )
     assert "--data.loader=torch (torch | dali | ffcv)" in helped.stdout and "--print-config" in helped.stdout
+    # The values of the config that would run, not the dataclasses' built-in ones (120000 steps, pad 4).
+    assert "--train.steps=240 " in helped.stdout and "--data.pad=0 " in helped.stdout
+    assert "--train.steps=120000 " in cifar.stdout and "--data.pad=4 " in cifar.stdout
 
 
 def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path: Path, demo_root: Path) -> None:
