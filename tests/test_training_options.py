@@ -194,3 +194,16 @@ def test_the_time_left_follows_the_recent_pace_not_the_warm_up(monkeypatch, caps
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].endswith("15.0 min left")  # one line: all there is to go on is the warm-up
     assert printed[-1].endswith("0.1 min left")  # 70 steps at 0.1 s (was 102 s / 30 steps * 70 = 4.0 min)
+
+
+def test_the_first_command_starts_without_accelerates_defaults_warning(tmp_path: Path) -> None:
+    """README's `accelerate launch train/pretrain.py` after scripts/setup.sh: no '--num_cpu_threads_per_process
+    was set' warning (setup writes or mends the default config)."""
+    from accelerate.commands.config.config_args import default_config_file
+
+    if not Path(default_config_file).is_file():
+        pytest.skip(f"no Accelerate config at {default_config_file}: scripts/setup.sh writes it")
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    result = run_script([str(ROOT / "train" / "pretrain.py"), "--print-config"], tmp_path, launcher=launch)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "had defaults used instead" not in result.stderr, result.stderr
