@@ -291,6 +291,7 @@ def test_every_rotation_method_trains_with_every_loader(
     views = 4 if method == "rotnet" else 8
     assert f"{views} views per image" in result.stdout and f"{8 * views} views/step" in result.stdout
     assert f"{method} view accuracy" in result.stdout
+    assert "resnet8 at model.width=0.125 has 4 channels in its first stage" in result.stdout  # TINY's width
     records = [r for r in read_log(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     classes = 8 if method == "patch_rotnet" else 4
