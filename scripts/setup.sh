@@ -34,5 +34,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 
 # A default Accelerate config (this machine, one process) unless one exists: `accelerate launch` then
-# starts without its warning about defaults. The run's own config still decides its precision.
+# starts without its warning about defaults. The run's own config still decides its precision. Without a
+# GPU, `use_cpu: false`: the run is on the CPU either way, but `use_cpu: true` makes every launch warn that
+# it chose --num_cpu_threads_per_process (the trainer sets its own thread count, train.cpu_threads). A
+# config of ours from before this (use_cpu true on a machine without a GPU) is mended the same way.
 .venv/bin/accelerate config default >/dev/null 2>&1 || true
+.venv/bin/python - <<'PY' || true
+import json, torch
+from accelerate.commands.config.config_args import default_json_config_file as path
+try:
+    config = json.load(open(path))
+except (OSError, ValueError):
+    raise SystemExit
+if config.get("use_cpu") and not torch.cuda.is_available() and config.get("distributed_type") == "NO":
+    config["use_cpu"] = False
+    json.dump(config, open(path, "w"), indent=2)
+PY

@@ -97,3 +97,38 @@ def test_curve_panels_take_whatever_metrics_the_log_has(tmp_path: Path) -> None:
     log.write_text("".join(json.dumps({"step": s, "toy_acc": 0.1 * s}) + "\n" for s in range(1, 4)))
     plot_curves(log, tmp_path / "curves.png")
     assert Image.open(tmp_path / "curves.png").size == (400, 320)  # one panel: accuracy
+
+
+def test_one_huge_monitor_loss_leaves_the_training_loss_readable() -> None:
+    """An early clean_loss of thousands must not flatten the training loss (1.4 .. 0.9) into one pixel row."""
+    from train.diagnostics import curves_figure
+
+    records = [{"step": s, "loss": 1.4 - 0.05 * s, "clean_loss": 2143.0 if s == 1 else 1.2} for s in range(1, 11)]
+    figure = curves_figure(records)
+    loss_axes = figure.axes[0]
+    low, high = loss_axes.get_ylim()
+    assert loss_axes.get_yscale() == "log"
+    assert low <= 0.9 and 1.4 <= high < 2143
+    assert "above" in loss_axes.get_title()  # the clipped point is shown on the edge and said so
+
+
+def bright_columns(band: np.ndarray) -> np.ndarray:
+    """x positions where the header band holds text (pixels far brighter than its background)."""
+    return np.nonzero((band.astype(int).sum(-1) > 3 * 160).any(0))[0]
+
+
+def test_pictures_name_their_columns_and_frame_colours() -> None:
+    from train.methods.rotation import view_titles
+    from train.pictures import FRAME_LEGEND, PATCH_COLUMNS, patch_column_centers, with_header
+
+    grid = np.zeros((100, 400, 3), dtype=np.uint8)
+    centers = patch_column_centers(32, 8)
+    labelled = with_header(grid, PATCH_COLUMNS, centers, FRAME_LEGEND)
+    band_height = labelled.shape[0] - len(grid)
+    assert band_height > 0 and (labelled[band_height:] == grid).all()
+    titles = bright_columns(labelled[: band_height // 2])
+    for center in centers:  # a title sits over every panel
+        assert np.abs(titles - center).min() < 10
+    assert len(bright_columns(labelled[band_height // 2 : band_height])) > 50  # the legend line
+    assert view_titles(4) == ["0°", "90°", "180°", "270°"]
+    assert view_titles(8)[4:] == ["patch 0°", "patch 90°", "patch 180°", "patch 270°"]

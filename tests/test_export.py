@@ -72,7 +72,19 @@ def test_the_timm_format_has_timms_names_and_shapes_and_maps_back(runs, tmp_path
     tensors = torch.load(out, weights_only=True)
     pinned = {name: tuple(shape) for name, shape in TIMM_NAMES["state_dict"]}
     assert {k: tuple(v.shape) for k, v in tensors.items()} == pinned
-    assert info["timm"] == {"model": "resnetv2_50", "num_classes": 0, "not_filled": []}
+    assert {k: v for k, v in info["timm"].items() if k != "pretrained_cfg"} == {
+        "model": "resnetv2_50",
+        "num_classes": 0,
+        "not_filled": [],
+    }
+    assert info["timm"]["pretrained_cfg"] == {
+        "input_size": [3, 32, 32],  # RotNet trains the backbone on whole images of data.image_size
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "interpolation": "bilinear",
+        "crop_pct": 0.875,
+        "num_classes": 0,
+    }
     backbone = build_backbone("resnet50", 1.0, "imagenet").eval()
     backbone.load_state_dict(from_timm(tensors))
     original = build_backbone("resnet50", 1.0, "imagenet").eval()
@@ -80,6 +92,34 @@ def test_the_timm_format_has_timms_names_and_shapes_and_maps_back(runs, tmp_path
                               if k.startswith("backbone.")})  # fmt: skip
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(backbone.forward_features(x), original.forward_features(x))
+
+
+def test_the_sidecar_records_what_the_backbone_was_fed(runs, tmp_path: Path) -> None:
+    """Selfie's P saw normalised 8-px patches of 32-px images; a loader that feeds it otherwise is wrong."""
+    info = export.main([str(runs["selfie"]), "--format", "torch", "--out", str(tmp_path / "p.pt")])
+    assert info["preprocessing"] == {
+        "input": "patches",
+        "input_size": [3, 8, 8],
+        "image_size": 32,
+        "pixels": "RGB, scaled to 0..1, then (x - mean) / std per channel",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "patch_size": 8,
+        "eval_resize": "the image at 32 px, cut into 8 x 8 patches",
+    }
+
+
+@pytest.mark.timm
+def test_timm_takes_the_exported_preprocessing(runs, tmp_path: Path) -> None:
+    timm = pytest.importorskip("timm", reason="timm needs torchvision, which does not install beside this torch")
+    out = tmp_path / "r50.pth"
+    export.main([str(runs["rotnet50"]), "--format", "timm", "--out", str(out)])
+    cfg = json.loads(out.with_name(out.name + ".json").read_text())["timm"]["pretrained_cfg"]
+    model = timm.create_model("resnetv2_50", num_classes=0, pretrained_cfg_overlay=cfg)
+    resolved = timm.data.resolve_data_config({}, model=model)
+    for key in ("mean", "std", "input_size"):  # timm keeps what it is given (lists from JSON) or its tuples
+        assert tuple(resolved[key]) == tuple(cfg[key]), key
+    assert resolved["crop_pct"] == cfg["crop_pct"] and resolved["interpolation"] == "bilinear"
 
 
 @pytest.mark.timm

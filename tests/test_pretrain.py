@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
@@ -24,6 +25,7 @@ from tests.conftest import (
 )
 from train.methods import METHODS
 from train.methods.rotation import RotationMethod
+from train.pictures import picture_size
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +56,9 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
         "patches_step_00000002.png",
         "patches_step_00000004.png",
     ]
+    width, height = Image.open(run / "pictures" / "patches_step_00000004.png").size
+    grid_width, grid_height = picture_size(4, 32, 8)
+    assert width == grid_width and height > grid_height  # the column titles and frame legend above the grid
     assert (run / "curves.png").stat().st_size > 0
 
 
@@ -288,6 +293,7 @@ def test_every_rotation_method_trains_with_every_loader(
     views = 4 if method == "rotnet" else 8
     assert f"{views} views per image" in result.stdout and f"{8 * views} views/step" in result.stdout
     assert f"{method} view accuracy" in result.stdout
+    assert "resnet8 at model.width=0.125 has 4 channels in its first stage" in result.stdout  # TINY's width
     records = [r for r in read_log(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     classes = 8 if method == "patch_rotnet" else 4

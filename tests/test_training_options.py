@@ -7,6 +7,7 @@ import importlib.util
 import json
 import shutil
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from accelerate import Accelerator
 
 from pipeline.data import Batch
-from tests.conftest import ROOT, TINY, free_port, pretrain, run_script
+from tests.conftest import ROOT, TINY, free_port, pretrain, run_concurrently, run_script
 from train.config import OptimConfig
 from train.methods.supervised import SupervisedTask, build_model
 from train.optim import LARS, build_optimizer, describe_lr, peak_lr
@@ -111,8 +112,13 @@ def test_tensorboard_receives_every_record_and_a_resume_continues_it(tmp_path: P
     assert json.loads((run / "trackers.json").read_text())["log_with"] == "tensorboard"
     events = EventAccumulator(str(run / "trackers" / "selfie-trainer"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
-    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]  # both invocations, one folder
-    assert "clean_patch_acc" in events.Tags()["scalars"] and "pictures/patches" in events.Tags()["images"]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]  # both invocations, one folder
+    scalars = events.Tags()["scalars"]
+    assert {"monitor/clean_patch_acc", "speed/images_per_s", "train/lr"} <= set(scalars)
+    assert not any(tag.endswith("time") for tag in scalars) and "pictures/patches" in events.Tags()["images"]
+    # The hyperparameters sit in the run's own event folder, not in a timestamped second "run".
+    assert [p.name for p in (run / "trackers" / "selfie-trainer").iterdir() if p.is_dir()] == []
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
     state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)
     assert state["tracker_run_id"] == str(run / "trackers")
 
@@ -142,11 +148,24 @@ def test_footguns_a_new_user_hits(tmp_path: Path, demo_root: Path) -> None:
     assert resumed.returncode == 0 and "nothing to do: the checkpoint is at step 2 of 2" in resumed.stdout
     longer = pretrain(["--out", str(run), "--resume", "--steps", "3", "--train.cpu_threads=1"], tmp_path)
     assert longer.returncode == 0 and "horizon changes from 2 to 3 steps" in longer.stdout, longer.stderr[-2000:]
-    printed = run_script([str(ROOT / "train" / "pretrain.py"), "--print-config", "--optim.name=lars"], tmp_path)
+    script = str(ROOT / "train" / "pretrain.py")
+    printed = run_script([script, "--print-config", "--optim.name=lars", "--optim.base_lr=0.3"], tmp_path)
     assert printed.returncode == 0 and yaml.safe_load(printed.stdout)["optim"]["name"] == "lars"
+    # Both lr keys are printed; the last line says which one the run uses (demo: batch 64).
+    assert printed.stdout.splitlines()[-1] == (
+        "# the run's peak lr 0.075 (base_lr 0.3 x 64 / 256) (optim.base_lr is set: optim.lr is not used)"
+    )
     assert not (tmp_path / "runs").exists()
-    helped = run_script([str(ROOT / "train" / "pretrain.py"), "--help"], tmp_path)
+    helped, cifar = run_concurrently(
+        [
+            partial(run_script, [script, "--help"], tmp_path),
+            partial(run_script, [script, "--config", "cifar10", "-h"], tmp_path),
+        ]
+    )
     assert "--data.loader=torch (torch | dali | ffcv)" in helped.stdout and "--print-config" in helped.stdout
+    # The values of the config that would run, not the dataclasses' built-in ones (120000 steps, pad 4).
+    assert "--train.steps=240 " in helped.stdout and "--data.pad=0 " in helped.stdout
+    assert "--train.steps=120000 " in cifar.stdout and "--data.pad=4 " in cifar.stdout
 
 
 def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path: Path, demo_root: Path) -> None:
@@ -157,3 +176,34 @@ def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path: Path, demo_
     )
     assert result.returncode == 2 and "train.log_with=wandb: wandb is not installed" in result.stderr
     assert not (tmp_path / "r").exists() and "Traceback" not in result.stderr
+
+
+def test_the_time_left_follows_the_recent_pace_not_the_warm_up(monkeypatch, capsys) -> None:
+    """10 slow warm-up steps (100 s), then 0.1 s a step: by the third line the estimate is the recent pace."""
+    from types import SimpleNamespace
+
+    import train.loop
+
+    clock = iter([0.0, 100.0, 101.0, 102.0])
+    monkeypatch.setattr(train.loop.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(train.loop.sys.stdout, "isatty", lambda: False)
+    run = SimpleNamespace(print_every=0, steps=100)
+    lines = train.loop.ProgressLines(run, "acc", 0, SimpleNamespace(is_main_process=True))
+    for done in (10, 20, 30):
+        lines.line(done, {"loss": 1.0, "acc": 0.5, "images_per_s": 10.0})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("15.0 min left")  # one line: all there is to go on is the warm-up
+    assert printed[-1].endswith("0.1 min left")  # 70 steps at 0.1 s (was 102 s / 30 steps * 70 = 4.0 min)
+
+
+def test_the_first_command_starts_without_accelerates_defaults_warning(tmp_path: Path) -> None:
+    """README's `accelerate launch train/pretrain.py` after scripts/setup.sh: no '--num_cpu_threads_per_process
+    was set' warning (setup writes or mends the default config)."""
+    from accelerate.commands.config.config_args import default_config_file
+
+    if not Path(default_config_file).is_file():
+        pytest.skip(f"no Accelerate config at {default_config_file}: scripts/setup.sh writes it")
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    result = run_script([str(ROOT / "train" / "pretrain.py"), "--print-config"], tmp_path, launcher=launch)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "had defaults used instead" not in result.stderr, result.stderr

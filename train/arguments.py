@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from pipeline.loaders import LOADERS
-from train.config import C, allowed_values, config_from, load_config, stage_class, to_dict
+from train.config import C, ConfigError, allowed_values, config_from, load_config, stage_class, to_dict
+from train.optim import describe_lr
 
 
 def key_hint(cls: type, dotted: str) -> Any:
@@ -59,35 +60,62 @@ RUN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--batch-size": ("train.batch_size", int, "global batch size, images per step over all processes"),
     "--lr": ("optim.lr", float, "peak learning rate"),
     "--seed": ("train.seed", int, "random seed (fine-tuning: the first of --seeds)"),
-    "--out": ("train.out", str, "run folder (default: runs/<config>-<time>)"),
+    "--out": ("train.out", str, "run folder (default: runs/<config>-YYYYMMDD-HHMMSS)"),
     "--resume": ("train.resume", "store_true", "continue the run in --out from its newest checkpoint"),
     "--loader": ("data.loader", str, f"loader backend: {', '.join(LOADERS)}"),
 }
 
 
-def key_lines(cls: type, prefix: str = "") -> list[str]:
-    """Every config key of `cls` with its default and what it allows, for --help."""
+def key_lines(cls: type, values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every config key of `cls` with its value in `values` (flat dotted keys; else its built-in default)
+    and what it allows, for --help."""
     lines = []
     for spec in dataclasses.fields(cls):
         key = prefix + spec.name
         default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
         if dataclasses.is_dataclass(default):
-            lines += key_lines(type(default), key + ".")
+            lines += key_lines(type(default), values, key + ".")
             continue
+        default = values.get(key, default)
         allowed = f" ({' | '.join(allowed_values(spec))})" if "choices" in spec.metadata else ""
         expected = f" ({spec.metadata['expected']})" if "expected" in spec.metadata else ""
         lines.append(f"  --{key}={default}{allowed}{expected}")
     return lines
 
 
-def _parser(flags: dict[str, tuple[str, Any, str]], description: str, cls: type) -> argparse.ArgumentParser:
-    keys = "\n".join(key_lines(stage_class(cls)))
+def flat_values(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out |= flat_values(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+    return out
+
+
+def help_epilog(cls: type, argv: Sequence[str]) -> str:
+    """Every key with the value a run of the --config on this command line (default: demo) would take, so
+    --help shows what will run, not the dataclasses' built-in defaults."""
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--config", default="demo")
+    name = probe.parse_known_args(argv)[0].config
+    try:
+        values, source = flat_values(to_dict(load_config(cls, name))), f"in --config {name}"
+    except ConfigError as error:
+        values, source = {}, f"built in (--config {name} does not load: {error})"
+    keys = "\n".join(key_lines(stage_class(cls), values))
+    return (
+        f"Every config key, as --section.key=value, with its value {source} (what a flag left out takes; "
+        f"meanings in train/config.py):\n{keys}"
+    )
+
+
+def _parser(
+    flags: dict[str, tuple[str, Any, str]], description: str, cls: type, argv: Sequence[str]
+) -> argparse.ArgumentParser:
+    wants_help = any(arg in ("-h", "--help") for arg in argv)
     parser = argparse.ArgumentParser(
         description=description,
         allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every config key, as --section.key=value, with its default (what a flag left out takes from the "
-        f"config; meanings in train/config.py):\n{keys}",
+        epilog=help_epilog(cls, argv) if wants_help else None,
     )
     parser.add_argument("--config", default="demo", help="built-in config name or YAML path (default: demo)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -144,7 +172,8 @@ def parse_args(
     `flags` maps a flag ("--lr") to (config key, argparse type or "store_true", help).
     Returns the config and the config name it started from.
     """
-    parser = _parser(flags, description, cls)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser(flags, description, cls, argv)
     args, rest = parser.parse_known_args(argv)
     given = {
         key: value for key, value in vars(args).items() if key not in ("config", "print_config") and value is not None
@@ -161,5 +190,7 @@ def parse_args(
             note(f"note: the resumed run's horizon changes from {before} to {after} steps (the schedule with it)")
     if args.print_config:
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        unused = " (optim.base_lr is set: optim.lr is not used)" if config.optim.base_lr > 0 else ""
+        print(f"# the run's {describe_lr(config.optim, config.train.batch_size)}{unused}")
         sys.exit(0)
     return config, Path(args.config).stem

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 CHANCE_KEY = "chance_acc"  # drawn dashed: the level a metric reaches by guessing
+LOSS_HEADROOM = 3.0  # the loss panel spans the training loss's range widened by this factor each way
 FLOOR_SUFFIX = "_random"  # a floor measured once (knn_acc_random): drawn as a dashed line across the panel
 # Panels of the curves figure: title and which log keys it draws.
 CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
@@ -46,7 +48,21 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def loss_limits(records: list[dict], keys: list[str]) -> tuple[float, float] | None:
+    """The loss panel's y range (log scale): everything the training loss does, with headroom, and the other
+    losses as far as they fit. An early monitor loss of thousands (eval-mode batch norm after a few steps)
+    would otherwise flatten the training loss into the bottom pixel row."""
+    values = [r[key] for r in records for key in keys if key in r and math.isfinite(r[key]) and r[key] > 0]
+    training = [r["loss"] for r in records if "loss" in r and math.isfinite(r["loss"]) and r["loss"] > 0]
+    if not values:
+        return None
+    top = max(training) * LOSS_HEADROOM if training else max(values)
+    return min(values) / LOSS_HEADROOM, min(max(values) * LOSS_HEADROOM, top)
+
+
 def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
+    limits = loss_limits(records, keys) if name == "loss" else None
+    clipped = False
     for key in keys:
         points = [(r["step"], r[key]) for r in records if key in r]
         if key.endswith(FLOOR_SUFFIX):
@@ -54,7 +70,17 @@ def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
             continue
         style = {"linestyle": "--", "color": "grey"} if key == CHANCE_KEY else {}
         marker = "o" if key.startswith("test_") else None
+        if limits:  # points above the range sit on its top edge, drawn as up-triangles
+            points = [(step, min(value, limits[1])) for step, value in points]
+            off = [(step, value) for step, value in points if value >= limits[1]]
+            clipped |= bool(off)
+            if off:
+                ax.plot(*zip(*off, strict=True), linestyle="none", marker="^", color="black", markersize=5)
         ax.plot(*zip(*points, strict=True), label=key, marker=marker, markersize=3, **style)
+    if limits:
+        ax.set_yscale("log")
+        ax.set_ylim(*limits)
+        name += " (log scale; ▲ above it)" if clipped else " (log scale)"
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
@@ -64,23 +90,30 @@ def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
 
 def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
     """Draw every panel of `CURVE_PANELS` that the log has data for, against the step; atomic write."""
-    records = read_log(log_path)
+    figure = curves_figure(read_log(log_path), title)
+    if figure is None:
+        return
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(png_path, buffer.getvalue())
+
+
+def curves_figure(records: list[dict], title: str = ""):
+    """The curves figure of these log records (None when they hold nothing to draw)."""
     present = list(dict.fromkeys(key for r in records for key in r if key != "step"))
     panels = [(name, [k for k in present if wanted(k)]) for name, wanted in CURVE_PANELS]
     panels = [(name, keys) for name, keys in panels if keys]
     if not panels:
-        return
+        return None
     figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (name, keys) in zip(axes[0], panels, strict=True):
         _draw(ax, records, keys, name)
     if title:
         figure.suptitle(title)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(png_path, buffer.getvalue())
+    return figure
 
 
 def main(argv: list[str]) -> int:

@@ -18,7 +18,14 @@ P, a rotation method's backbone, a fine-tuned classifier's backbone. Formats:
                timm's initialisation). Written as safetensors when FILE ends in .safetensors, else torch.
 
 Beside FILE, FILE.json records the backbone (name, width, stem), the method, the step, the source
-checkpoint, the sha256 of its resolved config, the format and (timm) what it leaves unfilled. Both files
+checkpoint, the sha256 of its resolved config, the format, the preprocessing the backbone was trained
+with (`preprocessing`: whole images or the method's patches, their size, mean and std) and, for timm,
+what it leaves unfilled and that preprocessing as timm's `pretrained_cfg` fields:
+
+    cfg = json.load(open("p.pth.json"))["timm"]["pretrained_cfg"]
+    model = timm.create_model("resnetv2_50", num_classes=0, pretrained_cfg_overlay=cfg)
+    timm.models.load_checkpoint(model, "p.pth", strict=False)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model)) Both files
 are written atomically; a bad argument is one line and exit status 2, with nothing written.
 """
 
@@ -36,9 +43,11 @@ from model.backbones import build_backbone
 from model.classifier import ARCH_BACKBONES
 from model.timm_names import TIMM_MODEL, to_timm
 from pipeline.atomic import write_atomic
+from pipeline.data import EVAL_CROP_FRACTION
 from train.checkpoint import Checkpoints, load_checkpoint
 from train.cli import run_cli
 from train.config import ConfigError
+from train.methods import METHODS
 from train.pretrained import KIND_SUFFIX, checkpoint_of, read_pretrained
 
 FORMATS = ("safetensors", "timm", "torch")
@@ -77,6 +86,7 @@ def backbone_of(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     else:
         raise ConfigError(f"{checkpoint}: a {kind!r} checkpoint; expected a pretraining or fine-tuning one")
     tensors = {k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)}
+    trained_on = METHODS[method].backbone_input(config) if method in METHODS else None
     info = {
         "backbone": name,
         "width": model["width"],
@@ -86,12 +96,50 @@ def backbone_of(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
         "step": int(state["step"]),
         "source": str(checkpoint.resolve()),
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
+        "preprocessing": preprocessing(config["data"], trained_on),
     }
     try:  # every tensor of the backbone present, in its place
         build_backbone(name, model["width"], model["stem"]).load_state_dict(tensors)
     except RuntimeError as error:
         raise ConfigError(f"{checkpoint}: its {name} backbone does not load ({str(error)[:300]})") from error
     return tensors, info
+
+
+def preprocessing(data: dict, trained_on: tuple[str, int] | None) -> dict:
+    """What the backbone's input was: whole images or a method's patches, their side, the normalisation.
+    Another tool that feeds it differently (timm's resnetv2_50 defaults to mean = std = 0.5) gets wrong
+    features without any error."""
+    kind, side = trained_on or ("images", int(data["image_size"]))
+    record = {
+        "input": kind,
+        "input_size": [3, side, side],
+        "image_size": int(data["image_size"]),
+        "pixels": "RGB, scaled to 0..1, then (x - mean) / std per channel",
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+    }
+    if kind == "images":
+        record["eval_resize"] = (
+            f"an image of another size: shorter side to {side} / {EVAL_CROP_FRACTION}, bilinear, then the "
+            f"center {side} x {side}"
+        )
+    else:
+        record["patch_size"] = side
+        record["eval_resize"] = f"the image at {data['image_size']} px, cut into {side} x {side} patches"
+    return record
+
+
+def timm_pretrained_cfg(record: dict) -> dict:
+    """The preprocessing as timm's pretrained_cfg fields: `timm.create_model(..., pretrained_cfg_overlay=cfg)`
+    makes `timm.data.resolve_data_config` return them."""
+    return {
+        "input_size": record["input_size"],
+        "mean": record["mean"],
+        "std": record["std"],
+        "interpolation": "bilinear",
+        "crop_pct": EVAL_CROP_FRACTION if record["input"] == "images" else 1.0,
+        "num_classes": 0,
+    }
 
 
 def in_timm_names(tensors: dict[str, torch.Tensor], info: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -102,7 +150,8 @@ def in_timm_names(tensors: dict[str, torch.Tensor], info: dict) -> tuple[dict[st
             f"backbone is {name}, width {info['width']:g}, stem {info['stem']} (use --format torch or safetensors)"
         )
     renamed, missing = to_timm(tensors, TIMM_BACKBONES[name])
-    return renamed, {"model": TIMM_MODEL, "num_classes": 0, "not_filled": missing}
+    cfg = timm_pretrained_cfg(info["preprocessing"])
+    return renamed, {"model": TIMM_MODEL, "num_classes": 0, "not_filled": missing, "pretrained_cfg": cfg}
 
 
 def encoded(tensors: dict[str, torch.Tensor], out: Path, format_name: str) -> bytes:

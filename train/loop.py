@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,9 @@ def micro_batches(stream: Iterator[Batch], count: int) -> Iterator[Batch | list[
         stream.close()  # as `yield from` would: the backend's workers stop when the run does
 
 
+ETA_LINES = 5  # progress lines whose pace estimates the time left
+
+
 class ProgressLines:
     """When stdout is not a terminal (a batch job's log), a plain line every `train.print_every` steps
     (every log record at 0): step, loss, the task's accuracy, images/s and the time left (rank 0)."""
@@ -130,13 +134,20 @@ class ProgressLines:
     def __init__(self, run, metric: str, start_step: int, accelerator: Accelerator) -> None:
         self.run, self.metric, self.start_step = run, metric, start_step
         self.enabled = accelerator.is_main_process and not sys.stdout.isatty()
-        self.started, self.printed = time.perf_counter(), start_step
+        self.printed = start_step
+        # (time, step) at the last few lines: the time left comes from the recent pace, so the first
+        # steps' warm-up (compilation, caches, loader start) stops counting once later lines exist.
+        self.recent: deque[tuple[float, int]] = deque([(time.perf_counter(), start_step)], maxlen=ETA_LINES)
 
     def line(self, done: int, record: dict[str, Any]) -> None:
         if not self.enabled or done - self.printed < self.run.print_every:
             return
         self.printed = done
-        left = (time.perf_counter() - self.started) / (done - self.start_step) * (self.run.steps - done)
+        self.recent.append((time.perf_counter(), done))
+        if len(self.recent) > 2 and self.recent[0][1] == self.start_step:
+            self.recent.popleft()
+        (then, before), (now, _) = self.recent[0], self.recent[-1]
+        left = (now - then) / (done - before) * (self.run.steps - done)
         print(
             f"step {done}/{self.run.steps}: loss {record['loss']:.4f}, {self.metric} {record[self.metric]:.1%}, "
             f"{record['images_per_s']:,.0f} images/s, {left / 60:.1f} min left",

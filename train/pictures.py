@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.atomic import write_atomic
 from pipeline.data import BatchAssembler, BatchSpec, Source
@@ -22,6 +22,10 @@ MASKED_FILL = (128, 128, 128)
 RIGHT_BORDER = (255, 255, 255)
 WRONG_BORDER = (230, 30, 30)
 MIN_PATCH_PIXELS = 32  # small patches are enlarged (nearest neighbour) to at least this side
+HEADER_TEXT = (235, 235, 235)
+HEADER_LINE = 14  # pixels per line of header text (Pillow's built-in font is 11 px high)
+PATCH_COLUMNS = ("image", "what the model sees", "the patch it puts there")
+FRAME_LEGEND = "frame: white = right, red = wrong"
 
 
 def picture_images(source: Source, image_size: int, device: torch.device) -> torch.Tensor:
@@ -98,8 +102,35 @@ def view_picture(
             picture[top + frame : top + frame + size, left + frame : left + frame + size] = (
                 pixels[index].permute(1, 2, 0).numpy()
             )
-    scale = max(1, 96 // size)
+    scale = view_scale(size)
     return picture.repeat(scale, axis=0).repeat(scale, axis=1)
+
+
+def view_scale(size: int) -> int:
+    return max(1, 96 // size)
+
+
+def view_column_centers(num_views: int, size: int, frame: int = 2) -> list[int]:
+    """x of the middle of each view column of `view_picture`, for `with_header`."""
+    cell = (size + 2 * frame) * view_scale(size)
+    return [v * cell + cell // 2 for v in range(num_views)]
+
+
+def patch_column_centers(image_size: int, patch_size: int) -> list[int]:
+    """x of the middle of each panel of `render_patch_picture`, for `with_header`."""
+    panel = image_size * picture_scale(patch_size)
+    return [PICTURE_GAP + column * (panel + PICTURE_GAP) + panel // 2 for column in range(3)]
+
+
+def with_header(picture: np.ndarray, titles: Sequence[str], centers: Sequence[int], legend: str) -> np.ndarray:
+    """`picture` below a band holding each column's title centred at its x and, under them, `legend`: the
+    pictures say what their columns and frame colours mean without the README."""
+    band = Image.new("RGB", (picture.shape[1], 2 * HEADER_LINE + PICTURE_GAP), PICTURE_BACKGROUND)
+    draw, font = ImageDraw.Draw(band), ImageFont.load_default()
+    for title, center in zip(titles, centers, strict=True):
+        draw.text((center, 2), title, fill=HEADER_TEXT, font=font, anchor="ma")
+    draw.text((PICTURE_GAP, 2 + HEADER_LINE), legend, fill=HEADER_TEXT, font=font)
+    return np.concatenate([np.asarray(band), picture])
 
 
 def write_png(path: Path, picture: np.ndarray) -> None:

@@ -78,6 +78,19 @@ def describe(config: PretrainConfig, method: PretextMethod, training: Training, 
     )
 
 
+def width_note(config: PretrainConfig) -> str | None:
+    """A config's model.width sized for one backbone silently shrinks another (the demo's quarter-width
+    ResNet-36 made a ResNet-8 of 4 channels): say so when a CIFAR ResNet is narrower than the paper's."""
+    model = config.model
+    if model.backbone not in ("resnet8", "resnet32") or model.width >= 1:
+        return None
+    channels = max(4, round(16 * model.width))
+    return (
+        f"note: {model.backbone} at model.width={model.width:g} has {channels} channels in its first stage (the "
+        f"paper's has 16): --model.width=1, or --config pretext_demo (sized for it)"
+    )
+
+
 def start_tracking(config: PretrainConfig, training: Training) -> None:
     """The configured tracker, continuing the run's tracker run on a resume; records and pictures go to it."""
     run_id = start_trackers(training.accelerator, config.train, training.folder, to_dict(config))
@@ -124,7 +137,8 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator = make_accelerator(config.train, config.optim)
     method, training, source, batch = set_up(config, config_name, accelerator)
     start_tracking(config, training)
-    for text in (describe(config, method, training, source, batch), warmup_warning(config.optim, config.train.steps)):
+    notes = (warmup_warning(config.optim, config.train.steps), width_note(config))
+    for text in (describe(config, method, training, source, batch), *notes):
         if text:
             accelerator.print(text)
     spec = method.loader_patch_spec(config.data.loader)

@@ -57,11 +57,26 @@ def start_trackers(accelerator: Accelerator, run: RunConfig, folder: Path, confi
         "wandb": {"id": run_id, "resume": "allow"} if run_id else {},
         "mlflow": {"run_id": run_id} if run_id else {},
     }
-    accelerator.init_trackers(run.tracker_project, flat(config), kwargs)
+    accelerator.init_trackers(run.tracker_project, None, kwargs)
+    store_hyperparameters(accelerator, run.log_with, flat(config), resumed=run_id is not None)
     run_id = tracker_run_id(accelerator, run.log_with, folder)
     if accelerator.is_main_process:
         write_atomic(record, json.dumps({"log_with": run.log_with, "run_id": run_id}).encode())
     return run_id
+
+
+def store_hyperparameters(accelerator: Accelerator, name: str, values: dict[str, Any], resumed: bool) -> None:
+    """The resolved config as the tracker run's hyperparameters. TensorBoard's are written into the run's
+    own event folder (Accelerate's default puts them in a new timestamped folder, which TensorBoard lists as
+    a second run), once: a resume continues the run whose hyperparameters are already there."""
+    if not accelerator.is_main_process:
+        return
+    tracker = accelerator.get_tracker(name, unwrap=True)
+    if name != "tensorboard":
+        accelerator.get_tracker(name).store_init_configuration(values)
+    elif not resumed:
+        tracker.add_hparams(values, metric_dict={}, run_name=".")
+        tracker.flush()
 
 
 def tracker_run_id(accelerator: Accelerator, name: str, folder: Path) -> str | None:
@@ -75,6 +90,20 @@ def tracker_run_id(accelerator: Accelerator, name: str, folder: Path) -> str | N
     return str(folder / "trackers")  # TensorBoard: the event folder a resume appends to
 
 
+UNTRACKED = {"step", "time"}  # the x axis, and a wall-clock timestamp (not a curve)
+SPEED_KEYS = {"images_per_s"}
+MONITOR_PREFIXES = ("clean_", "knn_", "test_", "val_")  # measured on held-out images or a fixed probe
+
+
+def tag_of(key: str) -> str:
+    """A log key's tracker tag, grouped as TensorBoard shows sections: train/, monitor/, speed/."""
+    if key in SPEED_KEYS:
+        return f"speed/{key}"
+    if key.startswith(MONITOR_PREFIXES):
+        return f"monitor/{key}"
+    return f"train/{key}"
+
+
 class TrackerSink:
     """Sends log records and pictures to the started tracker (rank 0; a no-op object without one)."""
 
@@ -84,7 +113,11 @@ class TrackerSink:
     def record(self, record: dict[str, Any]) -> None:
         if "step" not in record or "event" in record:
             return
-        values = {f"{self.prefix}{k}": v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        values = {
+            f"{self.prefix}{tag_of(key)}": value
+            for key, value in record.items()
+            if key not in UNTRACKED and isinstance(value, int | float)
+        }
         self.accelerator.log(values, step=int(record["step"]))
 
     def picture(self, tag: str, picture: np.ndarray, step: int) -> None:

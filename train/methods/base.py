@@ -108,6 +108,12 @@ class PretextMethod:
         """Its name in tables, with the settings that tell its variants apart."""
         return cls.label
 
+    @classmethod
+    def backbone_input(cls, config: dict) -> tuple[str, int]:
+        """What the reused backbone was trained on, as (kind, side) from a checkpoint's config: whole
+        "images" of data.image_size, or "patches" of a method's own size. An export records it."""
+        return "images", int(config["data"]["image_size"])
+
     def loader_patch_spec(self, loader: str) -> PatchSpec | None:
         """What a loader may do for the method: a PatchSpec lets `loader` cut and mask Selfie-style patches
         inside its pipeline (FFCV on a CPU); None means the loader delivers images."""

@@ -23,7 +23,7 @@ from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.rotation_views import NUM_ROTATIONS, patch_side, rotation_views
 from train.config import ConfigError, PretrainConfig, compute_dtype
 from train.methods.base import PretextMethod, register
-from train.pictures import picture_images, view_picture, write_png
+from train.pictures import FRAME_LEGEND, picture_images, view_column_centers, view_picture, with_header, write_png
 
 
 @dataclass
@@ -117,6 +117,13 @@ class PatchRelNet(RotationMethod):
     relation = True
 
 
+def view_titles(num_views: int) -> list[str]:
+    """What view v of `rotation_views` is: the image turned by v quarter turns, then (v >= 4) the upright image
+    with a patch turned by v - 4."""
+    turns = [f"{90 * k}°" for k in range(NUM_ROTATIONS)]
+    return (turns + [f"patch {turn}" for turn in turns])[:num_views]
+
+
 class ViewPictures:
     """Fixed images' views, framed by whether the model classifies them right, at every checkpoint (rank 0)."""
 
@@ -141,6 +148,9 @@ class ViewPictures:
             right = right.repeat(2)
         data = self.config.data
         picture = view_picture(self.views.float().cpu(), right.cpu(), self.num_images, data.mean, data.std)
+        num_views = len(self.views) // self.num_images
+        centers = view_column_centers(num_views, self.views.shape[-1])
+        picture = with_header(picture, view_titles(num_views), centers, FRAME_LEGEND)
         write_png(path, picture)
         return picture
 

@@ -24,7 +24,15 @@ from pipeline.patches import (
 )
 from train.config import ConfigError, PretrainConfig, choice, compute_dtype
 from train.methods.base import PretextMethod, register
-from train.pictures import picture_images, render_patch_picture, write_png
+from train.pictures import (
+    FRAME_LEGEND,
+    PATCH_COLUMNS,
+    patch_column_centers,
+    picture_images,
+    render_patch_picture,
+    with_header,
+    write_png,
+)
 
 
 @dataclass
@@ -153,6 +161,10 @@ class SelfieMethod(PretextMethod):
             )
         return patches, perm[:, : self.num_context], perm[:, self.num_context :]
 
+    @classmethod
+    def backbone_input(cls, config: dict) -> tuple[str, int]:
+        return "patches", int(config.get("selfie", {}).get("patch_size", SelfieSettings().patch_size))
+
     def pictures(self, source: Source, device: torch.device) -> PatchPictures:
         return PatchPictures(source, self.config, self.num_patches, self.num_context, device)
 
@@ -174,9 +186,10 @@ class PatchPictures:
 
     def write(self, model: nn.Module, path: Path) -> np.ndarray:
         data = self.config.data
-        picture = patch_picture(
-            model, self.images, self.perm, self.num_context, self.config.selfie.patch_size, data.mean, data.std
-        )
+        patch_size = self.config.selfie.patch_size
+        picture = patch_picture(model, self.images, self.perm, self.num_context, patch_size, data.mean, data.std)
+        centers = patch_column_centers(self.images.shape[-1], patch_size)
+        picture = with_header(picture, PATCH_COLUMNS, centers, FRAME_LEGEND)
         write_png(path, picture)
         return picture
 

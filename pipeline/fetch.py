@@ -1,0 +1,198 @@
+"""Download a public data set this trainer reads, its published checksum verified.
+
+    python -m pipeline.fetch cifar10 ~/data            # -> ~/data/cifar-10-batches-py
+    python -m pipeline.fetch fashion-mnist ~/data      # -> ~/data/fashion-mnist/*-ubyte.gz
+    python -m pipeline.fetch cifar10 ~/data --mirror http://host/path/   # same files from a mirror
+
+A download that stops (network, Ctrl-C) leaves DEST/.fetch/<file>.part and the next call continues it
+where it ended (an HTTP range request; a server that ignores ranges sends the whole file again). A file
+is used only when its MD5 is the one the data set's authors publish; a mismatch deletes the download and
+is an error. The data set appears under its final folder name only once it is complete (extracted
+beside it under a temporary name, then renamed), so a folder with that name is never half there.
+ImageNet is not offered: its licence needs a login, so it stays a manual step (README).
+Every failure is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tarfile
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 20
+TIMEOUT_S = 60  # per network read: a stalled server is an error, not a hang
+
+
+class FetchError(Exception):
+    """A download or an archive that cannot be used; the message names the file or address."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    filename: str
+    md5: str  # as published by the data set's authors
+
+
+@dataclass(frozen=True)
+class DataSet:
+    base_url: str  # the files' folder; --mirror replaces it
+    resources: tuple[Resource, ...]
+    folder: str  # what DEST/<folder> holds when done: what --data is pointed at
+    extract: bool  # a tar archive whose single top folder is `folder`; else the files are kept as they are
+
+
+DATASETS = {
+    # https://www.cs.toronto.edu/~kriz/cifar.html publishes the archive's MD5.
+    "cifar10": DataSet(
+        "https://www.cs.toronto.edu/~kriz/",
+        (Resource("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+        "cifar-10-batches-py",
+        extract=True,
+    ),
+    # https://github.com/zalandoresearch/fashion-mnist publishes the four files' MD5s.
+    "fashion-mnist": DataSet(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        (
+            Resource("train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            Resource("train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+            Resource("t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+            Resource("t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+        "fashion-mnist",
+        extract=False,
+    ),
+}
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, part: Path, progress: Callable[[int, int | None], None] | None = None) -> None:
+    """Append the rest of `url` to `part` (a range request from its current size); a server that answers
+    with the whole file (200) makes `part` start again."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and have:  # the range starts at the end: the part is already whole
+            return
+        raise FetchError(f"{url}: HTTP {error.code} {error.reason}") from error
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise FetchError(f"{url}: cannot connect ({reason}); offline? --mirror names another source") from error
+    with response:
+        resumed = response.status == 206
+        length = response.headers.get("Content-Length")
+        total = (have if resumed else 0) + int(length) if length else None
+        with open(part, "ab" if resumed else "wb") as f:
+            try:
+                while chunk := response.read(CHUNK):
+                    f.write(chunk)
+                    if progress:
+                        progress(f.tell(), total)
+            except OSError as error:
+                raise FetchError(f"{url}: the download broke off ({error}); run again to continue it") from error
+    if total is not None and part.stat().st_size != total:
+        raise FetchError(f"{url}: got {part.stat().st_size} of {total} bytes; run again to continue it")
+
+
+def fetch_resource(base_url: str, resource: Resource, staging: Path, progress=None) -> Path:
+    """The verified file in `staging` (downloaded or continued as needed)."""
+    done, part = staging / resource.filename, staging / f"{resource.filename}.part"
+    if done.is_file() and md5_of(done) == resource.md5:
+        return done
+    download(base_url + resource.filename, part, progress)
+    got = md5_of(part)
+    if got != resource.md5:
+        part.unlink()
+        raise FetchError(
+            f"{base_url + resource.filename}: MD5 {got}, expected {resource.md5} (a corrupted download or a "
+            "changed file); it was deleted, run again to download it afresh"
+        )
+    os.replace(part, done)
+    return done
+
+
+def extract_into(archive: Path, temporary: Path, folder: str) -> Path:
+    """Unpack `archive` into `temporary` and return its top folder `folder`; members that would land outside
+    it (absolute paths, '..', links out) are refused by tarfile's 'data' filter."""
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(temporary, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as error:
+        raise FetchError(f"{archive}: not a readable tar archive ({error})") from error
+    top = temporary / folder
+    if not top.is_dir():
+        raise FetchError(f"{archive}: expected the folder {folder}/ inside, found {sorted(os.listdir(temporary))}")
+    return top
+
+
+def fetch(name: str, dest: Path, mirror: str | None = None, spec: DataSet | None = None, progress=None) -> Path:
+    """DEST/<folder> holding data set `name` (`spec` replaces the registry's entry; tests serve their own)."""
+    spec = spec or DATASETS[name]
+    target = dest / spec.folder
+    if target.exists():
+        return target
+    base_url = mirror.rstrip("/") + "/" if mirror else spec.base_url
+    staging = dest / ".fetch"
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise FetchError(f"{dest}: cannot create the download folder ({error.strerror})") from error
+    files = [fetch_resource(base_url, resource, staging, progress) for resource in spec.resources]
+    temporary = dest / f".{spec.folder}.tmp-{os.getpid()}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        if spec.extract:
+            complete = extract_into(files[0], temporary, spec.folder)
+        else:
+            temporary.mkdir()
+            for file in files:
+                shutil.copyfile(file, temporary / file.name)
+            complete = temporary
+        os.replace(complete, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def print_progress(done: int, total: int | None) -> None:
+    if total and (done == total or done % (32 * CHUNK) < CHUNK):
+        print(f"\r  {done / 2**20:.0f} / {total / 2**20:.0f} MiB", end="\n" if done == total else "", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.fetch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", choices=sorted(DATASETS), help="the data set")
+    parser.add_argument("dest", type=Path, help="folder to put it in (created if missing)")
+    parser.add_argument("--mirror", help="a folder URL holding the same files (their MD5s are still checked)")
+    args = parser.parse_args(argv)
+    try:
+        target = fetch(args.name, args.dest, args.mirror, progress=print_progress if sys.stdout.isatty() else None)
+    except FetchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nstopped: run the same command again to continue the download in {args.dest / '.fetch'}")
+        return 130
+    print(f"{args.name}: {target}  (--data {target})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
