@@ -47,6 +47,15 @@ from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_so
 # comes after this one, which puts the count back. Where FFCV is not installed this module still imports
 # (the torch and DALI loaders, and the tests, do not need it); converting then says what is missing.
 _threads = torch.get_num_threads()
+if __name__ == "__main__":
+    # `watched` forks FFCV's writer processes from a thread. Numba's default TBB pool, which the ffcv import
+    # starts, cannot be carried across a fork from a non-main thread (numba warns "Attempted to fork from a
+    # non-main thread, the TBB library may be in an invalid state"); its workqueue pool is fork-safe, and
+    # this process runs no parallel numba code of its own. Only the command sets it: a training process
+    # that imports this module keeps TBB, which its loader threads need (workqueue is not thread-safe).
+    import numba
+
+    numba.config.THREADING_LAYER = "workqueue"
 try:
     import ffcv  # noqa: F401
 except ModuleNotFoundError:

@@ -151,6 +151,7 @@ def test_cli_reports_and_rejects_bad_options(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "12 images" in ok.stdout and "images/s" in ok.stdout and "MiB" in ok.stdout
+    assert "TBB" not in ok.stderr  # the writer processes are forked without numba's fork warning
     assert json.loads(sidecar_path(tmp_path / "t.beton").read_text())["options"]["write_mode"] == "proportion"
     cases = [
         (["--dst", str(tmp_path / "t.ffcv")], "expected a file name ending in .beton"),
