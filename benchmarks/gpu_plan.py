@@ -114,7 +114,8 @@ def quick(where: Where, env: dict) -> list[Step]:
 def full(where: Where, env: dict) -> list[Step]:
     rotnet = ("--method", "rotnet", "--set", "model.backbone=resnet50", "--image-size", "224")
     finetune = ("--stage", "finetune", "--arch", "resnet50", "--image-size", "224")
-    small = ("--set", "model.backbone=resnet32", "--modes", "synthetic,torch", "--workers", f"{where.workers}")
+    small = ("--set", "model.backbone=resnet32", "--width", "1", "--modes", "synthetic,torch")
+    small += ("--workers", f"{where.workers}")
     steps = [data_step(where, 30)]
     for name, flags, limit in (("rotnet224", rotnet, 40), ("finetune224", finetune, 35), ("selfie32_r32", small, 35)):
         flags = (*flags, "--batch", "256") + (() if "--modes" in flags else ("--modes", "synthetic"))
@@ -123,7 +124,8 @@ def full(where: Where, env: dict) -> list[Step]:
         steps.append(Step(f"{name}_graph", limit, "throughput", graphed, f"{name}_eager"))
     for method, backbone in env.get("methods", {}).items():  # none when the environment step failed
         row = ("--method", method, *TABLE_ROW)
-        at32 = (*row, "--set", "model.backbone=resnet32", "--modes", "synthetic,torch,no-model:torch", "--batch", "256")
+        at32 = (*row, "--set", "model.backbone=resnet32", "--width", "1", "--modes", "synthetic,torch,no-model:torch")
+        at32 += ("--batch", "256")
         steps.append(
             Step(f"method32_{method}", 25, "throughput", throughput(where, *at32, "--workers", f"{where.workers}"))
         )

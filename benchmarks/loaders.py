@@ -64,9 +64,12 @@ def jpeg_set(cache: Path, images: int) -> Path:
     return root
 
 
-def benchmark_data(data: str, cache_dir: str, images: int, beton: str | None = None) -> tuple[Path, Path]:
+def benchmark_data(
+    data: str, cache_dir: str, images: int, beton: str | None = None, build_beton: bool = True
+) -> tuple[Path, Path]:
     """(image folder, its .beton): `data` is "jpeg" (the built-in JPEG set), "demo" or a folder; the
-    .beton is converted once into the cache unless given (JPEG at quality 90; raw for the demo's PNGs)."""
+    .beton is converted once into the cache unless given (JPEG at quality 90; raw for the demo's PNGs), and
+    only when `build_beton` (a mode reads it)."""
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     if data == "jpeg":
@@ -76,7 +79,7 @@ def benchmark_data(data: str, cache_dir: str, images: int, beton: str | None = N
     else:
         folder = Path(data)
     beton_path = Path(beton) if beton else cache / f"{folder.parent.name}-{folder.name}.beton"
-    if not beton_path.exists():
+    if build_beton and not beton_path.exists():
         try:  # FFCV is optional where only the torch and DALI loaders are timed
             from pipeline.convert import ConvertOptions, convert
         except ImportError as error:

@@ -59,8 +59,9 @@ def build_config(args: argparse.Namespace, batch: int) -> StageConfig:
         "train.compile": args.compile,
         "train.compile_mode": args.compile_mode,
         "train.cuda_graph": args.cuda_graph,
-        "model.width": args.width,
     }
+    if args.width is not None:  # else the config's: the demo's quarter width at <= 64 px, full at 224
+        overrides["model.width"] = args.width
     if args.stage == "pretrain":
         overrides["method"] = args.method
         flagged = {key: getattr(args, key) for key, _, _ in method_flags().values()}
@@ -76,6 +77,11 @@ def build_config(args: argparse.Namespace, batch: int) -> StageConfig:
     return load_config(STAGES[args.stage], "demo" if args.image_size <= 64 else "imagenet224", overrides)
 
 
+def loaders_of(mode_names: list[str]) -> set[str]:
+    """The loader backends these modes read through ("torch", "no-model:ffcv", "raw-ffcv", ...)."""
+    return {loader for name in mode_names for loader in LOADERS if name.split(":")[-1].removeprefix("raw-") == loader}
+
+
 class Bench:
     """One model, optimizer, accelerator and step shared by the modes of one batch size; each mode
     restarts from the same weights (the optimizer's momentum carries over: it changes no timing)."""
@@ -86,7 +92,8 @@ class Bench:
         self.accelerator = make_accelerator(self.config.train, self.config.optim)
         self.device = self.accelerator.device
         data = args.data if args.data != "auto" else ("demo" if args.image_size <= 64 else "jpeg")
-        self.folder, self.beton = benchmark_data(data, args.cache, args.images)
+        needs_beton = any(LOADERS[loader].reads_beton for loader in loaders_of(args.mode_list))
+        self.folder, self.beton = benchmark_data(data, args.cache, args.images, build_beton=needs_beton)
         self.classes = len(open_source(self.folder).classes)
         torch.manual_seed(0)
         self.task, self.net = self._task_and_model()

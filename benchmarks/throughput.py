@@ -134,6 +134,11 @@ def versions() -> dict:
     return found
 
 
+def rate(value: float) -> str:
+    """Images/s to three significant figures at least (a CPU step's 0.52 must not print as 0)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def rate_table(results: dict) -> list[str]:
     lines = [
         "| mode | batch | images/s | slowest .. fastest | all timed steps | vs synthetic | vs naive |",
@@ -148,8 +153,8 @@ def rate_table(results: dict) -> list[str]:
             vs_synthetic = f"{r['median'] / synthetic:.2f}x" if synthetic and trains else "-"
             vs_naive = f"{r['median'] / naive:.2f}x" if naive else "-"
             lines.append(
-                f"| {name} | {batch} | {r['median']:,.0f} | {r['min']:,.0f} .. {r['max']:,.0f} | {r['overall']:,.0f} "
-                f"| {vs_synthetic} | {vs_naive} |"
+                f"| {name} | {batch} | {rate(r['median'])} | {rate(r['min'])} .. {rate(r['max'])} "
+                f"| {rate(r['overall'])} | {vs_synthetic} | {vs_naive} |"
             )
     return lines
 
@@ -187,6 +192,7 @@ def plot(results: dict, path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     rows = [(f"{name}@{batch}", r) for batch, modes in results.items() for name, r in modes.items()]
     names, medians = [n for n, _ in rows], [r["median"] for _, r in rows]
@@ -194,12 +200,16 @@ def plot(results: dict, path: Path, title: str) -> None:
     figure, axes = plt.subplots(figsize=(max(9, 0.8 * len(rows)), 4.5))
     axes.bar(names, medians, yerr=errors, capsize=4, color="#4c72b0")
     axes.set_yscale("log")  # the data-side modes run orders of magnitude above the training step
+    plain = FuncFormatter(lambda value, _: rate(value))  # "1,000" and "50", not "1.14x10^0" tick labels
+    axes.yaxis.set_major_formatter(plain)
+    axes.yaxis.set_minor_formatter(plain if max(medians) / max(min(medians), 1e-9) < 10 else NullFormatter())
     for x, value in enumerate(medians):
         axes.annotate(
-            f"{value:,.0f}", (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
+            rate(value), (x, value), ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points"
         )
     axes.set_ylabel("images/s (median window;\nbars: slowest .. fastest)")
-    axes.set_title(textwrap.fill(title, 120), fontsize=8)
+    width_inches = figure.get_size_inches()[0]
+    axes.set_title(textwrap.fill(title, int(width_inches * 14)), fontsize=8)  # ~14 characters an inch at 8 pt
     axes.tick_params(axis="x", rotation=30)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -232,7 +242,9 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch", "--batch-size", type=batch_sizes, default=[64], help="images per step; a comma list sweeps"
     )
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier of the backbone")
+    parser.add_argument(
+        "--width", type=float, help="backbone width multiplier (default: the config's: 0.25 at <= 64 px, 1 at 224)"
+    )
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
@@ -361,7 +373,7 @@ def sweep(args: argparse.Namespace, save: Callable[[Sweep], None] = lambda done:
         modes = done.results.setdefault(batch, {})
         for name in args.mode_list:
             modes[name] = run_mode(bench, name, partial(_keep, done, modes, name, save))
-            print(f"{name} @ {batch}: {modes[name]['median']:,.0f} images/s", flush=True)
+            print(f"{name} @ {batch}: {rate(modes[name]['median'])} images/s", flush=True)
             save(done)
             release_memory(bench.device)
         done.compute[batch], line = compute_figures(bench, modes, peak)
@@ -429,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = make_record(args, done)
     print(record["table"])
     if args.plot:
-        plot(done.results, Path(args.plot), done.about["header"][:160])
+        plot(done.results, Path(args.plot), done.about["header"])
     return record
 
 

@@ -220,3 +220,20 @@ def test_check_args_passes_the_headline_sweep_without_a_device(capsys) -> None:
     flags = ["--image-size", "224", "--patch-size", "32", "--precision", "bf16", "--channels-last", "--cuda-graph"]
     throughput.main(["--check-args", *flags, "--compile", "--batch", "64,1024", "--modes", "synthetic,torch"])
     assert capsys.readouterr().out.strip() == "arguments ok: batch 64,1024, modes synthetic,torch"
+
+
+def test_the_default_benchmark_times_the_demo_model_and_builds_only_what_it_reads(tmp_path, demo_root, capsys) -> None:
+    """At 32 px the default is the demo's model (not the full-width ResNet-36 that took a CPU past ten minutes),
+    a CPU rate prints with significant figures (not "0 images/s"), and no .beton is built for torch modes."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / demo_root.name).symlink_to(demo_root)
+    args = ["--modes", "synthetic,torch", "--batch", "4", "--workers", "1", "--warmup", "1", "--window", "1"]
+    record = throughput.main([*args, "--windows", "2", "--profile-steps", "0", "--cache", str(cache)])
+    assert record["config"]["model"]["width"] == 0.25  # configs/demo.yaml's
+    assert not list(cache.glob("*.beton"))
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("synthetic @ 4: ")]
+    assert float(printed[0].split()[3].replace(",", "")) > 0
+    assert (
+        throughput.rate(0.5234) == "0.523" and throughput.rate(12.34) == "12.3" and throughput.rate(1234.5) == "1,234"
+    )
