@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from model.resnet_v2 import ActLayer, NormLayer, _relu, check_stem_and_width, init_resnet
+from model.strided_pointwise import StridedPointwiseConv
 
 CIFAR_STAGE_WIDTHS = (16, 32, 64)
 
@@ -28,7 +29,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1, bias=False)
         self.norm2 = norm(out_ch)
         self.shortcut = (
-            nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), norm(out_ch))
+            nn.Sequential(StridedPointwiseConv(in_ch, out_ch, stride), norm(out_ch))
             if stride != 1 or in_ch != out_ch
             else nn.Identity()
         )

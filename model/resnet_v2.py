@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from model.strided_pointwise import StridedPointwiseConv
+
 NormLayer = Callable[[int], nn.Module]
 ActLayer = Callable[[], nn.Module]
 
@@ -36,9 +38,7 @@ class PreActBottleneck(nn.Module):
         super().__init__()
         out_ch = mid_ch * BOTTLENECK_EXPANSION
         self.preact = nn.Sequential(norm(in_ch), act())
-        self.shortcut = (
-            nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False) if stride != 1 or in_ch != out_ch else None
-        )
+        self.shortcut = StridedPointwiseConv(in_ch, out_ch, stride) if stride != 1 or in_ch != out_ch else None
         self.conv1 = nn.Conv2d(in_ch, mid_ch, 1, bias=False)
         self.norm_act1 = nn.Sequential(norm(mid_ch), act())
         self.conv2 = nn.Conv2d(mid_ch, mid_ch, 3, stride=stride, padding=1, bias=False)

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +21,14 @@ import torch
 # kernel is defined, so it is set before any test imports one.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A cold compile cache for this test session, inherited by every run a test starts: the suite compiles as
+# on a fresh machine. A warm inductor cache in the system's temporary folder (its default place) can hide
+# what a fresh clone hits (issue 21); xdist workers each import this file, so each gets its own.
+_COMPILE_CACHE = tempfile.mkdtemp(prefix="selfie-tests-compile-cache-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "inductor")
+os.environ["TRITON_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "triton")
+atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
 from pipeline.demo import demo_dataset  # noqa: E402
 
@@ -80,9 +91,13 @@ def demo_data_for(loader: str, demo_root: Path) -> Path:
 
 
 def run_script(
-    args: list[str], cwd: Path, timeout: float = 300, launcher: list[str] | None = None
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    launcher: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     command = (launcher or [sys.executable]) + args
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
