@@ -30,7 +30,7 @@ def read_log(run: Path) -> list[dict]:
 
 
 def models(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: torch.load(p, weights_only=False)["model"] for p in sorted((run / "checkpoints").glob("*.pt"))}
+    return {p.name: torch.load(p, weights_only=True)["model"] for p in sorted((run / "checkpoints").glob("*.pt"))}
 
 
 BAD_VALUES = [

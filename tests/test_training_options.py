@@ -113,7 +113,7 @@ def test_tensorboard_receives_every_record_and_a_resume_continues_it(tmp_path: P
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]  # both invocations, one folder
     assert "clean_patch_acc" in events.Tags()["scalars"] and "pictures/patches" in events.Tags()["images"]
-    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert state["tracker_run_id"] == str(run / "trackers")
 
 
