@@ -14,6 +14,7 @@ on exactly the images it would have read.
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import sys
@@ -116,6 +117,56 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _numpy_global(module: str, name: str) -> object:
+    # numpy 2 moved numpy.core to numpy._core; the real CIFAR files (written under numpy 1) name the old one.
+    return getattr(importlib.import_module(module.replace("numpy.core", "numpy._core")), name)
+
+
+# What the CIFAR python batches reference: the numpy array reconstruction (pickle protocol 2, as the real
+# files; 4; and 5's buffer form), and bytes as Python 3 writes them at protocol 2. Nothing that runs code.
+CIFAR_PICKLE_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class RefusedPickle(pickle.UnpicklingError):
+    """A pickle that names a global outside CIFAR_PICKLE_GLOBALS."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only CIFAR_PICKLE_GLOBALS: containers, bytes, str, numbers and numpy
+    arrays load; any other class or function (what a crafted file would call) is refused, never imported."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in CIFAR_PICKLE_GLOBALS:
+            raise RefusedPickle(f"it names {module}.{name}, which a CIFAR-10 batch never holds")
+        if module == "_codecs":
+            return super().find_class(module, name)
+        return _numpy_global(module, name)
+
+
+def read_cifar_batch(path: Path) -> dict:
+    """One CIFAR-10 python batch, read without running anything from the file: {b"data", b"labels", ...}."""
+    with open(path, "rb") as f:
+        batch = _CifarUnpickler(f, encoding="bytes").load()
+    if not isinstance(batch, dict):
+        raise ValueError(f"holds a {type(batch).__name__}; expected a dict")
+    data = batch.get(b"data")
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "ui":
+        raise ValueError("its data is not an integer array")
+    return batch
+
+
 class CifarSource:
     """CIFAR-10 "python version": pickled batches of 10,000 rows of 3072 uint8 (R, G, B planes)."""
 
@@ -128,12 +179,13 @@ class CifarSource:
         images, labels = [], []
         for name in names:
             try:
-                with open(root / name, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
+                batch = read_cifar_batch(root / name)
                 images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(batch[b"labels"])
                 _check_cifar_batch(root / name, len(images[-1]), batch[b"labels"])
-            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
+            except RefusedPickle as error:
+                raise DataError(f"{root / name}: refused, {error} (loading it could run code from the file)") from error
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as error:
                 raise DataError(f"{root / name}: not a readable CIFAR-10 python batch ({error})") from error
         self.images = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # NHWC
         self.labels = np.asarray(labels, dtype=np.int64)
