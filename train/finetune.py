@@ -256,7 +256,7 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
     """The training split and what evaluation reports on. With `finetune.holdout`, a fixed stratified part
     of the training split is the validation set and the test split is not even opened."""
     train, data_path = open_data(config, "train")
-    check_readable(train)
+    check_readable(train, crop=config.data.image_size)
     holdout = config.finetune.holdout
     if holdout:
         pool, held_out = holdout_split(train.labels, holdout)

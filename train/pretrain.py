@@ -106,7 +106,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     method = METHODS[config.method](config, accelerator.device)
     batch = per_process_batch(config.train, accelerator)
     source, config.data.path = open_data(config, "train")  # config.yaml records where the data is
-    check_readable(source)
+    check_readable(source, crop=config.data.image_size)
     check_batch_fits(source, config.train.batch_size)
     run_dir = prepare_run_dir(config, config_name, accelerator)
     state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
