@@ -145,6 +145,7 @@ def test_a_diverging_update_is_never_checkpointed(tmp_path: Path, demo_root: Pat
 def test_a_failed_checkpoint_write_is_one_line(tmp_path: Path, demo_root: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
+    (run / "run.json").write_text('{"invocations": []}')  # a run folder (of a run killed before its checkpoint)
     (run / "checkpoints").write_text("a file where the checkpoint folder goes")
     result = pretrain([*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "2"], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr

@@ -68,6 +68,13 @@ FINETUNE_FIELDS = {
 MISSING = object()
 
 
+def describe(value: Any) -> str:
+    if value is None:
+        return "None"
+    shown = f" {value!r}"[:40] if isinstance(value, str | int | float) else ""
+    return f"a {type(value).__name__}{shown}"
+
+
 def field(state: dict[str, Any], dotted: str) -> Any:
     value: Any = state
     for part in dotted.split("."):
@@ -95,12 +102,7 @@ def check_schema(path: Path, state: Any, expected_format: int) -> None:
             if value is MISSING and not required:
                 continue
             if value is MISSING or not ok(value):
-                got = (
-                    "missing"
-                    if value is MISSING
-                    else f"a {type(value).__name__}"
-                    + (f" {value!r}" if isinstance(value, str | int | float | type(None)) else "")
-                )
+                got = "missing" if value is MISSING else describe(value)
                 raise ConfigError(f"{path}: field {dotted} is {got}; expected {expected}")
     if len(state["rng"]) != state["world_size"]:
         raise ConfigError(

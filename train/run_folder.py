@@ -104,13 +104,14 @@ def is_run_folder(folder: Path, stage: str, checkpoint_glob: str) -> bool:
 
 def check_reusable(folder: Path, config: StageConfig, checkpoint_glob: str) -> None:
     """Refuse, touching nothing, a folder a run may not write into: one that is neither new, empty nor a
-    run of this stage (the user's own files), and a --resume of a folder that does not exist."""
-    if config.train.resume and not folder.is_dir():
+    run of this stage (the user's own files), and a --resume of a folder without checkpoints."""
+    checkpoints = [p for p in folder.glob(checkpoint_glob) if CHECKPOINT_PATTERN.match(p.name)]
+    if config.train.resume and not checkpoints:
         raise ConfigError(f"--resume: no checkpoint in {folder / Path(checkpoint_glob).parent} to continue from")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     stage = type(config).STAGE
-    if not is_run_folder(folder, stage, checkpoint_glob):
+    if not checkpoints and not is_run_folder(folder, stage, checkpoint_glob):
         names = sorted(p.name for p in folder.iterdir())
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise ConfigError(
