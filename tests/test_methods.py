@@ -103,9 +103,7 @@ def test_the_toy_resumes_bit_for_bit_and_initialises_fine_tuning(tmp_path: Path,
     pretrain.main([*common, "--out", str(resumed)])
     (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 4's log record
     pretrain.main([*common, "--out", str(resumed), "--resume"])
-    a, b = (
-        torch.load(r / "checkpoints" / "step_00000004.pt", weights_only=True)["model"] for r in (straight, resumed)
-    )
+    a, b = (torch.load(r / "checkpoints" / "step_00000004.pt", weights_only=True)["model"] for r in (straight, resumed))
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [r["step"] for r in log_of(resumed) if "loss" in r] == [1, 2, 3, 4]
 
