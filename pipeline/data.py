@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.augment import pad_crop_flip, random_resized_crop_box
+from pipeline.cifar_pickle import RefusedPickle, read_cifar_batch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -66,12 +67,12 @@ class FolderSource:
         )
         files: list[str] = []
         labels: list[int] = []
+        others: list[str] = []
         for label, name in enumerate(self.classes):
-            for dirpath, _, filenames in os.walk(root / name):
-                for filename in sorted(filenames):
-                    if filename.lower().endswith(IMAGE_EXTENSIONS):
-                        files.append(os.path.join(dirpath, filename))
-                        labels.append(label)
+            found = _image_files(str(root / name), others)
+            files += found
+            labels += [label] * len(found)
+        _note_left_out(others)
         if not files:
             raise DataError(
                 f"{root}: no image files found; expected class sub-folders holding "
@@ -90,6 +91,33 @@ class FolderSource:
     def load(self, index: int) -> Image.Image:
         with Image.open(self.files[index]) as image:
             return to_rgb(image)
+
+
+def _image_files(top: str, others: list[str]) -> list[str]:
+    """Image-named regular files under `top`, in os.walk's order (folders top-down, names sorted, links to
+    folders not followed). Image-named entries that are not regular files (a FIFO, a socket, a device, a
+    dangling link) go to `others`: opening a FIFO would block the run forever."""
+    try:
+        entries = list(os.scandir(top))
+    except OSError:  # unreadable folder: os.walk skips it too
+        return []
+    folders = [entry for entry in entries if entry.is_dir()]
+    found = []
+    for entry in sorted((e for e in entries if not e.is_dir()), key=lambda e: e.name):
+        if entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            (found if entry.is_file() else others).append(entry.path)
+    for folder in folders:
+        if not folder.is_symlink():
+            found += _image_files(folder.path, others)
+    return found
+
+
+def _note_left_out(others: list[str]) -> None:
+    if others:
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        kinds = "a FIFO, socket, device or dangling link"
+        what = "not a regular file" if len(others) == 1 else "not regular files"
+        print(f"note: {', '.join(others[:3])}{more}: {what} ({kinds}); left out")
 
 
 def _loops_back(entry: os.DirEntry, root: Path) -> bool:
@@ -129,12 +157,13 @@ class CifarSource:
         images, labels = [], []
         for name in names:
             try:
-                with open(root / name, "rb") as f:
-                    batch = pickle.load(f, encoding="bytes")
+                batch = read_cifar_batch(root / name)
                 images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                 labels.extend(batch[b"labels"])
                 _check_cifar_batch(root / name, len(images[-1]), batch[b"labels"])
-            except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as error:
+            except RefusedPickle as error:
+                raise DataError(f"{root / name}: refused, {error} (loading it could run code from the file)") from error
+            except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as error:
                 raise DataError(f"{root / name}: not a readable CIFAR-10 python batch ({error})") from error
         self.images = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # NHWC
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -184,18 +213,26 @@ def open_source(path: str | os.PathLike, split: str = "train") -> Source:
     raise DataError(f"--data {root}: no test split; expected a val/ or test/ folder beside train/")
 
 
-def check_readable(source: Source, probes: int = 16) -> None:
-    """Fail fast when a folder holds image-named files none of which decode."""
+def check_readable(source: Source, probes: int = 16, crop: int = 0) -> None:
+    """Fail fast when a folder holds image-named files none of which decode; warn when the first readable
+    one is smaller than the `crop` (side in pixels) the run enlarges it to."""
     if isinstance(source, CifarSource):
         return
     picks = np.linspace(0, len(source) - 1, num=min(probes, len(source))).round().astype(int)
     errors = []
     for index in picks:
         try:
-            source.load(int(index))
-            return
+            width, height = source.load(int(index)).size
         except DECODE_ERRORS as error:
             errors.append(f"{source.name(int(index))}: {error}")
+            continue
+        if min(width, height) < crop:
+            print(
+                f"warning: {source.name(int(index))} is {width}x{height} px, smaller than the {crop} px training "
+                "crop: images are enlarged to it, and one with fewer pixels than the patch grid or the views "
+                "need carries little to learn from (the pretext loss can stay at chance)"
+            )
+        return
     raise DataError(f"{source.root}: no readable image among {len(picks)} probed files; first: {errors[0]}")
 
 

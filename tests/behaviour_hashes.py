@@ -69,7 +69,7 @@ def run_hash(folder: Path) -> str:
     digest = hashlib.sha256()
     for checkpoints in sorted(folder.glob("**/checkpoints")):
         newest = sorted(checkpoints.glob("step_*.pt"))[-1]
-        model = torch.load(newest, map_location="cpu", weights_only=False)["model"]
+        model = torch.load(newest, map_location="cpu", weights_only=True)["model"]
         digest.update(f"{newest.relative_to(folder)}:{state_hash(model)}".encode())
     return digest.hexdigest()
 

@@ -169,3 +169,33 @@ def test_a_bad_range_names_the_flag_and_the_key() -> None:
         parse_args(["--steps", "0"], PretrainConfig, STABLE_FLAGS, "test")
     with pytest.raises(ConfigError, match=r"model.width -1.0: expected a positive multiplier"):
         parse_args(["--model.width=-1"], PretrainConfig, STABLE_FLAGS, "test")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"data:\n  workers: \xff\xfe\n", "not UTF-8 text (byte 17)"),
+        (b"data:\n  pad: 1\n  pad: 2\n", "not valid YAML at line 3, column 3 (key 'pad' appears twice"),
+        (b"optim: {lr: 0.1}\noptim: {lr: 0.2}\n", "key 'optim' appears twice"),
+        (b"data:\n  pad: [1, 2\n", "not valid YAML at line"),
+    ],
+)
+def test_a_bad_config_file_is_one_line_naming_it_once(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(PretrainConfig, str(path))
+    assert message in str(error.value) and str(error.value).count(str(path)) == 1, str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_yaml_aliases_are_refused_at_once(tmp_path: Path) -> None:
+    """Nine levels of nested aliases would expand to 10^9 items ("billion laughs")."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        load_config(PretrainConfig, str(path))
+    overrides = parse_args(["--data.std=&s [0.5, 0.5, 0.5]"], PretrainConfig, STABLE_FLAGS, "")[0]
+    assert overrides.data.std == (0.5, 0.5, 0.5)  # an anchor alone is harmless; only aliases expand

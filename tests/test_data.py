@@ -1,3 +1,4 @@
+import os
 import pickle
 from pathlib import Path
 
@@ -260,3 +261,76 @@ def test_each_prefetched_batch_waits_for_its_own_copy_only() -> None:
         assert last_wait[1] == event  # its own copy's event, not a later one
         if k < 3:
             assert log.index(("copy", k + 1)) < used  # the next copy is already under way
+
+
+class Marker:
+    """Unpickling it creates the file `path`: what a crafted data file would do, harmlessly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple:
+        return open, (str(self.path), "w")
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_every_pickle_protocol_read(tmp_path: Path, protocol: int) -> None:
+    """The real files are protocol 2 from numpy 1 (numpy.core.multiarray._reconstruct); numpy 2 writes
+    numpy._core, protocol 5 its buffer form."""
+    root = tmp_path / "c10"
+    root.mkdir()
+    data = np.random.default_rng(0).integers(0, 256, (4, 3072), dtype=np.uint8)
+    batch = {b"batch_label": b"training batch 1 of 5", b"labels": [1, 2, 3, 4], b"data": data, b"filenames": [b"a"] * 4}
+    raw = pickle.dumps(batch, protocol=protocol)
+    if protocol == 2:
+        raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")  # as numpy 1 wrote it
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (root / name).write_bytes(raw)
+    source = open_source(root)
+    assert len(source) == 20 and np.array_equal(source.images[5], data[1].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
+def crafted_cifar(root: Path, marker: Path) -> Path:
+    make_cifar(root)
+    batch = {b"data": np.zeros((10, 3072), np.uint8), b"labels": [0] * 10, b"extra": Marker(marker)}
+    with open(root / "data_batch_1", "wb") as f:
+        pickle.dump(batch, f, protocol=2)
+    return root
+
+
+def test_a_crafted_cifar_batch_runs_nothing_in_pretraining_or_the_converter(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tests.conftest import ROOT, TINY, run_script
+    from train import pretrain
+    from train.cli import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "marker"
+    root = crafted_cifar(tmp_path / "c10", marker)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(pretrain.main, [*TINY, "--data", str(root), "--out", str(tmp_path / "run")])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1 and f"{root / 'data_batch_1'}: refused" in error[0], error
+    converted = run_script(["-m", "pipeline.convert", "--src", str(root), "--dst", str(tmp_path / "c.beton")], ROOT)
+    assert converted.returncode == 2 and f"{root / 'data_batch_1'}: refused" in converted.stderr, converted.stderr
+    assert len(converted.stderr.strip().splitlines()) == 1, converted.stderr
+    assert not marker.exists() and not (tmp_path / "run").exists() and not (tmp_path / "c.beton").exists()
+
+
+def test_a_fifo_named_like_an_image_is_left_out_and_named(tmp_path: Path, capsys) -> None:
+    root = make_folder(tmp_path / "data", classes=2, per_class=3)
+    fifo = root / "class0" / "0-fifo.png"  # sorted first: the file a probe would open first
+    os.mkfifo(fifo)
+    source = open_source(root)
+    assert len(source) == 6 and str(fifo) not in source.files
+    assert f"note: {fifo}: not a regular file" in capsys.readouterr().out
+    check_readable(source)  # returns: nothing opens the FIFO
+
+
+def test_images_smaller_than_the_crop_are_warned_about(tmp_path: Path, capsys) -> None:
+    root = make_folder(tmp_path / "data", classes=2, per_class=2, size=1)
+    check_readable(open_source(root), crop=32)
+    assert "is 7x1 px, smaller than the 32 px training crop" in capsys.readouterr().out
+    check_readable(open_source(make_folder(tmp_path / "big", classes=2, per_class=2, size=40)), crop=32)
+    assert "smaller than" not in capsys.readouterr().out

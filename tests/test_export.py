@@ -35,7 +35,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, demo_root: Path) -> dict[str,
 
 
 def newest_model(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    return torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("format_name", ["torch", "safetensors"])

@@ -135,7 +135,7 @@ def test_a_linear_probe_leaves_the_pretrained_backbone_untouched(
 ) -> None:
     """Frozen weights stay the pretrained ones; the batch-norm statistics are re-estimated on whole images
     first (pretraining learned them on patches), or kept too with --finetune.recalibrate_bn=false."""
-    selfie = torch.load(sorted((pretrained_run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    selfie = torch.load(sorted((pretrained_run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model"]
     parts = [("backbone.", "patch_net.")] + ([("pool.", "pool.")] if arch == "resnet36_attn" else [])
     for recalibrate in (True, False):
         run = tmp_path / f"probe-{recalibrate}"
@@ -144,7 +144,7 @@ def test_a_linear_probe_leaves_the_pretrained_backbone_untouched(
             [*args, "--linear-probe", "--steps", "3", f"--finetune.recalibrate_bn={recalibrate}"], tmp_path
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=False)["model"]
+        tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=True)["model"]
         for mine, theirs in parts:
             names = [k for k in tuned if k.startswith(mine)]
             assert names
@@ -169,7 +169,7 @@ def test_kill_then_resume_gives_the_same_model(tmp_path: Path, demo_root: Path) 
     result = finetune([*common, "--out", str(killed), "--resume"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = (
-        torch.load(run / "seed_0" / "checkpoints" / "step_00000040.pt", weights_only=False)["model"]
+        torch.load(run / "seed_0" / "checkpoints" / "step_00000040.pt", weights_only=True)["model"]
         for run in (straight, killed)
     )
     for name in a:
@@ -334,8 +334,8 @@ def test_a_rotation_checkpoint_initialises_the_backbone_under_a_two_layer_head(
     args += ["--head", "mlp", "--finetune.head_hidden=16", "--steps", "3"]
     result = finetune([*args, *(["--linear-probe"] if linear_probe else [])], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=False)["model"]
-    pretext = torch.load(sorted((rotation_run / "checkpoints").glob("*.pt"))[-1], weights_only=False)["model"]
+    tuned = torch.load(run / "seed_0" / "checkpoints" / "step_00000003.pt", weights_only=True)["model"]
+    pretext = torch.load(sorted((rotation_run / "checkpoints").glob("*.pt"))[-1], weights_only=True)["model"]
     names = [k for k in tuned if k.startswith("backbone.")]
     assert names and all(name in pretext for name in names)  # the same names under the same prefix
     weights = [n for n in names if not n.endswith(("running_mean", "running_var", "num_batches_tracked"))]

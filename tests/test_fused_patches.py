@@ -140,6 +140,6 @@ def test_pretraining_with_the_fused_op_equals_the_reference(tmp_path: Path, demo
         result = pretrain(args, tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"{op} patch op" in result.stdout
-        models.append(torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=False)["model"])
+        models.append(torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)["model"])
     for name, tensor in models[0].items():
         assert torch.equal(tensor, models[1][name]), name

@@ -82,7 +82,7 @@ def test_the_toy_trains_three_steps_with_every_loader(tmp_path: Path, demo_root:
     records = [r for r in log_of(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3] and result["step"] == 3
     assert all(r["chance_acc"] == pytest.approx(1 / 3, abs=1e-5) and 0 <= r["roll_acc"] <= 1 for r in records)
-    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert state["kind"] == "toy_roll_pretrain" and state["config"]["toy_roll"] == {"ways": 3}
     assert not (run / "pictures").exists()  # the toy draws no pictures, and the loop asks for none
     assert (run / "curves.png").stat().st_size > 0
@@ -103,9 +103,7 @@ def test_the_toy_resumes_bit_for_bit_and_initialises_fine_tuning(tmp_path: Path,
     pretrain.main([*common, "--out", str(resumed)])
     (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 4's log record
     pretrain.main([*common, "--out", str(resumed), "--resume"])
-    a, b = (
-        torch.load(r / "checkpoints" / "step_00000004.pt", weights_only=False)["model"] for r in (straight, resumed)
-    )
+    a, b = (torch.load(r / "checkpoints" / "step_00000004.pt", weights_only=True)["model"] for r in (straight, resumed))
     assert all(torch.equal(a[name], b[name]) for name in a)
     assert [r["step"] for r in log_of(resumed) if "loss" in r] == [1, 2, 3, 4]
 
@@ -113,7 +111,7 @@ def test_the_toy_resumes_bit_for_bit_and_initialises_fine_tuning(tmp_path: Path,
     args = [*TINY, "--data", str(demo_root), "--init", str(straight), "--arch", "resnet8", "--linear-probe"]
     summary = finetune.main([*args, "--steps", "2", "--seeds", "1", "--out", str(tuned)])
     assert summary["init_method"] == "toy_roll" and 0 <= summary["accuracy"]["mean"] <= 100
-    fine = torch.load(tuned / "seed_0" / "checkpoints" / "step_00000002.pt", weights_only=False)["model"]
+    fine = torch.load(tuned / "seed_0" / "checkpoints" / "step_00000002.pt", weights_only=True)["model"]
     statistics = ("running_mean", "running_var", "num_batches_tracked")  # a probe recalibrates these first
     backbone = [name for name in fine if name.startswith("backbone.") and not name.endswith(statistics)]
     assert backbone and all(torch.equal(fine[name], a[name]) for name in backbone)  # frozen, as pretrained

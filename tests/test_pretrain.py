@@ -48,7 +48,7 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
     assert "batch_size: 8" in (run / "config.yaml").read_text()
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert names == ["step_00000002.pt", "step_00000004.pt"]  # atomic: no temporary files left
-    state = torch.load(run / "checkpoints" / "step_00000004.pt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "step_00000004.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "scaler", "step", "rng", "config"} <= state.keys()
     assert state["step"] == 4 and state["config"]["train"]["steps"] == 4
     # The pictures people look at: one "put the patches back" per checkpoint, and the curves.
@@ -64,7 +64,7 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
 
 def final_model(run: Path) -> dict:
     checkpoint = sorted((run / "checkpoints").glob("step_*.pt"))[-1]
-    return torch.load(checkpoint, weights_only=False)["model"]
+    return torch.load(checkpoint, weights_only=True)["model"]
 
 
 def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_path: Path, demo_root: Path) -> None:
@@ -127,7 +127,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
         launcher=[torchrun, "--nproc_per_node", "2", "--master_port", free_port()],
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert rank0["world"] == 2
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
@@ -300,7 +300,7 @@ def test_every_rotation_method_trains_with_every_loader(
     for record in records:
         assert 0 <= record["rotation_acc"] <= 1 and record["chance_acc"] == 1 / classes
         assert record["loss"] == pytest.approx(np.log(classes), abs=0.6)  # starts near chance
-    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=False)
+    state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
     assert state["kind"] == f"{method}_pretrain" and state["encoder_prefix"] == "backbone."
     assert state["config"]["method"] == method and state["config"]["model"]["backbone"] == "resnet8"
     assert [p.name for p in (run / "pictures").iterdir()] == ["views_step_00000003.png"]

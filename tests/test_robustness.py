@@ -30,7 +30,7 @@ def read_log(run: Path) -> list[dict]:
 
 
 def models(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {p.name: torch.load(p, weights_only=False)["model"] for p in sorted((run / "checkpoints").glob("*.pt"))}
+    return {p.name: torch.load(p, weights_only=True)["model"] for p in sorted((run / "checkpoints").glob("*.pt"))}
 
 
 BAD_VALUES = [
@@ -145,6 +145,7 @@ def test_a_diverging_update_is_never_checkpointed(tmp_path: Path, demo_root: Pat
 def test_a_failed_checkpoint_write_is_one_line(tmp_path: Path, demo_root: Path) -> None:
     run = tmp_path / "run"
     run.mkdir()
+    (run / "run.json").write_text('{"invocations": []}')  # a run folder (of a run killed before its checkpoint)
     (run / "checkpoints").write_text("a file where the checkpoint folder goes")
     result = pretrain([*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "2"], tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -291,3 +292,24 @@ def test_only_collective_failures_become_the_timeout_line() -> None:
     assert is_collective_failure(torch.distributed.DistError("anything"))
     # Without a process group a "timed out" RuntimeError is someone else's: it stays a traceback.
     assert not is_collective_failure(RuntimeError("Timed out waiting 10000ms for recv operation to complete"))
+
+
+@pytest.mark.xdist_group("torchrun")  # two processes each: one such test at a time
+def test_a_sigterm_under_torchrun_prints_one_resume_hint_with_the_launcher(tmp_path: Path, demo_root: Path) -> None:
+    import shutil
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    launcher = [torchrun, "--nproc_per_node", "2", "--master_port", free_port()]
+    args = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--out", str(tmp_path / "run"), "--steps", "400"]
+    process = subprocess.Popen([*launcher, str(ROOT / "train" / "pretrain.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while not log.exists() or '"loss"' not in log.read_text():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # torchrun passes it to both ranks
+    _, stderr = process.communicate(timeout=120)
+    hints = [line for line in stderr.splitlines() if "resume with:" in line]
+    assert len(hints) == 1, stderr[-3000:]
+    assert f"resume with: {torchrun} --nproc_per_node 2 " in hints[0] and hints[0].endswith("--resume"), hints[0]

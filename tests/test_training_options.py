@@ -119,7 +119,7 @@ def test_tensorboard_receives_every_record_and_a_resume_continues_it(tmp_path: P
     # The hyperparameters sit in the run's own event folder, not in a timestamped second "run".
     assert [p.name for p in (run / "trackers" / "selfie-trainer").iterdir() if p.is_dir()] == []
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
-    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=False)
+    state = torch.load(sorted((run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
     assert state["tracker_run_id"] == str(run / "trackers")
 
 

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from pipeline.loaders import LOADERS
-from train.config import C, ConfigError, allowed_values, config_from, load_config, stage_class, to_dict
+from train import yaml_strict
+from train.config import C, ConfigError, allowed_values, config_from, load_config, read_yaml, stage_class, to_dict
 from train.optim import describe_lr
 
 
@@ -45,7 +46,10 @@ def parse_value(text: str, hint: Any) -> Any:
             return float(text)
         except ValueError:
             pass
-    return yaml.safe_load(text) if text.strip() else text
+    try:
+        return yaml_strict.load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text  # not YAML: the key's check names the value and what it expects
 
 
 # The stable flags both stages take: flag -> (config key, argparse type or "store_true", help)
@@ -153,8 +157,7 @@ def saved_config(overrides: dict[str, Any]) -> dict[str, Any] | None:
     out = overrides.get("train.out")
     if not overrides.get("train.resume") or out is None or not (Path(out) / "config.yaml").is_file():
         return None
-    saved = yaml.safe_load((Path(out) / "config.yaml").read_text())
-    return saved if isinstance(saved, dict) else None
+    return read_yaml(Path(out) / "config.yaml")
 
 
 def note(text: str) -> None:

@@ -1,10 +1,21 @@
 """The one checkpoint format: what a resumed run needs to continue bit for bit, every rank's RNG state,
-and the folder of step_XXXXXXXX.pt files, each written atomically."""
+and the folder of step_XXXXXXXX.pt files, each written atomically.
+
+A checkpoint holds only tensors and plain containers (dicts, lists, tuples, str, numbers, None), so it is
+read with `torch.load(..., weights_only=True)`: reading a file, even a hostile one, never runs code from
+it. A file that needs anything else (a class, a function: what a pickle runs when it is loaded) is
+refused. Checkpoints of format 1 (this trainer before format 2) held numpy's RNG state as a numpy array,
+which only a full unpickling reads; `python -m train.checkpoint upgrade FILE|RUN_DIR` converts them, and
+is for files of a trusted source only (it unpickles them).
+"""
 
 from __future__ import annotations
 
+import argparse
+import pickle
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +25,22 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipeline.atomic import write_atomic
+from train.checkpoint_schema import check_finite_weights, check_schema
 from train.config import ConfigError, to_dict
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: loadable with weights_only=True (1: numpy RNG state as an array)
+UPGRADE = "python -m train.checkpoint upgrade"
 
 
 def has_checkpoint(folder: Path, pattern: str = "checkpoints/*") -> bool:
     """Whether any file matching `pattern` under `folder` is a checkpoint (a run to resume)."""
     return any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(pattern))
+
+
+class UnreadableCheckpoint(ConfigError):
+    """A file that is not a readable checkpoint at all (torn by a copy, truncated): a resume falls back to
+    an older one. Every other refusal (a file needing code to load, a bad field) stops the run."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -69,24 +87,51 @@ class Checkpoints:
 
 
 def newest_readable(paths: list[Path], quiet: bool = False) -> tuple[Path | None, dict[str, Any] | None]:
-    """Of `paths` (oldest first), the newest checkpoint that loads, and its state."""
+    """Of `paths` (oldest first), the newest checkpoint that loads, and its state. A torn newer one is named
+    and skipped; one that is refused for what it holds stops the search (it is not damage to work around)."""
     for path in reversed(paths):
         try:
             return path, load_checkpoint(path)
-        except ConfigError as error:
+        except UnreadableCheckpoint as error:
             if not quiet:
                 print(f"warning: skipping {path}, it does not load ({error}); resuming from an older checkpoint")
     return None, None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint of this trainer, read without running anything from the file, its fields checked and
+    its weights finite; anything else is a ConfigError naming the file (and the field)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with warnings.catch_warnings():  # torch warns of a foreign pickle protocol; the refusal says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused a global: a class or function to call
+        raise ConfigError(refusal(path, str(error))) from error
     except Exception as error:  # torch raises several types for a truncated or foreign file
-        raise ConfigError(f"{path}: not a readable checkpoint ({error})") from error
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ConfigError(f"{path}: not a checkpoint written by this trainer (format {CHECKPOINT_FORMAT})")
+        message = " ".join(str(error).split())[:200]
+        raise UnreadableCheckpoint(f"{path}: not a readable checkpoint ({message})") from error
+    if isinstance(state, dict) and state.get("format") == 1:
+        raise ConfigError(f"{path}: a checkpoint of format 1 (an older trainer); {upgrade_advice(path)}")
+    check_schema(path, state, CHECKPOINT_FORMAT)
+    check_finite_weights(path, state["model"])
     return state
+
+
+def refusal(path: Path, message: str) -> str:
+    found = re.search(r"GLOBAL (\S+)", message)
+    needs = f"the global {found.group(1)}" if found else "objects other than tensors and plain containers"
+    # A format-1 checkpoint needs numpy's array reconstruction (its numpy RNG state); nothing else is ours.
+    advice = (
+        upgrade_advice(path) if found and found.group(1).startswith("numpy") else "not a checkpoint of this trainer"
+    )
+    return (
+        f"{path}: refused, it needs {needs} to load, which no checkpoint of this trainer holds (loading it "
+        f"could run code from the file); {advice}"
+    )
+
+
+def upgrade_advice(path: Path) -> str:
+    return f"if it is this trainer's checkpoint of format 1 and you trust its source, convert it: {UPGRADE} {path}"
 
 
 STANDARD_KEYS = frozenset(
@@ -173,7 +218,17 @@ def restore_training_state(
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain values (numpy's key array as an int64 tensor), so a
+    checkpoint holding them loads with weights_only=True."""
+    algorithm, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = {
+        "algorithm": str(algorithm),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -181,7 +236,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -192,3 +250,62 @@ def all_rng_states(accelerator: Accelerator) -> list[dict[str, Any]]:
     if accelerator.num_processes == 1:
         return [rng_state()]
     return gather_object([rng_state()])
+
+
+def upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint dict in format 2: numpy's RNG states and the tracker id as plain values."""
+    for rank_state in state.get("rng") or []:
+        numpy_state = rank_state.get("numpy")
+        if isinstance(numpy_state, tuple):
+            algorithm, keys, position, has_gauss, cached = numpy_state
+            rank_state["numpy"] = {
+                "algorithm": str(algorithm),
+                "keys": torch.as_tensor(np.asarray(keys, dtype=np.int64)),
+                "pos": int(position),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached),
+            }
+    if state.get("tracker_run_id") is not None:
+        state["tracker_run_id"] = str(state["tracker_run_id"])
+    return state | {"format": CHECKPOINT_FORMAT}
+
+
+def upgrade(path: Path) -> None:
+    """Rewrite a format-1 checkpoint in format 2, atomically. It UNPICKLES the file (weights_only=False):
+    a hostile file runs its code here, so only for checkpoints of a trusted source."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:  # a missing, truncated or foreign file
+        raise ConfigError(f"{path}: not a readable checkpoint ({' '.join(str(error).split())[:200]})") from error
+    if not isinstance(state, dict) or state.get("format") != 1:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{path}: not a format-1 checkpoint of this trainer (format {found!r})")
+    state = upgraded(state)
+    check_schema(path, state, CHECKPOINT_FORMAT)
+    write_atomic(path, lambda f: torch.save(state, f))
+
+
+def upgrade_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.checkpoint",
+        description="Convert checkpoints of format 1 to format 2 in place. This unpickles them, which runs "
+        "any code a hostile file holds: use it only on checkpoints of a source you trust.",
+    )
+    parser.add_argument("command", choices=["upgrade"])
+    parser.add_argument("paths", nargs="+", type=Path, help="checkpoint files, or run folders (all their checkpoints)")
+    args = parser.parse_args(argv)
+    for target in args.paths:
+        files = (
+            sorted(p for p in target.rglob("step_*.pt") if CHECKPOINT_PATTERN.match(p.name))
+            if target.is_dir()
+            else [target]
+        )
+        for path in files:
+            upgrade(path)
+            print(f"upgraded {path} to format {CHECKPOINT_FORMAT}")
+
+
+if __name__ == "__main__":
+    from train.cli import run_cli
+
+    run_cli(upgrade_main)

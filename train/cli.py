@@ -30,7 +30,8 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
     except Stopped as error:
-        print(str(error), file=sys.stderr)
+        if error.main_process:  # the same line from every rank would only repeat it
+            print(str(error), file=sys.stderr)
         sys.exit(error.exit_code)
     except RuntimeError as error:
         if not is_collective_failure(error):

@@ -37,6 +37,7 @@ from pipeline.augment import PAD_MODES
 from pipeline.data import AUGMENTS
 from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
+from train import yaml_strict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # auto = what `accelerate launch` / `accelerate config` chose, else no; fp32 is another name for no
@@ -406,8 +407,13 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A config file's top-level mapping; every problem is a ConfigError naming the file once."""
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml_strict.load(path.read_bytes().decode("utf-8")) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror})") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start}); expected a YAML file") from error
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
@@ -456,8 +462,9 @@ def load_config(
     ({"optim.lr": 0.2, ...}). Both stages' blocks are checked, so a typo anywhere in the file is an error;
     `flags` (key -> flag) lets an error name the flag a bad value came from."""
     path = resolve_config_path(name_or_path)
+    loaded = read_yaml(path)  # its errors name the file already
     try:
-        config = _stage_configs(read_yaml(path))[cls.STAGE]
+        config = _stage_configs(loaded)[cls.STAGE]
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
     for dotted, value in (overrides or {}).items():

@@ -70,14 +70,18 @@ def find_checkpoint(path: Path, seed: int | None) -> Path:
 
 def backbone_of(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(the backbone's tensors in this project's names, what the sidecar says of it)."""
-    state = load_checkpoint(checkpoint)
-    config, kind = state["config"], str(state.get("kind"))
+    state = load_checkpoint(checkpoint)  # fields checked, weights finite
+    config, kind = state["config"], state["kind"]
     model = config["model"]
     if kind.endswith(KIND_SUFFIX):
         pretrained = read_pretrained(checkpoint)
         prefix, name, method = pretrained.encoder_prefix, pretrained.backbone, pretrained.method
     elif kind == "finetune":
         arch = config["finetune"]["arch"]
+        if arch not in ARCH_BACKBONES:
+            raise ConfigError(
+                f"{checkpoint}: field config.finetune.arch is {arch!r}; expected one of {', '.join(ARCH_BACKBONES)}"
+            )
         prefix, name, method = (
             "backbone.",
             ARCH_BACKBONES[arch],
@@ -86,6 +90,11 @@ def backbone_of(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
     else:
         raise ConfigError(f"{checkpoint}: a {kind!r} checkpoint; expected a pretraining or fine-tuning one")
     tensors = {k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)}
+    data = config.get("data")
+    if not isinstance(data, dict) or not {"image_size", "mean", "std"} <= data.keys():
+        raise ConfigError(
+            f"{checkpoint}: field config.data lacks image_size, mean or std; expected the run's data section"
+        )
     trained_on = METHODS[method].backbone_input(config) if method in METHODS else None
     info = {
         "backbone": name,
@@ -96,12 +105,9 @@ def backbone_of(checkpoint: Path) -> tuple[dict[str, torch.Tensor], dict]:
         "step": int(state["step"]),
         "source": str(checkpoint.resolve()),
         "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        "preprocessing": preprocessing(config["data"], trained_on),
+        "preprocessing": preprocessing(data, trained_on),
     }
-    try:  # every tensor of the backbone present, in its place
-        build_backbone(name, model["width"], model["stem"]).load_state_dict(tensors)
-    except RuntimeError as error:
-        raise ConfigError(f"{checkpoint}: its {name} backbone does not load ({str(error)[:300]})") from error
+    check_loads(checkpoint, name, model, tensors)
     return tensors, info
 
 
@@ -140,6 +146,26 @@ def timm_pretrained_cfg(record: dict) -> dict:
         "crop_pct": EVAL_CROP_FRACTION if record["input"] == "images" else 1.0,
         "num_classes": 0,
     }
+
+
+def check_loads(checkpoint: Path, name: str, model: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the backbone present, in its place, and no other; said in one line."""
+    try:
+        backbone = build_backbone(name, model["width"], model["stem"])
+        missing, unexpected = backbone.load_state_dict(tensors, strict=False)
+    except (RuntimeError, ValueError, KeyError) as error:  # a shape mismatch, a stem or width that does not build
+        first = " ".join(str(error).split())[:300]
+        raise ConfigError(f"{checkpoint}: its {name} backbone does not load ({first})") from error
+    if missing or unexpected:
+        parts = [
+            f"{len(keys)} {what} (e.g. {keys[0]})"
+            for what, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
+        raise ConfigError(
+            f"{checkpoint}: its {name} backbone does not load: tensors {', '.join(parts)}; expected the "
+            "backbone's tensors under the method's prefix"
+        )
 
 
 def in_timm_names(tensors: dict[str, torch.Tensor], info: dict) -> tuple[dict[str, torch.Tensor], dict]:

@@ -54,6 +54,7 @@ from train.monitors import recalibrate_batch_norm, whole_images
 from train.optim import describe_lr, warmup_warning
 from train.pretrained import Pretrained, initialise, load_init
 from train.run_folder import RESUMABLE_KEYS, prepare_run_dir, record_invocation
+from train.run_lock import releasing_locks
 from train.session import check_model_builds, make_accelerator, per_process_batch
 from train.tracking import TrackerSink, start_trackers
 
@@ -255,7 +256,7 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
     """The training split and what evaluation reports on. With `finetune.holdout`, a fixed stratified part
     of the training split is the validation set and the test split is not even opened."""
     train, data_path = open_data(config, "train")
-    check_readable(train)
+    check_readable(train, crop=config.data.image_size)
     holdout = config.finetune.holdout
     if holdout:
         pool, held_out = holdout_split(train.labels, holdout)
@@ -267,6 +268,7 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
     return Splits(train, np.arange(len(train)), test, "test"), data_path
 
 
+@releasing_locks
 def main(argv: list[str] | None = None) -> dict:
     config, config_name = parse_args(argv, FinetuneConfig, STABLE_FLAGS, "Fine-tuning and linear evaluation")
     validate(config)

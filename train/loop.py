@@ -219,7 +219,7 @@ class Loop:
         if checkpoint_due:
             self.checkpoint(done, hooks.pictures, title)
         if signum is not None:
-            raise stopped(signum, done, self.t.folder)
+            raise stopped(signum, done, self.t.folder, self.t.accelerator.is_main_process)
 
     def timed_out(self, hook: Callable, *args: Any) -> Any:
         """`hook(*args)`, its time left out of the window's images/s."""

@@ -41,6 +41,7 @@ from train.methods import METHODS, PretextMethod, method_flags
 from train.monitors import build_monitors, random_network_knn
 from train.optim import describe_lr, warmup_warning
 from train.run_folder import prepare_run_dir, record_invocation
+from train.run_lock import releasing_locks
 from train.session import check_model_builds, make_accelerator, per_process_batch
 from train.tracking import TrackerSink, start_trackers
 
@@ -118,7 +119,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     method = METHODS[config.method](config, accelerator.device)
     batch = per_process_batch(config.train, accelerator)
     source, config.data.path = open_data(config, "train")  # config.yaml records where the data is
-    check_readable(source)
+    check_readable(source, crop=config.data.image_size)
     check_batch_fits(source, config.train.batch_size)
     run_dir = prepare_run_dir(config, config_name, accelerator)
     state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
@@ -131,6 +132,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     return method, training, source, batch
 
 
+@releasing_locks
 def main(argv: list[str] | None = None) -> dict:
     config, config_name = parse_args(argv, PretrainConfig, stable_flags(), "Self-supervised pretraining")
     validate(config)

@@ -22,6 +22,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from pipeline.atomic import write_atomic
 from train.checkpoint import CHECKPOINT_PATTERN, newest_readable
 from train.config import ConfigError, StageConfig, to_dict
+from train.run_lock import acquire, read_holder
 
 # Keys a resumed run may change: speed, bookkeeping, the horizon, and where the data set lives (it may be
 # mounted elsewhere on another node; its contents are the user's responsibility). Any other difference
@@ -73,9 +74,67 @@ def _folder_for(config: StageConfig, config_name: str) -> Path:
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
         broadcast_object_list(stamp)  # every rank must agree on the folder
         run.out = str(Path("runs") / f"{config_name}-{stamp[0]}")
+    if not run.out.strip() or Path(run.out).resolve() == Path.cwd().resolve():
+        raise ConfigError(f"--out {run.out!r}: the current folder; expected a run folder of its own (e.g. runs/NAME)")
     if Path(run.out).exists() and not Path(run.out).is_dir():
         raise ConfigError(f"--out {run.out}: a file; expected a run folder (a new one, or a run's to --resume)")
     return Path(run.out)
+
+
+# What only the other stage's run folder holds: pretraining's checkpoints/, fine-tuning's seed folders.
+OTHER_STAGE_MARK = {"pretraining": "seed_*", "finetuning": "checkpoints"}
+
+
+def is_run_folder(folder: Path, stage: str, checkpoint_glob: str) -> bool:
+    """Whether `folder` is recognisably a run of this trainer's `stage`: its run.lock says so, or (a run
+    of a version without run.lock) it holds this stage's checkpoints or a run.json of invocations."""
+    holder = read_holder(folder)
+    if holder is not None:
+        return holder.get("stage", stage) == stage  # {}: a run creating it right now
+    if any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(checkpoint_glob)):
+        return True
+    if any(folder.glob(OTHER_STAGE_MARK.get(stage, ""))):
+        return False
+    try:
+        record = json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("invocations"), list)
+
+
+def check_reusable(folder: Path, config: StageConfig, checkpoint_glob: str) -> None:
+    """Refuse, touching nothing, a folder a run may not write into: one that is neither new, empty nor a
+    run of this stage (the user's own files), and a --resume of a folder without checkpoints."""
+    checkpoints = [p for p in folder.glob(checkpoint_glob) if CHECKPOINT_PATTERN.match(p.name)]
+    if config.train.resume and not checkpoints:
+        raise ConfigError(f"--resume: no checkpoint in {folder / Path(checkpoint_glob).parent} to continue from")
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    stage = type(config).STAGE
+    if not checkpoints and not is_run_folder(folder, stage, checkpoint_glob):
+        names = sorted(p.name for p in folder.iterdir())
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise ConfigError(
+            f"--out {folder}: an existing folder that is not a {stage} run of this trainer (it holds {shown}); "
+            "expected a new or empty folder, or a run folder to --resume"
+        )
+
+
+def claim(folder: Path, stage: str, accelerator: Accelerator) -> None:
+    """Create the folder and lock it for this run (rank 0); every rank raises what rank 0 met."""
+    message = [None]
+    if accelerator.is_main_process:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            acquire(folder, stage)
+        except OSError as error:
+            message[0] = f"--out {folder}: cannot be created ({error.strerror or error})"
+        except ConfigError as error:
+            message[0] = str(error)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if message[0] is not None:
+        raise ConfigError(message[0])
 
 
 def prepare_run_dir(
@@ -85,12 +144,15 @@ def prepare_run_dir(
     checkpoint_glob: str = "checkpoints/step_*.pt",
     resumable_keys: frozenset[str] = RESUMABLE_KEYS,
 ) -> Path:
-    """Resolve, check and create the run folder; write the resolved config there (rank 0).
+    """Resolve, check, create and lock the run folder; write the resolved config there (rank 0).
 
     A folder holding checkpoints (`checkpoint_glob`, relative to it) is only reused with --resume, and then
-    only when the config equals the checkpoint's but for `resumable_keys`.
+    only when the config equals the checkpoint's but for `resumable_keys`. The lock is held until the
+    process ends (train/run_lock.py).
     """
     folder = _folder_for(config, config_name)
+    check_reusable(folder, config, checkpoint_glob)
+    claim(folder, type(config).STAGE, accelerator)
     found = sorted(p for p in folder.glob(checkpoint_glob) if CHECKPOINT_PATTERN.match(p.name))
     latest = found[-1] if found else None
     if config.train.resume:
@@ -105,7 +167,6 @@ def prepare_run_dir(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"
         )
     if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
         if not config.train.resume and (folder / "log.jsonl").exists():
             # No checkpoint means nothing of that run can be continued; its log would only mislead.
             print(f"note: {folder} holds a log but no checkpoint; starting a fresh log")

@@ -21,9 +21,10 @@ EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, as a
 class Stopped(RuntimeError):
     """The run stopped on a signal after writing a checkpoint; `exit_code` is what the process returns."""
 
-    def __init__(self, message: str, exit_code: int) -> None:
+    def __init__(self, message: str, exit_code: int, main_process: bool = True) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.main_process = main_process  # the one process that prints the message
 
 
 class StopRequests:
@@ -48,8 +49,10 @@ class StopRequests:
         if self.signal is not None:
             os._exit(EXIT_CODES.get(signum, 1))
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then a checkpoint; again to exit at once",
-              file=sys.stderr, flush=True)  # fmt: skip
+        if os.environ.get("RANK", "0") == "0":  # a launcher signals every rank: one note, not one per rank
+            name = signal.Signals(signum).name
+            message = f"\n{name}: finishing this step, then a checkpoint; again to exit at once"
+            print(message, file=sys.stderr, flush=True)
 
     def agreed(self, accelerator: Accelerator) -> int | None:
         """The signal to stop on, the same on every rank (a collective with several processes)."""
@@ -59,12 +62,33 @@ class StopRequests:
         return int(accelerator.reduce(mine, "max").item()) or None
 
 
-def stopped(signum: int, step: int, folder: Path) -> Stopped:
-    """The exception that ends a stopped run, with the command that resumes it."""
+def launcher_command() -> list[str]:
+    """The launcher command line up to the script, when a launcher (torchrun, accelerate launch) started this
+    process: read from the parent process, so it keeps the launcher's process count and options. Empty
+    when there is none (or it cannot be read): the script then ran under plain python."""
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+    parent = Path(f"/proc/{os.getppid()}")
+    try:
+        args = (parent / "cmdline").read_bytes().decode().split("\0")[:-1] if launched else []
+        script = os.path.realpath(sys.argv[0])
+        found = [i for i, arg in enumerate(args) if os.path.realpath(parent / "cwd" / arg) == script]
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not found:
+        return []
+    prefix = args[: found[0]]
+    if len(prefix) > 1 and Path(prefix[1]).name in ("torchrun", "accelerate"):
+        prefix = prefix[1:]  # "python .../torchrun ...": the launcher's own entry point runs it
+    return prefix
+
+
+def stopped(signum: int, step: int, folder: Path, main_process: bool = True) -> Stopped:
+    """The exception that ends a stopped run, with the command that resumes it: the same launcher and
+    process count, this script, its arguments, and --out and --resume."""
     argv = [arg for arg in sys.argv if arg != "--resume"]
     given_out = any(arg == "--out" or arg.startswith(("--out=", "--train.out")) for arg in argv)
-    command = shlex.join([sys.executable, *argv, *([] if given_out else ["--out", str(folder)]), "--resume"])
+    launcher = launcher_command() or [sys.executable]
+    command = shlex.join([*launcher, *argv, *([] if given_out else ["--out", str(folder)]), "--resume"])
     name = signal.Signals(signum).name
-    return Stopped(
-        f"stopped by {name} after step {step}, checkpoint written; resume with: {command}", EXIT_CODES[signum]
-    )
+    message = f"stopped by {name} after step {step}, checkpoint written; resume with: {command}"
+    return Stopped(message, EXIT_CODES[signum], main_process)

@@ -163,7 +163,10 @@ class SelfieMethod(PretextMethod):
 
     @classmethod
     def backbone_input(cls, config: dict) -> tuple[str, int]:
-        return "patches", int(config.get("selfie", {}).get("patch_size", SelfieSettings().patch_size))
+        settings = config.get("selfie")
+        return "patches", int(
+            settings.get("patch_size", SelfieSettings().patch_size) if settings else SelfieSettings().patch_size
+        )
 
     def pictures(self, source: Source, device: torch.device) -> PatchPictures:
         return PatchPictures(source, self.config, self.num_patches, self.num_context, device)

@@ -1,0 +1,108 @@
+"""The run folder (train/run_folder.py, train/run_lock.py): one run per folder, held by an OS lock; a
+folder that is not a run of this trainer, the current folder and an --out that cannot be created are
+refused with one line, touching nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, SMALL_MONITORS, TINY, finetune, pretrain
+from train import finetune as finetune_module
+from train import pretrain as pretrain_module
+from train.cli import run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_threads")]
+
+
+def snapshot(folder: Path) -> dict[str, tuple[bytes, int] | None]:
+    """Everything under `folder`: each file's bytes and modification time, each folder's name."""
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+        for p in folder.rglob("*")
+    }
+
+
+def refused(main, args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args)
+    error = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(error) == 1, error
+    return error[0]
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(tmp_path: Path, demo_root: Path) -> None:
+    run = tmp_path / "run"
+    args = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--out", str(run), "--steps", "40"]
+    first = subprocess.Popen([sys.executable, str(ROOT / "train" / "pretrain.py"), *args], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() or '"loss"' not in (run / "log.jsonl").read_text():
+        assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
+        time.sleep(0.05)
+    config = (run / "config.yaml").read_bytes()
+    second = subprocess.run([sys.executable, str(ROOT / "train" / "pretrain.py"), *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    error = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(error) == 1, error
+    assert f"in use by another run (pid {first.pid} on " in error[0], error
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 41))  # the first run's, each once
+    assert (run / "config.yaml").read_bytes() == config
+    assert len(json.loads((run / "run.json").read_text())["invocations"]) == 1
+
+
+def foreign_folder(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "config.yaml").write_text("my: own config\n")
+    (folder / "log.jsonl").write_text('{"my": "log"}\n')
+    (folder / "run.json").write_text('{"not": "a run record"}\n')
+    (folder / "notes.txt").write_text("notes\n")
+    return folder
+
+
+def test_a_folder_that_is_not_a_run_is_left_byte_identical(
+    tmp_path: Path, demo_root: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = foreign_folder(tmp_path / "mine")
+    before = snapshot(folder)
+    for main in (pretrain_module.main, finetune_module.main):
+        line = refused(main, [*TINY, "--data", str(demo_root), "--steps", "2", "--out", str(folder)], capsys)
+        assert f"--out {folder}: an existing folder that is not a" in line and "notes.txt" in line, line
+        assert snapshot(folder) == before
+
+
+def test_a_pretraining_run_folder_is_not_a_fine_tuning_one(tmp_path: Path, demo_root: Path) -> None:
+    """Fine-tuning into a pretraining run's folder would overwrite its config.yaml and log."""
+    run = tmp_path / "run"
+    done = pretrain([*TINY, "--steps", "1", "--data", str(demo_root), "--out", str(run)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = snapshot(run)
+    result = finetune(
+        [*TINY, "--data", str(demo_root), "--init", str(run), "--out", str(run), "--steps", "2"], tmp_path
+    )
+    assert result.returncode == 2 and "not a finetuning run of this trainer" in result.stderr, result.stderr[-2000:]
+    assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("out", ["", ".", "/proc/x/run", "afile/run"])
+def test_the_current_folder_and_an_uncreatable_out_are_one_line(
+    out: str, tmp_path: Path, demo_root: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "log.jsonl").write_text('{"a log": "of the user"}\n')
+    before = snapshot(tmp_path)
+    line = refused(pretrain_module.main, [*TINY, "--data", str(demo_root), "--steps", "2", "--out", out], capsys)
+    expected = "the current folder" if out in ("", ".") else "cannot be created"
+    assert f"--out {out!r}" in line or f"--out {out}" in line, line
+    assert expected in line, line
+    assert snapshot(tmp_path) == before
