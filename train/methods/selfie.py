@@ -165,7 +165,9 @@ class SelfieMethod(PretextMethod):
     def backbone_input(cls, config: dict) -> tuple[str, int]:
         settings = config.get("selfie")
         return "patches", int(
-            settings.get("patch_size", SelfieSettings().patch_size) if settings else SelfieSettings().patch_size
+            settings.get("patch_size", SelfieSettings().patch_size)
+            if isinstance(settings, dict)
+            else SelfieSettings().patch_size
         )
 
     def pictures(self, source: Source, device: torch.device) -> PatchPictures:
