@@ -83,8 +83,8 @@ def non_negative(value: float) -> bool:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # ImageNet-layout folder or CIFAR-10 python folder; None = built-in demo data
-    # a reference recipe (cifar10, imagenet224) trains on named data only: without data.path it is an error,
+    path: str | None = None  # ImageNet-layout, CIFAR-10 python or IDX folder; None = built-in demo data
+    # a reference recipe (cifar10, imagenet224, fmnist) trains on named data only: without data.path it is an error,
     # never a silent run of its 120k steps on the demo images
     require_path: bool = False
     loader: str = choice(lambda: LOADERS, "torch")  # loader backend (pipeline/loaders.py)
