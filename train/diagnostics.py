@@ -23,11 +23,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 CHANCE_KEY = "chance_acc"  # drawn dashed: the level a metric reaches by guessing
-FLOOR_SUFFIX = "_random"  # a floor measured once (knn_acc_random): drawn as a dashed line across the panel
+# Baselines measured once (knn_acc_random, knn_acc_pixels): drawn as dotted lines across the panel.
+FLOOR_SUFFIXES = ("_random", "_pixels")
+# A key's standard error (key + "_se") is drawn as a band around it; a floor's spread ("_sd") too.
+ERROR_SUFFIXES = ("_se", "_sd")
 # Panels of the curves figure: title and which log keys it draws.
 CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda key: key == "loss" or key.endswith("_loss")),
-    ("accuracy", lambda key: key.endswith("_acc") or key.endswith("_acc" + FLOOR_SUFFIX)),
+    ("accuracy", lambda key: key.endswith("_acc") or key.endswith(tuple("_acc" + s for s in FLOOR_SUFFIXES))),
     ("learning rate", lambda key: key == "lr"),
     ("images/s", lambda key: key == "images_per_s"),
 )
@@ -46,15 +49,29 @@ def read_log(path: Path) -> list[dict]:
     return records
 
 
+def _error_of(record: dict, key: str) -> float | None:
+    return next((record[key + s] for s in ERROR_SUFFIXES if record.get(key + s) is not None), None)
+
+
 def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
     for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if key.endswith(FLOOR_SUFFIX):
-            ax.axhline(points[-1][1], linestyle=":", color="black", label=key)
+        points = [(r["step"], r[key], _error_of(r, key)) for r in records if r.get(key) is not None]
+        if not points:
+            continue
+        if key.endswith(FLOOR_SUFFIXES):
+            _, level, error = points[-1]
+            line = ax.axhline(level, linestyle=":", color="black" if key.endswith("_random") else "brown", label=key)
+            if error:
+                ax.axhspan(level - error, level + error, color=line.get_color(), alpha=0.1)
             continue
         style = {"linestyle": "--", "color": "grey"} if key == CHANCE_KEY else {}
         marker = "o" if key.startswith("test_") else None
-        ax.plot(*zip(*points, strict=True), label=key, marker=marker, markersize=3, **style)
+        steps, values, errors = zip(*points, strict=True)
+        (line,) = ax.plot(steps, values, label=key, marker=marker, markersize=3, **style)
+        if all(e is not None for e in errors):
+            low = [v - e for v, e in zip(values, errors, strict=True)]
+            high = [v + e for v, e in zip(values, errors, strict=True)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
