@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.backbones import zero_init_residual
 from model.selfie import LOGIT_SCALES, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
@@ -38,6 +39,9 @@ class SelfieSettings:
     # each masked slot's query: paper (v = u + pos_j, §2) | attend (A over the context with one u0 + pos_j
     # token per slot, so the context can tell the slots apart; model/selfie.py)
     query: str = choice(QUERY_KINDS, "paper")
+    # every residual branch of P starts at zero (each block the identity; model/backbones.py): against the
+    # plain logits' early blow-up, the paper's objective kept
+    zero_init_residual: bool = False
 
 
 def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
@@ -113,6 +117,13 @@ class SelfieMethod(PretextMethod):
 
     @classmethod
     def build_model(cls, config: PretrainConfig) -> Selfie:
+        model = cls._build(config)
+        if config.selfie.zero_init_residual:
+            zero_init_residual(model.patch_net)
+        return model
+
+    @classmethod
+    def _build(cls, config: PretrainConfig) -> Selfie:
         m = config.model
         return build_selfie(
             width=m.width,
