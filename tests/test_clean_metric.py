@@ -120,3 +120,26 @@ def test_the_ablation_tells_a_context_that_matters_from_one_that_cannot() -> Non
     assert cannot["acc"] == reference.accuracy == 1.0
     assert cannot["u_rolled_acc"] == cannot["u_zero_acc"] == cannot["acc"]  # no gap...
     assert cannot["query_spread"] > 0.1  # ...though u differs between images
+
+
+class ImageMeanTask:
+    """A task whose figure depends on the images only: every mask of an image gives the same value."""
+
+    metric = "toy_acc"
+
+    def inputs(self, batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (batch.images,)
+
+    def clean_probe(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return {"acc": inputs[0].float().mean() / 255}
+
+
+def test_the_error_counts_groups_of_images_not_masks_of_the_same_images() -> None:
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    config, _ = parse_args(["--monitor.clean_images=12", "--monitor.clean_masks=3", "--monitor.clean_chunk=4"],
+                           PretrainConfig, {}, "")  # fmt: skip
+    clean = CleanPretext(ImageMeanTask(), nn.Linear(1, 1), images, config.monitor, 0, Accelerator(cpu=True))
+    record = clean()
+    groups = [(images[i : i + 4].float().mean() / 255).item() for i in (0, 4, 8)]
+    mean, se = weighted_mean_se(groups, [12, 12, 12])  # three independent groups, each under three masks
+    assert record["clean_toy_acc"] == round(mean, 5) and record["clean_toy_acc_se"] == round(se, 5)

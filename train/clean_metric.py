@@ -8,8 +8,9 @@ an edge patch where it belongs); this one cannot, and it does not depend on the 
   draws the same masks.
 - Batch norm: every group normalised with its own statistics (`train.batch_norm.batch_statistics`), as
   the training forward does, so the figure is sane from the first step; dropout off.
-- Errors: the groups are independent (disjoint images or fresh masks), so every figure's standard error
-  is the spread of its group means (`<key>_se`); about 1 point at the defaults (512 image-masks).
+- Errors: groups of different images are independent (the masks of one image are not: they share its
+  content), so every figure's standard error (`<key>_se`) is the spread, over the image groups, of each
+  group's mean under all its masks; about 1 point at the defaults (256 images x 2 masks, 8 groups).
 - The method's own probe (`PretextMethod.clean_probe`) may add figures: Selfie adds its context ablation
   (the accuracy with another image's context and with none) and the spread of its queries over images.
 """
@@ -69,10 +70,15 @@ class CleanPretext:
 
     def __call__(self) -> dict[str, float | None]:
         measured = self.measure()
-        weights = [count for count, _ in measured]
+        per_image_group = len(measured) // self.masks  # group k holds the same images as k + per_image_group
+        weights = [count * self.masks for count, _ in measured[:per_image_group]]
         record: dict[str, float | None] = {}
         for key in measured[0][1]:
-            mean, se = weighted_mean_se([figures[key] for _, figures in measured], weights)
+            values = [
+                sum(figures[key] for _, figures in measured[group::per_image_group]) / self.masks
+                for group in range(per_image_group)
+            ]
+            mean, se = weighted_mean_se(values, weights)
             record[log_key(key, self.task.metric)] = round(mean, 5)
             record[log_key(key, self.task.metric) + "_se"] = None if se is None else round(se, 5)
         return record

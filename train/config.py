@@ -204,8 +204,9 @@ class MonitorConfig:
     # standard error of about 1 point; the cost is one forward of them per log record
     clean_images: int = checked(256, positive, "a positive number of images")
     clean_masks: int = checked(2, positive, "a positive number of masks per image")
-    # images per forward, normalised with their own batch statistics; the groups give the standard error
-    clean_chunk: int = checked(64, positive, "a positive number of images")
+    # images per forward, normalised with their own batch statistics; the groups of different images give
+    # the standard error
+    clean_chunk: int = checked(32, positive, "a positive number of images")
     knn: bool = True  # a kNN classifier on the backbone's features of whole images (knn_acc, knn_acc_random)
     # steps between kNN evaluations; 0 = at every checkpoint
     every: int = checked(0, non_negative, "a number of steps >= 0 (0 = at every checkpoint)")
