@@ -65,7 +65,7 @@ def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
                 ax.axhspan(level - error, level + error, color=line.get_color(), alpha=0.1)
             continue
         style = {"linestyle": "--", "color": "grey"} if key == CHANCE_KEY else {}
-        marker = "o" if key.startswith("test_") else None
+        marker = "o" if key.startswith(("test_", "knn_")) else None  # evaluated rarely: a point may stand alone
         steps, values, errors = zip(*points, strict=True)
         (line,) = ax.plot(steps, values, label=key, marker=marker, markersize=3, **style)
         if all(e is not None for e in errors):
