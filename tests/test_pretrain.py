@@ -14,6 +14,7 @@ from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import (
     ROOT,
+    SMALL_MONITORS,
     TINY,
     demo_data_for,
     free_port,
@@ -107,6 +108,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
             str(ROOT / "tests" / "ddp_probe.py"),
             str(tmp_path),
             *TINY,
+            *SMALL_MONITORS,
             "--loader",
             loader,
             "--data",
