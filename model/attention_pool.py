@@ -2,6 +2,10 @@
 
 A block is post-layer-norm, as in BERT: x = LN(x + Drop(SelfAttn(x))); x = LN(x + Drop(W2 GeLU(W1 x))).
 Dropout also acts on the attention weights. GeLU is the only non-linearity.
+
+`query` runs the same blocks with several query tokens at once (Selfie's context-conditioned query): each
+attends to itself and the context, never to another query, and the context attends only to itself, so
+every query's output is what A gives it alone with that context.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.proj = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` (tokens, tokens) bool, True where row may attend to column; None: every pair."""
         batch, tokens, hidden = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, hidden // self.heads).unbind(2)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
+            attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, hidden))
@@ -43,8 +49,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.drop(self.attn(x)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.norm1(x + self.drop(self.attn(x, mask)))
         return self.norm2(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -66,3 +72,16 @@ class AttentionPooling(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         u0 = self.u0.to(tokens.dtype).expand(tokens.shape[0], -1, -1)
         return self.blocks(torch.cat([u0, tokens], dim=1))[:, 0]
+
+    def query(self, tokens: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """tokens (B, n, hidden), queries (B, m, hidden) -> (B, m, hidden): the blocks over [queries, tokens]
+        in one call, each query attending to itself and the tokens only (see the module docstring)."""
+        count, total = queries.shape[1], queries.shape[1] + tokens.shape[1]
+        mask = torch.zeros(total, total, dtype=torch.bool, device=tokens.device)
+        mask[:, count:] = True  # everyone sees the context
+        mask[:count, :count] = torch.eye(count, dtype=torch.bool, device=tokens.device)  # a query sees itself
+        mask[count:, :count] = False  # the context never sees a query
+        x = torch.cat([queries, tokens], dim=1)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x[:, :count]

@@ -7,6 +7,13 @@ Forward, for a group-major patch tensor (see `pipeline.patches`):
   logits[b, j, k] = s * v_j . h_k         over the masked patches k of the *same* image (s = 1, the
                                           paper's; or 1/sqrt(D); or learned)
   loss = cross-entropy(logits, k = j), averaged over all masked positions of the batch.
+
+The query v_j above is the paper's (`query="paper"`). Its u term is the same for every masked slot of an
+image, so it adds the same u.h_k to every slot's logit for patch k and cannot say which patch goes where:
+the task reduces to each patch's absolute position. `query="attend"` produces each slot's query by
+attention over the context instead: A runs with one query token u0 + pos(j) per masked slot (queries
+attend to themselves and the context, not to each other, in one call), so the context can decide which
+patch fills which slot. Both are `queries(encode_context(...))`, which the context ablation reuses.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ POSITION_KINDS = ("auto", "full", "rowcol")
 # How the patch-selection logits are scaled: plain v.h (the paper's), by 1/sqrt(D) (dot-product attention's
 # scale, logits of unit order at any width), or by a learned temperature that starts at 1/sqrt(D).
 LOGIT_SCALES = ("plain", "sqrt_d", "learned")
+QUERY_KINDS = ("paper", "attend")  # v_j = u + pos(j) | A over the context with one u0 + pos(j) token per slot
 # Grids up to this side learn one vector per position (4x4 on 32x32 images, paper §2.2); larger
 # grids learn row + column vectors (7 + 7 on 224x224 instead of 49).
 FULL_POSITION_MAX_GRID = 4
@@ -94,10 +102,14 @@ class Selfie(nn.Module):
         position_kind: str = "auto",
         position_on_context: bool = True,
         logit_scale: str = "plain",
+        query: str = "paper",
     ) -> None:
         super().__init__()
         if logit_scale not in LOGIT_SCALES:
             raise ValueError(f"logit scale must be one of {LOGIT_SCALES}, got {logit_scale!r}")
+        if query not in QUERY_KINDS:
+            raise ValueError(f"query kind must be one of {QUERY_KINDS}, got {query!r}")
+        self.query_kind = query
         self.patch_net = patch_net
         dim = patch_net.num_features
         self.position = PositionEmbedding(grid, dim, position_kind)
@@ -120,13 +132,24 @@ class Selfie(nn.Module):
     def forward_head(self, features: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
         """features (B * N, D) of a group-major patch tensor; context_pos (B, Nc), masked_pos (B, Nm) int64:
         A pools the context, each masked position's query picks among the image's masked patches."""
+        context, masked = self.encode_context(features, context_pos)
+        return patch_selection_loss(self.queries(context, masked_pos), masked, self.logit_scale())
+
+    def encode_context(self, features: torch.Tensor, context_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the queries read of the context, the masked patches' features (B, Nm, D)). What they read
+        is u (B, D) for the paper's query, the context tokens (B, Nc, D) for the attending one."""
         batch, num_context = context_pos.shape
         context, masked = split_context_masked(features, batch, num_context)
         if self.position_on_context:
             context = context + self.position(context_pos).to(context.dtype)
-        u = self.pool(context)
-        queries = u.unsqueeze(1) + self.position(masked_pos).to(u.dtype)
-        return patch_selection_loss(queries, masked, self.logit_scale())
+        return (self.pool(context) if self.query_kind == "paper" else context), masked
+
+    def queries(self, context: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The query of every slot in `positions` (B, M) from `encode_context`'s first output: (B, M, D)."""
+        if self.query_kind == "paper":
+            return context.unsqueeze(1) + self.position(positions).to(context.dtype)
+        seeds = self.pool.u0.to(context.dtype) + self.position(positions).to(context.dtype)
+        return self.pool.query(context, seeds)
 
     def forward(self, patches: torch.Tensor, context_pos: torch.Tensor, masked_pos: torch.Tensor) -> SelfieOutput:
         """patches (B * N, C, p, p) group-major; context_pos (B, Nc) and masked_pos (B, Nm) int64."""

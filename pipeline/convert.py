@@ -1,10 +1,12 @@
-"""Convert an ImageNet-layout folder or a CIFAR-10 python folder to an FFCV `.beton` file.
+"""Convert an ImageNet-layout folder, a CIFAR-10 python folder or an IDX folder (MNIST, Fashion-MNIST,
+KMNIST: `pipeline.idx`) to an FFCV `.beton` file.
 
     python -m pipeline.convert --src ~/data/imagenet/train --dst ~/data/imagenet/train.beton \
         --max-resolution 256 --write-mode smart --smart-threshold 150000 --jpeg-quality 90 --workers 16
     python -m pipeline.convert --src ~/data/imagenet/val --dst ~/data/imagenet/val.beton --max-resolution 256
     python -m pipeline.convert --src ~/data/cifar-10-batches-py --split train --dst ~/data/cifar10/train.beton
     python -m pipeline.convert --src ~/data/cifar-10-batches-py --split test --dst ~/data/cifar10/test.beton
+    python -m pipeline.convert --src /usr/share/datasets/fashion-mnist --split train --dst ~/data/fmnist/train.beton
 
 Each sample holds three fields: `image` (RGB), `label` (class number, classes sorted by folder name) and
 `index` (the image's position in the source, to trace a sample back to its file). Beside FILE.beton,
@@ -40,7 +42,7 @@ import torch
 from PIL import Image
 
 from pipeline.atomic import atomic_path, write_atomic
-from pipeline.data import DECODE_ERRORS, CifarSource, DataError, Source, open_source
+from pipeline.data import DECODE_ERRORS, ArraySource, DataError, Source, open_source
 
 # Importing ffcv sets torch's intra-op thread count to 1 (ffcv.pipeline.compiler runs
 # `Compiler.set_num_threads(1)`, which calls torch.set_num_threads); every ffcv import in this project
@@ -132,7 +134,7 @@ class _SourceImages:
         if self.stopped.value:
             return np.zeros((1, 1, 3), dtype=np.uint8), 0, index
         try:
-            if isinstance(self.source, CifarSource):
+            if isinstance(self.source, ArraySource):
                 image = self.source.images[index]
             else:
                 image = np.asarray(self.source.load(index))
@@ -167,8 +169,8 @@ def _write(tmp: Path, images: _SourceImages, indices: np.ndarray, options: Conve
 def page_size(source: Source, max_resolution: int | None) -> int:
     """FFCV's page (a power of two, at least its default) large enough for the largest sample: the
     writer cannot split a sample over pages, and a sample larger than a page fails in a worker."""
-    if isinstance(source, CifarSource):
-        largest = 32 * 32 * 3
+    if isinstance(source, ArraySource):
+        largest = int(np.prod(source.images.shape[1:]))
     elif max_resolution is not None:
         largest = max_resolution * max_resolution * 3
     else:
@@ -339,12 +341,14 @@ def convert(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.convert",
-        description="Convert an ImageNet-layout folder or CIFAR-10 python folder to an FFCV .beton file.",
+        description="Convert an ImageNet-layout, CIFAR-10 python or IDX (MNIST-style) folder to an FFCV .beton file.",
     )
     defaults = ConvertOptions()
-    parser.add_argument("--src", required=True, help="split folder (class sub-folders) or CIFAR-10 python folder")
+    parser.add_argument(
+        "--src", required=True, help="split folder (class sub-folders), CIFAR-10 python folder or IDX folder"
+    )
     parser.add_argument("--dst", required=True, help="the .beton file to write")
-    parser.add_argument("--split", default="train", choices=("train", "test"), help="CIFAR-10 split (or val/)")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="CIFAR-10/IDX split (or val/)")
     parser.add_argument("--max-resolution", type=int, default=defaults.max_resolution, help="longest side, px")
     parser.add_argument("--write-mode", default=defaults.write_mode, choices=WRITE_MODES)
     parser.add_argument("--smart-threshold", type=int, default=defaults.smart_threshold, help="bytes (smart mode)")

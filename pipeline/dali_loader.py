@@ -42,9 +42,9 @@ from pipeline.data import (
     DECODE_ERRORS,
     EVAL_CROP_FRACTION,
     MAX_CONSECUTIVE_BAD_FILES,
+    ArraySource,
     Batch,
     BatchSpec,
-    CifarSource,
     DataError,
     FolderSource,
     ShardedBatchSampler,
@@ -106,7 +106,7 @@ class _Feed:
 
     def _read(self, index: int) -> tuple[np.ndarray | None, str | None]:
         row = int(self.rows[index]) if self.rows is not None else index
-        if isinstance(self.source, CifarSource):
+        if isinstance(self.source, ArraySource):
             return self.source.images[row], None
         name = self.source.name(row)
         try:
@@ -244,7 +244,7 @@ def _build_pipeline(
 
 def _encoded(source: Source | SubsetSource) -> bool:
     base = source.source if isinstance(source, SubsetSource) else source
-    if isinstance(base, CifarSource):
+    if isinstance(base, ArraySource):
         return False
     if isinstance(base, FolderSource):
         return True

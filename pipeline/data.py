@@ -145,7 +145,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-class CifarSource:
+class ArraySource:
+    """Decoded images held in memory: `images` uint8 (N, S, S, 3) (NHWC), `labels` int64 (N,), `classes`.
+    Every backend reads its pixels directly (nothing to decode, nothing unreadable)."""
+
+    root: Path
+    images: np.ndarray
+    labels: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def name(self, index: int) -> str:
+        return f"{self.root}[{index}]"
+
+    def load(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[index])
+
+
+class CifarSource(ArraySource):
     """CIFAR-10 "python version": pickled batches of 10,000 rows of 3072 uint8 (R, G, B planes)."""
 
     def __init__(self, root: Path, split: str) -> None:
@@ -169,15 +188,6 @@ class CifarSource:
         self.labels = np.asarray(labels, dtype=np.int64)
         self.classes = [str(i) for i in range(CIFAR_CLASSES)]
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def name(self, index: int) -> str:
-        return f"{self.root}[{index}]"
-
-    def load(self, index: int) -> Image.Image:
-        return Image.fromarray(self.images[index])
-
 
 def _check_cifar_batch(path: Path, count: int, labels: list) -> None:
     """Every image has its label, and every label names one of CIFAR-10's classes: a shorter label list
@@ -191,20 +201,25 @@ def _check_cifar_batch(path: Path, count: int, labels: list) -> None:
         )
 
 
-Source = FolderSource | CifarSource
+Source = FolderSource | ArraySource
 
 
 def open_source(path: str | os.PathLike, split: str = "train") -> Source:
-    """A CIFAR-10 python folder, or an ImageNet-layout folder (its `train/` or `val/` when present)."""
+    """A CIFAR-10 python folder, an IDX folder (MNIST, Fashion-MNIST, KMNIST; `pipeline.idx`), or an
+    ImageNet-layout folder (its `train/` or `val/` when present)."""
+    from pipeline.idx import IdxSource, is_idx_folder  # pipeline.idx builds on this module
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(path)
     if not root.exists():
         raise DataError(f"--data {root}: no such file or folder")
     if not root.is_dir():
-        raise DataError(f"--data {root}: expected a folder (ImageNet layout or CIFAR-10 python batches)")
+        raise DataError(f"--data {root}: expected a folder (ImageNet layout, CIFAR-10 python batches or IDX files)")
     if (root / CIFAR_TRAIN_FILES[0]).exists() or (root / CIFAR_TEST_FILE).exists():
         return CifarSource(root, split)
+    if is_idx_folder(root):
+        return IdxSource(root, split)
     if split == "train":
         return FolderSource(root / "train" if (root / "train").is_dir() else root)
     for name in ("val", "test"):
@@ -216,7 +231,7 @@ def open_source(path: str | os.PathLike, split: str = "train") -> Source:
 def check_readable(source: Source, probes: int = 16, crop: int = 0) -> None:
     """Fail fast when a folder holds image-named files none of which decode; warn when the first readable
     one is smaller than the `crop` (side in pixels) the run enlarges it to."""
-    if isinstance(source, CifarSource):
+    if isinstance(source, ArraySource):
         return
     picks = np.linspace(0, len(source) - 1, num=min(probes, len(source))).round().astype(int)
     errors = []

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debian_packages=(pkg-config libturbojpeg0-dev libopencv-dev)
+# dataset-fashion-mnist: the IDX files configs/fmnist.yaml reads, in /usr/share/datasets/fashion-mnist
+debian_packages=(pkg-config libturbojpeg0-dev libopencv-dev dataset-fashion-mnist)
 missing=()
 for pkg in "${debian_packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")

@@ -32,7 +32,13 @@ TINY = [
     STEPS,
 ]
 # The monitors on few images: they must not change what is trained, which these runs show.
-MONITORS = ["--monitor.knn_train_images=48", "--monitor.knn_test_images=24"]
+MONITORS = [
+    "--monitor.knn_train_images=48",
+    "--monitor.knn_test_images=24",
+    "--monitor.knn_random_inits=2",
+    "--monitor.clean_images=8",
+    "--monitor.clean_chunk=4",
+]
 # The demo's pretraining augmentation when these were recorded (issue 15 made its pad 0).
 AS_PINNED = ["--data.pad=4", "--data.pad_mode=zero", "--selfie.logit_scale=plain"]
 # (name, pretraining flags); the rotation family runs on the CIFAR ResNet-8.

@@ -111,12 +111,18 @@ def run_concurrently(calls: list[Callable[[], T]], jobs: int | None = None) -> l
 
 # The monitors on few images: they score a run without changing it (tests/test_behaviour.py shows it), and
 # at their defaults would cost a tiny test run more than its training.
-SMALL_MONITORS = ["--monitor.knn_train_images=48", "--monitor.knn_test_images=24"]
+# A test's own --monitor.* flags come after these and override them.
+SMALL_MONITORS = [
+    "--monitor.knn_train_images=48",
+    "--monitor.knn_test_images=24",
+    "--monitor.knn_random_inits=2",
+    "--monitor.clean_images=8",
+    "--monitor.clean_chunk=4",
+]
 
 
 def pretrain(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    monitors = [] if any(arg.startswith("--monitor.") for arg in args) else SMALL_MONITORS
-    return run_script([str(ROOT / "train" / "pretrain.py"), *monitors, *args], cwd, **kwargs)
+    return run_script([str(ROOT / "train" / "pretrain.py"), *SMALL_MONITORS, *args], cwd, **kwargs)
 
 
 def finetune(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
@@ -125,7 +131,7 @@ def finetune(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProces
 
 def kill_when_exists(script: str, args: list[str], cwd: Path, marker: Path) -> None:
     """Start train/<script> and SIGKILL it as soon as `marker` (a checkpoint) exists: a crash mid-run."""
-    monitors = SMALL_MONITORS if script == "pretrain.py" and not any(a.startswith("--monitor.") for a in args) else []
+    monitors = SMALL_MONITORS if script == "pretrain.py" else []
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train" / script), *monitors, *args],
         cwd=cwd,

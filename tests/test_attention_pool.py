@@ -13,6 +13,24 @@ def test_pooling_shape_and_u0_output() -> None:
     torch.testing.assert_close(u, full[:, 0])
 
 
+def test_queries_attend_to_themselves_and_the_context_and_the_context_only_to_itself() -> None:
+    """`query` equals, block by block, the context run alone and each query run with the context."""
+    torch.manual_seed(0)
+    pool = AttentionPooling(hidden=32, layers=2, intermediate=16, heads=4).eval()
+    tokens, queries = torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        got = pool.query(tokens, queries)
+        expected = []
+        for j in range(3):
+            query, context = queries[:, j : j + 1], tokens
+            for block in pool.blocks:
+                query = block(torch.cat([query, context], dim=1))[:, :1]
+                context = block(context)
+            expected.append(query[:, 0])
+    assert got.shape == (2, 3, 32)
+    torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-5, atol=1e-5)
+
+
 def test_pooling_is_permutation_invariant_over_tokens() -> None:
     pool = AttentionPooling(hidden=32, layers=2, intermediate=16, heads=4).eval()
     tokens = torch.randn(2, 6, 32)

@@ -14,7 +14,7 @@ import torch
 from model.view_classifier import build_view_classifier
 from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
-from tests.conftest import TINY, demo_data_for
+from tests.conftest import SMALL_MONITORS, TINY, demo_data_for
 from train import finetune, pretrain
 from train.config import PretrainConfig, load_config
 from train.methods import METHODS, PretextMethod, register
@@ -54,7 +54,7 @@ class RollMethod(PretextMethod):
 
 register(RollMethod)
 
-TOY = [*TINY, "--method", "toy_roll", "--model.backbone=resnet8", "--ways", "3"]
+TOY = [*TINY, *SMALL_MONITORS, "--method", "toy_roll", "--model.backbone=resnet8", "--ways", "3"]
 
 
 @pytest.fixture(autouse=True)

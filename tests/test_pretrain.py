@@ -15,6 +15,7 @@ from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import (
     ROOT,
+    SMALL_MONITORS,
     TINY,
     demo_data_for,
     free_port,
@@ -112,6 +113,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
             str(ROOT / "tests" / "ddp_probe.py"),
             str(tmp_path),
             *TINY,
+            *SMALL_MONITORS,
             "--loader",
             loader,
             "--data",

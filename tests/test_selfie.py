@@ -104,3 +104,51 @@ def test_overfits_a_tiny_batch() -> None:
         first = first if first is not None else out.loss.item()
     assert out.loss.item() < 0.05 < first
     assert out.accuracy.item() == 1.0
+
+
+def small_selfie(query: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_selfie(width=0.125, grid=4, attn_layers=2, attn_intermediate=16, attn_heads=4, query=query).eval()
+
+
+def masked_batch(batch: int = 3, context: int = 12):
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    perm = sample_context_permutation(batch, 16, torch.Generator().manual_seed(1))
+    return patchify_and_mask(images, perm, 8, context), perm[:, :context], perm[:, context:]
+
+
+def test_the_default_query_is_the_papers_formula() -> None:
+    """Switched off (the default), the query is v_j = u + pos_j exactly, and the loss is the paper's."""
+    model = small_selfie("paper")
+    assert build_selfie(width=0.125, grid=4, attn_heads=4).query_kind == "paper"
+    patches, context_pos, masked_pos = masked_batch()
+    with torch.no_grad():
+        features = model.forward_features(patches)
+        u, masked = model.encode_context(features, context_pos)
+        context = features[:36].view(3, 12, -1) + model.position(context_pos)
+        torch.testing.assert_close(u, model.pool(context))
+        torch.testing.assert_close(model.queries(u, masked_pos), u[:, None] + model.position(masked_pos))
+        out = model(patches, context_pos, masked_pos)
+    expected = patch_selection_loss(u[:, None] + model.position(masked_pos), masked)
+    assert torch.equal(out.loss, expected.loss) and torch.equal(out.logits, expected.logits)
+
+
+def test_the_attending_query_shapes_and_each_slot_reads_only_the_context() -> None:
+    model = small_selfie("attend")
+    patches, context_pos, masked_pos = masked_batch(batch=3, context=10)
+    with torch.no_grad():
+        context, masked = model.encode_context(model.forward_features(patches), context_pos)
+        queries = model.queries(context, masked_pos)
+        out = model(patches, context_pos, masked_pos)
+        alone = model.queries(context, masked_pos[:, 2:3])  # one slot asked on its own
+        other_context = model.queries(context.roll(1, dims=0), masked_pos)
+    dim = model.patch_net.num_features
+    assert context.shape == (3, 10, dim) and masked.shape == (3, 6, dim) and queries.shape == (3, 6, dim)
+    assert out.logits.shape == (3, 6, 6) and torch.isfinite(out.loss)
+    torch.testing.assert_close(alone[:, 0], queries[:, 2], rtol=1e-5, atol=1e-5)  # slots do not see each other
+    assert not torch.allclose(other_context, queries, atol=1e-3)  # the context changes every slot's query
+    seeds = model.pool.u0 + model.position(masked_pos)
+    with torch.no_grad():  # slot j alone, by the blocks run on [u0 + pos_j, context] one slot at a time
+        for j in range(6):
+            torch.testing.assert_close(model.pool.query(context, seeds[:, j : j + 1])[:, 0], queries[:, j])
+    assert {name for name, _ in model.named_parameters()} == {n for n, _ in small_selfie("paper").named_parameters()}

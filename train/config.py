@@ -84,8 +84,8 @@ def non_negative(value: float) -> bool:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # ImageNet-layout folder or CIFAR-10 python folder; None = built-in demo data
-    # a reference recipe (cifar10, imagenet224) trains on named data only: without data.path it is an error,
+    path: str | None = None  # ImageNet-layout, CIFAR-10 python or IDX folder; None = built-in demo data
+    # a reference recipe (cifar10, imagenet224, fmnist) trains on named data only: without data.path it is an error,
     # never a silent run of its 120k steps on the demo images
     require_path: bool = False
     loader: str = choice(lambda: LOADERS, "torch")  # loader backend (pipeline/loaders.py)
@@ -201,14 +201,22 @@ class ModelConfig:
 @dataclass
 class MonitorConfig:
     clean: bool = True  # the pretext metric on fixed clean held-out images at every log record (clean_*)
-    # how many; at most one global batch, so a log record costs at most one forward of a batch
+    # held-out images it scores, each under clean_masks fixed masks (or views): 512 image-masks give a
+    # standard error of about 1 point; the cost is one forward of them per log record
     clean_images: int = checked(256, positive, "a positive number of images")
+    clean_masks: int = checked(2, positive, "a positive number of masks per image")
+    # images per forward, normalised with their own batch statistics; the groups of different images give
+    # the standard error
+    clean_chunk: int = checked(32, positive, "a positive number of images")
     knn: bool = True  # a kNN classifier on the backbone's features of whole images (knn_acc, knn_acc_random)
     # steps between kNN evaluations; 0 = at every checkpoint
     every: int = checked(0, non_negative, "a number of steps >= 0 (0 = at every checkpoint)")
-    # labelled images it is fitted on (and recalibrates batch norm on)
-    knn_train_images: int = checked(512, positive, "a positive number of images")
-    knn_test_images: int = checked(256, positive, "a positive number of images")  # held-out images it is scored on
+    # labelled images it is fitted on (and recalibrates batch norm on), as many of each class
+    knn_train_images: int = checked(1000, positive, "a positive number of images")
+    # held-out images it is scored on, as many of each class (1,000: a standard error of about 1.5 points)
+    knn_test_images: int = checked(1000, positive, "a positive number of images")
+    # randomly initialised networks whose kNN accuracy (mean ± sd) is the floor, measured at a run's start
+    knn_random_inits: int = checked(3, positive, "a positive number of networks")
     knn_k: int = checked(20, positive, "a positive number of neighbours")  # neighbours that vote
     knn_temperature: float = checked(0.07, positive, "a positive temperature")  # votes weigh exp(cosine / T)
     batch: int = checked(256, positive, "a positive number of images")  # images per forward of a monitor

@@ -25,11 +25,14 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 CHANCE_KEY = "chance_acc"  # drawn dashed: the level a metric reaches by guessing
 LOSS_HEADROOM = 3.0  # the loss panel spans the training loss's range widened by this factor each way
-FLOOR_SUFFIX = "_random"  # a floor measured once (knn_acc_random): drawn as a dashed line across the panel
+# Baselines measured once (knn_acc_random, knn_acc_pixels): drawn as dotted lines across the panel.
+FLOOR_SUFFIXES = ("_random", "_pixels")
+# A key's standard error (key + "_se") is drawn as a band around it; a floor's spread ("_sd") too.
+ERROR_SUFFIXES = ("_se", "_sd")
 # Panels of the curves figure: title and which log keys it draws.
 CURVE_PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("loss", lambda key: key == "loss" or key.endswith("_loss")),
-    ("accuracy", lambda key: key.endswith("_acc") or key.endswith("_acc" + FLOOR_SUFFIX)),
+    ("accuracy", lambda key: key.endswith("_acc") or key.endswith(tuple("_acc" + s for s in FLOOR_SUFFIXES))),
     ("learning rate", lambda key: key == "lr"),
     ("images/s", lambda key: key == "images_per_s"),
 )
@@ -60,23 +63,38 @@ def loss_limits(records: list[dict], keys: list[str]) -> tuple[float, float] | N
     return min(values) / LOSS_HEADROOM, min(max(values) * LOSS_HEADROOM, top)
 
 
+def _error_of(record: dict, key: str) -> float | None:
+    return next((record[key + s] for s in ERROR_SUFFIXES if record.get(key + s) is not None), None)
+
+
 def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
     limits = loss_limits(records, keys) if name == "loss" else None
     clipped = False
     for key in keys:
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if key.endswith(FLOOR_SUFFIX):
-            ax.axhline(points[-1][1], linestyle=":", color="black", label=key)
+        points = [(r["step"], r[key], _error_of(r, key)) for r in records if r.get(key) is not None]
+        if not points:
+            continue
+        if key.endswith(FLOOR_SUFFIXES):
+            _, level, error = points[-1]
+            line = ax.axhline(level, linestyle=":", color="black" if key.endswith("_random") else "brown", label=key)
+            if error:
+                ax.axhspan(level - error, level + error, color=line.get_color(), alpha=0.1)
             continue
         style = {"linestyle": "--", "color": "grey"} if key == CHANCE_KEY else {}
-        marker = "o" if key.startswith("test_") else None
+        marker = "o" if key.startswith(("test_", "knn_")) else None  # evaluated rarely: a point may stand alone
+        steps, values, errors = zip(*points, strict=True)
         if limits:  # points above the range sit on its top edge, drawn as up-triangles
-            points = [(step, min(value, limits[1])) for step, value in points]
-            off = [(step, value) for step, value in points if value >= limits[1]]
+            values = tuple(min(value, limits[1]) for value in values)
+            off = [(step, value) for step, value in zip(steps, values, strict=True) if value >= limits[1]]
             clipped |= bool(off)
             if off:
                 ax.plot(*zip(*off, strict=True), linestyle="none", marker="^", color="black", markersize=5)
-        ax.plot(*zip(*points, strict=True), label=key, marker=marker, markersize=3, **style)
+        (line,) = ax.plot(steps, values, label=key, marker=marker, markersize=3, **style)
+        if all(e is not None for e in errors):
+            floor = limits[0] if limits else -math.inf  # a band below zero has no place on a log scale
+            low = [max(v - e, floor) for v, e in zip(values, errors, strict=True)]
+            high = [v + e for v, e in zip(values, errors, strict=True)]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
     if limits:
         ax.set_yscale("log")
         ax.set_ylim(*limits)

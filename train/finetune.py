@@ -45,12 +45,13 @@ from pipeline.atomic import write_atomic
 from pipeline.data import INIT_STREAM, DataError, Source, check_readable, derive_seed
 from pipeline.subsets import SubsetSource, holdout_split, select_labeled_subset
 from train.arguments import RUN_FLAGS, parse_args
+from train.batch_norm import recalibrate_batch_norm
 from train.cli import run_cli
 from train.config import FinetuneConfig, to_dict
 from train.loading import check_loader_options, open_data, train_batches
 from train.loop import Hooks, Training, fit, start_training
 from train.methods.supervised import SupervisedTask, build_model, evaluate, model_input
-from train.monitors import recalibrate_batch_norm, whole_images
+from train.monitors import whole_images
 from train.optim import describe_lr, warmup_warning
 from train.pretrained import Pretrained, initialise, load_init
 from train.run_folder import RESUMABLE_KEYS, prepare_run_dir, record_invocation

@@ -38,7 +38,7 @@ from train.config import PretrainConfig, to_dict
 from train.loading import check_batch_fits, check_loader_options, open_data, train_batches
 from train.loop import Hooks, Training, fit, start_training
 from train.methods import METHODS, PretextMethod, method_flags
-from train.monitors import build_monitors, random_network_knn
+from train.monitors import build_monitors
 from train.optim import describe_lr, warmup_warning
 from train.run_folder import prepare_run_dir, record_invocation
 from train.run_lock import releasing_locks
@@ -107,10 +107,10 @@ def make_hooks(config: PretrainConfig, method: PretextMethod, training: Training
     hooks = Hooks(method.pictures(source, accelerator.device) if accelerator.is_main_process else None)
     hooks.log_fields = build_monitors(config, method, training.net, source, accelerator)
     if hooks.log_fields is not None and hooks.log_fields.knn is not None and training.start_step == 0:
-        floor = random_network_knn(
-            hooks.log_fields, partial(build_model, config), config.train.seed, accelerator.device
+        baselines = hooks.log_fields.measure_baselines(
+            partial(build_model, config), config.train.seed, accelerator.device
         )
-        training.logger.write({"step": 0, "knn_acc_random": floor})
+        training.logger.write({"step": 0, **baselines})
     return hooks
 
 
@@ -152,7 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.end_training()
     if not result.last:
         return {"run_dir": str(training.folder), "step": training.start_step}
-    last, monitored = result.last, "; " + hooks.log_fields.summary(result.last) if hooks.log_fields else ""
+    last, monitored = (
+        result.last,
+        "; " + hooks.log_fields.summary(result.last, method.metric) if hooks.log_fields else "",
+    )
     accelerator.print(
         f"done: step {last['step']}, loss {last['loss']}, {config.method} {method.accuracy_name} accuracy "
         f"{last[method.metric]:.1%} (chance {method.chance:.1%}){monitored}; {result.skipped_images} unreadable "

@@ -49,6 +49,9 @@ RESUMABLE_KEYS = frozenset(
         # What the run measures, not what it trains.
         "monitor.clean",
         "monitor.clean_images",
+        "monitor.clean_masks",
+        "monitor.clean_chunk",
+        "monitor.knn_random_inits",
         "monitor.knn",
         "monitor.every",
         "monitor.knn_train_images",

@@ -95,6 +95,12 @@ class PretextMethod:
         out = model(*inputs)
         return out.loss, out.accuracy
 
+    def clean_probe(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """Scalar figures of one group of the clean metric (train/clean_metric.py): `loss`, `acc` and any
+        of the method's own (an `..._acc` key is logged with the method's metric in place of `acc`)."""
+        loss, accuracy = self.objective(model, inputs)
+        return {"loss": loss, "acc": accuracy}
+
     def settings(self) -> Any:
         """This method's config section."""
         return getattr(self.config, self.section) if self.section else None

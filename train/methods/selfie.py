@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.selfie import LOGIT_SCALES, Selfie, build_selfie
+from model.backbones import zero_init_residual
+from model.selfie import LOGIT_SCALES, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
 from pipeline.loaders import LOADERS
@@ -43,6 +44,12 @@ class SelfieSettings:
     # logits of the patch selection: plain v.h (the paper's) | sqrt_d (times 1/sqrt(D)) | learned (a
     # temperature learned from 1/sqrt(D))
     logit_scale: str = choice(LOGIT_SCALES, "plain")
+    # each masked slot's query: paper (v = u + pos_j, §2) | attend (A over the context with one u0 + pos_j
+    # token per slot, so the context can tell the slots apart; model/selfie.py)
+    query: str = choice(QUERY_KINDS, "paper")
+    # every residual branch of P starts at zero (each block the identity; model/backbones.py): against the
+    # plain logits' early blow-up, the paper's objective kept
+    zero_init_residual: bool = False
 
 
 def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
@@ -119,6 +126,13 @@ class SelfieMethod(PretextMethod):
 
     @classmethod
     def build_model(cls, config: PretrainConfig) -> Selfie:
+        model = cls._build(config)
+        if config.selfie.zero_init_residual:
+            zero_init_residual(model.patch_net)
+        return model
+
+    @classmethod
+    def _build(cls, config: PretrainConfig) -> Selfie:
         m = config.model
         return build_selfie(
             width=m.width,
@@ -132,6 +146,7 @@ class SelfieMethod(PretextMethod):
             position_kind=m.position_kind,
             position_on_context=m.position_on_context,
             logit_scale=config.selfie.logit_scale,
+            query=config.selfie.query,
         )
 
     def describe(self) -> str:
@@ -169,6 +184,30 @@ class SelfieMethod(PretextMethod):
             if isinstance(settings, dict)
             else SelfieSettings().patch_size
         )
+
+    def clean_probe(self, model: Selfie, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        """The clean figures and the context ablation: the accuracy with each image's context read by
+        another image's queries (rolled over the batch: `u_rolled_acc`) and with a zero context
+        (`u_zero_acc`; for the paper's query u = 0), and the queries' spread over images at each fixed
+        slot against their norm (for the paper's query, u's spread). Equal accuracies: A adds nothing."""
+        patches, context_pos, masked_pos = inputs
+        context, masked = model.encode_context(model.forward_features(patches), context_pos)
+
+        def select(state: torch.Tensor):
+            return patch_selection_loss(model.queries(state, masked_pos), masked, model.logit_scale())
+
+        real = select(context)
+        every_slot = torch.arange(self.num_patches, device=patches.device).expand(len(context), -1)
+        queries = model.queries(context, every_slot).float()
+        spread = queries.std(dim=0).mean() if len(queries) > 1 else torch.zeros(())
+        return {
+            "loss": real.loss,
+            "acc": real.accuracy,
+            "u_rolled_acc": select(context.roll(1, dims=0)).accuracy,
+            "u_zero_acc": select(torch.zeros_like(context)).accuracy,
+            "query_spread": spread,
+            "query_norm": queries.norm(dim=-1).mean(),
+        }
 
     def pictures(self, source: Source, device: torch.device) -> PatchPictures:
         return PatchPictures(source, self.config, self.num_patches, self.num_context, device)
