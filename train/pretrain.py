@@ -35,6 +35,7 @@ from pipeline.data import Source, check_readable
 from train.arguments import RUN_FLAGS, parse_args
 from train.cli import run_cli
 from train.config import PretrainConfig, to_dict
+from train.diagnostics import read_log
 from train.loading import check_batch_fits, check_loader_options, open_data, train_batches
 from train.loop import Hooks, Training, fit, start_training
 from train.methods import METHODS, PretextMethod, method_flags
@@ -44,6 +45,7 @@ from train.run_folder import prepare_run_dir, record_invocation
 from train.run_lock import releasing_locks
 from train.session import check_model_builds, make_accelerator, per_process_batch
 from train.tracking import TrackerSink, start_trackers
+from train.verdict import floor_of, verdict_lines
 
 KIND_SUFFIX = "_pretrain"  # a checkpoint's kind is "<method>_pretrain"
 
@@ -161,6 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{last[method.metric]:.1%} (chance {method.chance:.1%}){monitored}; {result.skipped_images} unreadable "
         f"images skipped; run folder {training.folder}"
     )
+    if accelerator.is_main_process:  # the monitors and the log are rank 0's
+        floor = floor_of(read_log(training.logger.path))
+        print("\n".join(verdict_lines(last, floor, method.metric, method.chance)))
     return {"run_dir": str(training.folder), **last}
 
 
