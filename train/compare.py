@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 from pathlib import Path
 
 import matplotlib
@@ -60,9 +61,13 @@ def column_label(value: float | int, per_class: bool) -> str:
     return f"{value * 100:g}%"
 
 
-def format_table(cells: dict[str, dict[str, dict]], columns: list[str], title: str = "") -> str:
+def format_table(
+    cells: dict[str, dict[str, dict]], columns: list[str], title: str = "", chance: float | None = None,
+    measured_on: str = "test",
+) -> str:  # fmt: skip
     """Markdown in the paper's Table 1 layout. cells[row][column] = {"mean", "std", "seeds"} in percent;
-    the delta row is pretrained mean minus supervised mean."""
+    the delta row is pretrained mean minus supervised mean; `chance` (percent) and what the accuracy was
+    measured on ("test", or a validation split) are said under it."""
     lines = [f"**{title}**", ""] if title else []
     lines.append("| | " + " | ".join(columns) + " |")
     lines.append("| --- |" + " ---: |" * len(columns))
@@ -73,25 +78,40 @@ def format_table(cells: dict[str, dict[str, dict]], columns: list[str], title: s
     if all("lr" in cells[row][c] for row, _ in ROWS for c in columns):
         for row, _ in ROWS:
             lines.append(f"| lr, {row} | " + " | ".join(f"{cells[row][c]['lr']:g}" for c in columns) + " |")
-    lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns})]
+    lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns}, measured_on)]
+    if chance is not None:
+        lines.append(f"Chance: {chance:.1f} %. A Δ inside the supervised row's ± is within its seed-to-seed spread.")
     if any("lr" in cells[row][c] for row, _ in ROWS for c in columns):
         lines.append("Each cell's lr was chosen on a validation split held out of the training split.")
     return "\n".join(lines) + "\n"
 
 
 def plot_comparison(
-    cells: dict[str, dict[str, dict]], columns: list[str], x: list[float], xlabel: str, path: Path, title: str
-) -> None:
+    cells: dict[str, dict[str, dict]], columns: list[str], x: list[float], xlabel: str, path: Path, title: str,
+    chance: float | None = None, measured_on: str = "test",
+) -> None:  # fmt: skip
+    """Accuracy against labels (each row with its seeds' sd; the supervised row's spread shaded; chance
+    dashed) and the gain per column, its bar's error the spread of a difference of the two rows."""
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for row, _ in ROWS:
         means = [cells[row][c]["mean"] for c in columns]
         stds = [cells[row][c]["std"] for c in columns]
         left.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=row)
+        if row == "supervised":
+            low, high = (
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+            )
+            left.fill_between(x, low, high, alpha=0.15, color="grey", label="supervised ± sd")
+    if chance is not None:
+        left.axhline(chance, linestyle="--", color="grey", linewidth=0.8, label=f"chance {chance:.0f}%")
     gains = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
-    right.bar(range(len(columns)), gains, color=["tab:green" if g >= 0 else "tab:red" for g in gains])
+    spreads = [math.hypot(cells["pretrained"][c]["std"], cells["supervised"][c]["std"]) for c in columns]
+    colours = ["tab:green" if g >= 0 else "tab:red" for g in gains]
+    right.bar(range(len(columns)), gains, yerr=spreads, capsize=4, color=colours)
     right.set_xticks(range(len(columns)), columns)
     right.axhline(0, color="black", linewidth=0.8)
-    for axis, ylabel in ((left, "test accuracy (%)"), (right, "gain from pretraining (points)")):
+    for axis, ylabel in ((left, f"{measured_on} accuracy (%)"), (right, "gain from pretraining (points)")):
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
@@ -199,9 +219,12 @@ def main(argv: list[str] | None = None) -> dict:
     arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
     title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"
     summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}
-    if write_table(out, format_table(cells, labels, title), summary):
+    chance, measured_on = 100 / results["classes"], results["evaluated_on"].split(" (")[0]
+    summary |= {"chance": chance, "measured_on": results["evaluated_on"]}
+    if write_table(out, format_table(cells, labels, title, chance, measured_on), summary):
         xlabel = "labelled images per class" if args.per_class else "fraction of labels"
-        plot_comparison(cells, labels, [float(v) for v in values], xlabel, out / "accuracy_vs_labels.png", title)
+        x = [float(v) for v in values]
+        plot_comparison(cells, labels, x, xlabel, out / "accuracy_vs_labels.png", title, chance, measured_on)
         print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_labels.png'}")
     return {"out": str(out), "cells": cells}
 

@@ -231,6 +231,7 @@ def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrain
         "labeled_images": [r["labeled_images"] for r in results],
         "train_images": len(splits.train),
         "evaluated_on": splits.evaluation_name,
+        "classes": len(splits.train.classes),
         "test_images": len(splits.evaluation),
         "config": to_dict(config),
     }

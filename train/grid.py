@@ -49,10 +49,12 @@ def format_cell(cell: dict) -> str:
     return f"{cell['mean']:.1f}" if cell["seeds"] == 1 else f"{cell['mean']:.1f} ± {cell['std']:.1f}"
 
 
-def seeds_note(counts: set[int]) -> str:
+def seeds_note(counts: set[int], measured_on: str = "test") -> str:
+    """What the cells are: `measured_on` ("test", or "validation" when a split was held out) accuracy."""
+    name = measured_on.capitalize()
     if counts == {1}:
-        return "Test accuracy (%) of one seed each (no spread to show)."
-    return f"Test accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, sorted(counts)))} seeds."
+        return f"{name} accuracy (%) of one seed each (no spread to show)."
+    return f"{name} accuracy (%), mean ± sample standard deviation over {'/'.join(map(str, sorted(counts)))} seeds."
 
 
 def write_table(out: Path, markdown: str, summary: dict) -> bool:
