@@ -58,7 +58,9 @@ def test_table_writer_on_a_known_result() -> None:
     # A held-out validation split names itself, and chance is said (10 classes).
     marked = format_table(cells, ["8%", "100%"], "CIFAR-10", chance=10.0, measured_on="validation")
     assert "\nValidation accuracy (%), mean ± sample standard deviation over 5 seeds.\n" in marked
-    assert marked.endswith("Chance: 10.0 %. A Δ inside the supervised row's ± is within its seed-to-seed spread.\n")
+    assert marked.endswith(
+        "Chance: 10.0 %. A Δ smaller than the supervised row's sd is within its seed-to-seed spread.\n"
+    )
 
 
 @pytest.mark.slow

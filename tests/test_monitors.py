@@ -69,7 +69,7 @@ def test_a_run_logs_clean_and_knn_figures_with_errors_and_the_baselines(
     assert steps[1]["knn_acc_se"] == pytest.approx(
         math.sqrt(steps[1]["knn_acc"] * (1 - steps[1]["knn_acc"]) / 30), abs=1e-5
     )
-    last = capsys.readouterr().out.splitlines()[-1]
+    last = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done: "))
     for words in ("clean patch_acc", "another image's context", "random networks", "sd over 2", "raw pixels"):
         assert words in last, last
     quiet = tmp_path / "quiet"

@@ -80,7 +80,9 @@ def format_table(
             lines.append(f"| lr, {row} | " + " | ".join(f"{cells[row][c]['lr']:g}" for c in columns) + " |")
     lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns}, measured_on)]
     if chance is not None:
-        lines.append(f"Chance: {chance:.1f} %. A Δ inside the supervised row's ± is within its seed-to-seed spread.")
+        several = any(cells["supervised"][c]["seeds"] > 1 for c in columns)
+        spread = " A Δ smaller than the supervised row's sd is within its seed-to-seed spread." if several else ""
+        lines.append(f"Chance: {chance:.1f} %.{spread}")
     if any("lr" in cells[row][c] for row, _ in ROWS for c in columns):
         lines.append("Each cell's lr was chosen on a validation split held out of the training split.")
     return "\n".join(lines) + "\n"
