@@ -42,6 +42,7 @@ from PIL import Image
 
 from pipeline.convert import FIELD_NAMES, SIDECAR_FORMAT, fingerprint, sidecar_path
 from pipeline.data import (
+    CIFAR_TEST_FILE,
     EPOCH_ORDER_STREAM,
     EVAL_CROP_FRACTION,
     MASK_STREAM,
@@ -51,6 +52,7 @@ from pipeline.data import (
     derive_seed,
     eval_shard,
 )
+from pipeline.idx import is_idx_folder
 from pipeline.patches import PatchSpec, scaled_stats
 from pipeline.subsets import SubsetSource
 
@@ -156,9 +158,20 @@ def open_betons(path: str | Path, split: str) -> BetonSource:
             return _noted(BetonSource(root / name))
     raise DataError(
         f"--data {root}: --loader ffcv reads .beton files, and {root} holds no {' or '.join(names)}; "
-        f"write it with: python -m pipeline.convert --src {root / ('train' if split == 'train' else 'val')} "
-        f"--dst {root / names[0]}"
+        f"write it with: {_convert_hint(root, split, names[0])}"
     )
+
+
+def _convert_hint(root: Path, split: str, name: str) -> str:
+    """The converter command for `root`: a CIFAR-10 or IDX folder holds both splits, so its `.beton` goes
+    to a folder of its own (the data's may be read-only, as Debian's are); an image folder's beside it."""
+    if is_idx_folder(root) or (root / CIFAR_TEST_FILE).exists():
+        target = Path("~/data") / f"{root.name}-beton"
+        return (
+            f"python -m pipeline.convert --src {root} --split {split} --dst {target / name} "
+            f"(both splits), then --data {target}"
+        )
+    return f"python -m pipeline.convert --src {root / ('train' if split == 'train' else 'val')} --dst {root / name}"
 
 
 @numba.njit(cache=True)

@@ -30,6 +30,10 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "triton")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
+# A run without --config takes Fashion-MNIST where Debian installed it (train/config.py): the suite pins
+# the photo demo, so what it trains and the weights it pins do not depend on what this machine installed.
+os.environ["SELFIE_TRAINER_DEMO"] = "photos"
+
 from pipeline.demo import demo_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

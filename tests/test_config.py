@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from train import config as config_module
 from train import finetune, pretrain
 from train.arguments import parse_args
 from train.cli import run_cli
@@ -199,3 +200,48 @@ def test_yaml_aliases_are_refused_at_once(tmp_path: Path) -> None:
         load_config(PretrainConfig, str(path))
     overrides = parse_args(["--data.std=&s [0.5, 0.5, 0.5]"], PretrainConfig, STABLE_FLAGS, "")[0]
     assert overrides.data.std == (0.5, 0.5, 0.5)  # an anchor alone is harmless; only aliases expand
+
+
+@pytest.mark.parametrize(
+    ("wanted", "installed", "expected"),
+    [
+        ("auto", True, "demo_fmnist"),
+        ("auto", False, "demo"),
+        ("photos", True, "demo"),
+        ("fashion-mnist", True, "demo_fmnist"),
+    ],
+)
+def test_no_config_takes_fashion_mnist_where_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, wanted: str, installed: bool,
+    expected: str,
+) -> None:  # fmt: skip
+    from tests.test_idx import make_idx
+
+    system = make_idx(tmp_path / "fashion-mnist") if installed else tmp_path / "absent"
+    monkeypatch.setattr(config_module, "SYSTEM_FASHION_MNIST", system)
+    monkeypatch.setenv(config_module.DEMO_ENV, wanted)
+    config, name = parse_args(["--steps", "3"], PretrainConfig, STABLE_FLAGS, "test")
+    assert name == expected and config.train.steps == 3
+    assert f"no --config: {expected}," in capsys.readouterr().out
+    assert to_dict(config) == to_dict(load_config(PretrainConfig, expected, {"train.steps": 3}))
+    tuning, _ = parse_args([], FinetuneConfig, finetune.STABLE_FLAGS, "test")
+    assert tuning.data.path == config.data.path and tuning.model == config.model  # both stages, one demo
+
+
+def test_the_demo_choice_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_module, "SYSTEM_FASHION_MNIST", tmp_path)  # no IDX files in it
+    monkeypatch.setenv(config_module.DEMO_ENV, "fashion-mnist")
+    with pytest.raises(ConfigError, match=f"no IDX files in {tmp_path}.*dataset-fashion-mnist"):
+        parse_args([], PretrainConfig, STABLE_FLAGS, "test")
+    monkeypatch.setenv(config_module.DEMO_ENV, "mnist")
+    with pytest.raises(ConfigError, match="SELFIE_TRAINER_DEMO=mnist: expected auto, fashion-mnist or photos"):
+        parse_args([], PretrainConfig, STABLE_FLAGS, "test")
+    config, name = parse_args(["--config", "demo"], PretrainConfig, STABLE_FLAGS, "test")  # a named config wins
+    assert name == "demo" and config.data.path is None
+
+
+def test_the_fashion_mnist_demo_is_the_reference_recipe_cut_short() -> None:
+    demo, reference = (load_config(PretrainConfig, name) for name in ("demo_fmnist", "fmnist"))
+    assert demo.data.path == str(config_module.SYSTEM_FASHION_MNIST) and not demo.data.require_path
+    assert demo.model == reference.model and demo.selfie == reference.selfie and demo.optim == reference.optim
+    assert demo.train.steps == 240 and demo.monitor == reference.monitor

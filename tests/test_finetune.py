@@ -313,6 +313,7 @@ def test_compare_writes_table_and_plot_and_reuses_finished_cells(
     for bad, message in (
         (["--fractions", "0.05,1.5"], "--fractions 1.5"),
         (["--label-fraction", "0.1"], "set by compare.py"),
+        (["--selection-seeds", "1"], "--selection-seeds 1: expected a positive count, with --lrs"),
     ):
         early = run_script([*args, *bad, "--out", str(tmp_path / "early")], tmp_path)
         assert early.returncode == 2 and message in early.stderr, early.stderr[-2000:]
@@ -368,7 +369,8 @@ def test_choosing_the_lr_reads_only_the_training_split(tmp_path: Path, demo_root
 
     out = tmp_path / "cmp"
     args = [str(ROOT / "train" / "compare.py"), "--init", str(pretrained_run), "--fractions", "1", "--lrs", "0.01,0.1"]
-    compared = run_script([*args, "--out", str(out), *FAST, "--data", str(demo_root)], tmp_path)
+    args += ["--selection-seeds", "1"]  # the test runs below take 2 seeds, each lr's validation run 1
+    compared = run_script([*args, "--out", str(out), *FAST, "--seeds", "2", "--data", str(demo_root)], tmp_path)
     assert compared.returncode == 0, compared.stderr[-3000:]
     cells = json.loads((out / "table.json").read_text())["cells"]
     for row in ("supervised", "pretrained"):
@@ -377,7 +379,9 @@ def test_choosing_the_lr_reads_only_the_training_split(tmp_path: Path, demo_root
         best = max(chosen["validation"].values())
         assert chosen["validation"][f"{chosen['lr']:g}"] == best
         for lr in ("0.01", "0.1"):
-            assert results_of(out / f"{row}-label-fraction-1-select-lr-{lr}")["evaluated_on"].startswith("validation")
-        assert results_of(out / f"{row}-label-fraction-1")["evaluated_on"] == "test"
+            selection = results_of(out / f"{row}-label-fraction-1-select-lr-{lr}")
+            assert selection["evaluated_on"].startswith("validation") and len(selection["accuracy"]["per_seed"]) == 1
+        tested = results_of(out / f"{row}-label-fraction-1")
+        assert tested["evaluated_on"] == "test" and len(tested["accuracy"]["per_seed"]) == 2 and chosen["seeds"] == 2
     table = (out / "table.md").read_text()
-    assert "| lr, supervised |" in table and "± " not in table  # one seed: no spread shown
+    assert "| lr, supervised |" in table and "over 2 seeds" in table

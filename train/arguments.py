@@ -18,7 +18,19 @@ import yaml
 
 from pipeline.loaders import LOADERS
 from train import yaml_strict
-from train.config import C, ConfigError, allowed_values, config_from, load_config, read_yaml, stage_class, to_dict
+from train.config import (
+    DEMO_ENV,
+    SYSTEM_FASHION_MNIST,
+    C,
+    ConfigError,
+    allowed_values,
+    config_from,
+    default_config_name,
+    load_config,
+    read_yaml,
+    stage_class,
+    to_dict,
+)
 from train.optim import describe_lr
 
 
@@ -98,8 +110,8 @@ def help_epilog(cls: type, argv: Sequence[str]) -> str:
     """Every key with the value a run of the --config on this command line (default: demo) would take, so
     --help shows what will run, not the dataclasses' built-in defaults."""
     probe = argparse.ArgumentParser(add_help=False)
-    probe.add_argument("--config", default="demo")
-    name = probe.parse_known_args(argv)[0].config
+    probe.add_argument("--config")
+    name = probe.parse_known_args(argv)[0].config or default_config_name()
     try:
         values, source = flat_values(to_dict(load_config(cls, name))), f"in --config {name}"
     except ConfigError as error:
@@ -121,7 +133,11 @@ def _parser(
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=help_epilog(cls, argv) if wants_help else None,
     )
-    parser.add_argument("--config", default="demo", help="built-in config name or YAML path (default: demo)")
+    parser.add_argument(
+        "--config",
+        help="built-in config name or YAML path (default: demo_fmnist where Debian's dataset-fashion-mnist is "
+        f"installed, else demo; {DEMO_ENV}=photos|fashion-mnist chooses)",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     for flag, (key, kind, help_text) in flags.items():
         if kind == "store_true":
@@ -165,6 +181,13 @@ def note(text: str) -> None:
         print(text)
 
 
+DEMO_NOTES = {
+    "demo_fmnist": f"the demo on Fashion-MNIST (Debian's dataset-fashion-mnist, in {SYSTEM_FASHION_MNIST})",
+    "demo": f"the demo on photo crops scikit-image and scikit-learn ship (Fashion-MNIST is not in "
+    f"{SYSTEM_FASHION_MNIST}, or {DEMO_ENV}=photos)",
+}
+
+
 def parse_args(
     argv: Sequence[str] | None, cls: type[C], flags: dict[str, tuple[str, Any, str]], description: str
 ) -> tuple[C, str]:
@@ -184,8 +207,9 @@ def parse_args(
     by_key = {key: flag for flag, (key, _, _) in flags.items() if key in given}
     overrides = {**given, **_dotted_overrides(rest, stage_class(cls), parser)}
     saved = saved_config(overrides)
+    name = args.config or default_config_name()
     if saved is None:
-        config = load_config(cls, args.config, overrides, by_key)
+        config = load_config(cls, name, overrides, by_key)
     else:
         config = config_from(cls, saved, overrides, by_key)
         before, after = saved.get("train", {}).get("steps"), config.train.steps
@@ -196,4 +220,6 @@ def parse_args(
         unused = " (optim.base_lr is set: optim.lr is not used)" if config.optim.base_lr > 0 else ""
         print(f"# the run's {describe_lr(config.optim, config.train.batch_size)}{unused}")
         sys.exit(0)
-    return config, Path(args.config).stem
+    if args.config is None and saved is None:
+        note(f"no --config: {name}, {DEMO_NOTES[name]}")
+    return config, Path(name).stem

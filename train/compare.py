@@ -5,6 +5,7 @@ Launch:
     python train/compare.py --init runs/demo-pt                            # demo: 4 fractions x 3 seeds x 2 inits
     python train/compare.py --init runs/demo-pt --fractions 0.02,0.1 --seeds 5 --arch resnet36_attn
     python train/compare.py --init runs/demo-pt --lrs 0.01,0.03,0.1,0.3 --seeds 5   # lr chosen per cell on 90/10
+    python train/compare.py --init runs/demo-pt --lrs 0.02,0.1 --selection-seeds 1 --seeds 5   # cheaper choice
     accelerate launch --multi_gpu --num_processes 8 train/compare.py --config cifar10 \
         --data ~/data/cifar-10-batches-py --init runs/c10 --fractions 0.05,0.08,0.2,1 --seeds 5 --out runs/c10-cmp
     accelerate launch train/compare.py --config imagenet224 --data ~/data/imagenet --init runs/in224 --per-class 60,130
@@ -14,7 +15,8 @@ and with --init INIT, same seeds and so the same labelled subsets, into OUT/supe
 OUT/pretrained-<col>. With --lrs (say 0.01,0.03,0.1), each of those first runs once per lr with a
 validation split held out of the training split (--holdout, default 0.1, the paper's 90/10; the test
 split is not read) into OUT/<row>-<col>-select-lr-<lr>, and the lr with the best mean validation accuracy
-is the one the cell's test run uses (the paper tunes the lr per experiment this way, §3.2).
+is the one the cell's test run uses (the paper tunes the lr per experiment this way, §3.2); with
+--selection-seeds N the validation runs take N seeds instead of the cell's.
 Any other flag (--steps, --lr, --arch, --linear-probe, --section.key=value) goes to both. A cell whose
 results.json exists is read back, an interrupted one resumed, so rerunning the same command after a
 crash finishes the grid. Writes OUT/table.md (rows supervised / pretrained / delta,
@@ -145,8 +147,9 @@ def select_lr(
     "validation" (mean validation accuracy per lr)."""
     column_flag, value = column
     validation = {}
+    seeds = ["--seeds", str(args.selection_seeds)] if args.selection_seeds else []
     for lr in args.lrs:
-        flags = [*passthrough, "--lr", f"{lr:g}", "--finetune.holdout", f"{args.holdout:g}"]
+        flags = [*passthrough, *seeds, "--lr", f"{lr:g}", "--finetune.holdout", f"{args.holdout:g}"]
         results = run_cell(out, row, column_flag, value, init, flags, f"-select-lr-{lr:g}")
         validation[f"{lr:g}"] = results["accuracy"]["mean"]
     best = max(validation, key=lambda lr: (validation[lr], -float(lr)))  # ties: the smaller lr
@@ -190,12 +193,17 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str], str, l
     columns.add_argument("--per-class", help="labelled images per class instead, e.g. 60,130")
     parser.add_argument("--lrs", help="learning rates to choose from per cell on a validation split, e.g. 0.01,0.1")
     parser.add_argument("--holdout", type=float, default=0.1, help="the validation split's fraction (paper: 0.1)")
+    parser.add_argument(
+        "--selection-seeds", type=int, help="seeds of each lr's validation runs (default: the cell's --seeds)"
+    )
     parser.add_argument("--out", help="output folder (default: runs/compare-<init folder name>)")
     parser.add_argument("--title", default="", help="table and plot title (default: data and init)")
     args, passthrough = parser.parse_known_args(argv)
     args.lrs = parse_columns(args.lrs, float, "--lrs") if args.lrs else []
     if args.lrs and not 0 < args.holdout < 1:
         raise ConfigError(f"--holdout {args.holdout}: expected a fraction in (0, 1), e.g. 0.1")
+    if args.selection_seeds is not None and (args.selection_seeds < 1 or not args.lrs):
+        raise ConfigError(f"--selection-seeds {args.selection_seeds}: expected a positive count, with --lrs")
     if args.per_class:
         return args, passthrough, "--per-class", parse_columns(args.per_class, int, "--per-class")
     return args, passthrough, "--label-fraction", parse_columns(args.fractions, float, "--fractions")
