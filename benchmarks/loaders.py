@@ -35,9 +35,9 @@ from PIL import Image
 from benchmarks.harness import time_windows
 from pipeline.demo import _photos, default_cache_dir, demo_dataset
 from pipeline.loaders import LOADERS
-from train import pretrain
 from train.config import PretrainConfig, load_config
 from train.methods import METHODS, PretextMethod, default_method, method_flags
+from train.stages import pretraining
 
 JPEG_SET_VERSION = 1
 
@@ -96,7 +96,7 @@ def build_method(args: argparse.Namespace, device: torch.device) -> PretextMetho
     overrides |= {"data.workers": args.workers, "train.batch_size": args.batch}
     overrides |= {key: getattr(args, key) for key, _, _ in method_flags().values() if getattr(args, key) is not None}
     config = load_config(PretrainConfig, "demo" if args.size <= 64 else "imagenet224", overrides)
-    return pretrain.validate(config)(config, device)
+    return pretraining.validate(config)(config, device)
 
 
 def time_backend(backend: str, source, method: PretextMethod, args, device: torch.device) -> dict:

@@ -2,7 +2,7 @@
 stage and a batch size) and the registry of modes that drive it (`MODES`: the loaders' come from the
 loader registry, every registered method runs in every mode).
 
-  LOADER            end to end: files (or the .beton) -> loader -> the trainer's step (train/step.py)
+  LOADER            end to end: files (or the .beton) -> loader -> the trainer's step (train/engine/step.py)
   synthetic         the same step on uint8 batches already on the device, a fresh one each step from a pool
                     larger than the L2 cache: the ceiling a perfect data pipeline would reach
   no-model:LOADER   the pipeline alone, up to the model's inputs (patches, views): the data side's limit
@@ -32,15 +32,15 @@ from benchmarks.loaders import benchmark_data
 from pipeline.augment import random_resized_crop_box
 from pipeline.data import Batch, open_source
 from pipeline.loaders import LOADERS
-from train import pretrain
 from train.config import FinetuneConfig, PretrainConfig, StageConfig, load_config
-from train.loading import train_batches
+from train.engine.loading import train_batches
+from train.engine.optim import build_optimizer, warmup_cosine
+from train.engine.session import make_accelerator
+from train.engine.step import EagerStep, make_step
 from train.methods import method_flags
 from train.methods.supervised import SupervisedTask
 from train.methods.supervised import build_model as build_classifier
-from train.optim import build_optimizer, warmup_cosine
-from train.session import make_accelerator
-from train.step import EagerStep, make_step
+from train.stages import pretraining
 
 PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # benchmark name -> train.precision
 STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
@@ -110,8 +110,8 @@ class Bench:
     def _task_and_model(self) -> tuple:
         if self.args.stage == "finetune":
             return SupervisedTask(self.config, self.classes), build_classifier(self.config, self.classes)
-        method = pretrain.validate(self.config)
-        return method(self.config, self.device), pretrain.build_model(self.config)
+        method = pretraining.validate(self.config)
+        return method(self.config, self.device), pretraining.build_model(self.config)
 
     def eager_step(self) -> EagerStep:
         """The step on the plain module, eagerly (what a FLOP count can see)."""

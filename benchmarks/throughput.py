@@ -9,7 +9,7 @@
 
 The modes (benchmarks/modes.py) run side by side in one invocation, with the same config, for every
 batch size of `--batch`; `--stage finetune` times fine-tuning's supervised step instead of a pretext
-method's. The step is the trainer's (train/step.py): eager, compiled (`--compile`), replayed from a CUDA
+method's. The step is the trainer's (train/engine/step.py): eager, compiled (`--compile`), replayed from a CUDA
 graph (`--cuda-graph`), or both.
 
 Timing is benchmarks/harness.py's: --warmup untimed steps (plus what the loader holds ready), then
@@ -53,11 +53,11 @@ from benchmarks.harness import (
 from benchmarks.modes import MODES, PRECISIONS, STAGES, Bench, build_config
 from model.classifier import ARCHS
 from pipeline.loaders import LOADERS
-from train import pretrain
 from train.config import COMPILE_MODES, ConfigError, to_dict
+from train.engine.optim import check_graphable
+from train.engine.session import check_step_options, resolve_precision
 from train.methods import METHODS, default_method, method_flags
-from train.optim import check_graphable
-from train.session import check_step_options, resolve_precision
+from train.stages import pretraining
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRETEXT_ONLY_MODES = ("naive", "no-model:naive")  # per-image forwards: a batch-norm head needs more than one image
@@ -416,7 +416,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_step_options(config.train)
         check_graphable(config.optim, config.train.cuda_graph)
         if args.stage == "pretrain":
-            pretrain.validate(config)
+            pretraining.validate(config)
     loaders = {m: m.removeprefix("no-model:") for m in args.mode_list}
     missing = [m for m, loader in loaders.items() if loader in LOADERS and not LOADERS[loader].installed()]
     missing += ["raw-ffcv"] if "raw-ffcv" in args.mode_list and not LOADERS["ffcv"].installed() else []

@@ -83,7 +83,8 @@ def run_hash(folder: Path) -> str:
 def compute(demo_root: Path, out: Path, part: int = 0, parts: int = 1) -> dict[str, str]:
     """The hashes of share `part` of `parts` of the runs: every `parts`-th pretraining with the fine-tuning
     that starts from it; fine-tuning from scratch in the last share."""
-    from train import finetune, pretrain
+    from train.stages import finetuning as finetune
+    from train.stages import pretraining as pretrain
 
     share = [name for index, (name, _) in enumerate(PRETRAINING) if index % parts == part]
     threads = torch.get_num_threads()

@@ -30,7 +30,7 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "inductor")
 os.environ["TRITON_CACHE_DIR"] = os.path.join(_COMPILE_CACHE, "triton")
 atexit.register(shutil.rmtree, _COMPILE_CACHE, ignore_errors=True)
 
-# A run without --config takes Fashion-MNIST where Debian installed it (train/config.py): the suite pins
+# A run without --config takes Fashion-MNIST where Debian installed it (train/config/schema.py): the suite pins
 # the photo demo, so what it trains and the weights it pins do not depend on what this machine installed.
 os.environ["SELFIE_TRAINER_DEMO"] = "photos"
 

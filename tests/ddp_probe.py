@@ -1,5 +1,5 @@
 """Run by tests/test_pretrain.py under `torchrun --nproc_per_node 2`: trains through the real
-`train.pretrain.main` (its eager step, train/step.py), recording which images each rank read and its
+`train.stages.pretraining.main` (its eager step, train/engine/step.py), recording which images each rank read and its
 final parameters."""
 
 import sys
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-import train.pretrain as pretrain
-import train.step as step
+import train.engine.step as step
+import train.stages.pretraining as pretrain
 
 seen: list[list[int]] = []
 holder: dict = {}

@@ -1,4 +1,4 @@
-"""Batch-norm statistics for the monitors (train/batch_norm.py): recalibration on a copy, and scoring with
+"""Batch-norm statistics for the monitors (train/evaluation/batch_norm.py): recalibration on a copy, and scoring with
 each batch's own statistics without touching the running ones."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from model.resnet_cifar import resnet8
-from train.batch_norm import batch_statistics, recalibrate_batch_norm
+from train.evaluation.batch_norm import batch_statistics, recalibrate_batch_norm
 
 
 def test_batch_norm_recalibration_changes_only_the_running_statistics() -> None:

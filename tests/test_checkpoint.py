@@ -1,4 +1,4 @@
-"""Checkpoints (train/checkpoint.py, train/checkpoint_schema.py): what this trainer writes loads with
+"""Checkpoints (train/engine/checkpoint.py, train/engine/checkpoint_schema.py): what this trainer writes loads with
 weights_only=True; a file that would run code, a tampered field, non-finite weights or the old format is
 one line and exit 2 through every entry point that reads checkpoints, with nothing run and nothing written."""
 
@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from tests.conftest import TINY, pretrain
-from train import export, finetune
-from train import pretrain as pretrain_module
-from train.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, upgrade_main
-from train.cli import run_cli
+from train import export
 from train.config import ConfigError
+from train.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
+from train.engine.cli import run_cli
+from train.stages import finetuning as finetune
+from train.stages import pretraining as pretrain_module
+from train.upgrade_checkpoint import main as upgrade_main
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_threads")]
 
@@ -159,9 +161,9 @@ def test_format_1_is_refused_with_the_command_that_converts_it(run: Path, tmp_pa
         rank["numpy"] = (n["algorithm"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], 0.0)
     path = tmp_path / "step_00000002.pt"
     torch.save(old, path)
-    with pytest.raises(ConfigError, match=f"convert it: python -m train.checkpoint upgrade {path}"):
+    with pytest.raises(ConfigError, match=f"convert it: python -m train.upgrade_checkpoint {path}"):
         load_checkpoint(path)
-    upgrade_main(["upgrade", str(tmp_path)])
+    upgrade_main([str(tmp_path)])
     upgraded = load_checkpoint(path)
     assert torch.equal(upgraded["rng"][0]["numpy"]["keys"], state["rng"][0]["numpy"]["keys"])
     assert all(torch.equal(upgraded["model"][k], v) for k, v in state["model"].items())

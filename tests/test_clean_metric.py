@@ -1,4 +1,4 @@
-"""The clean pretext metric (train/clean_metric.py): batch-norm statistics of the scored batches, standard
+"""The clean pretext metric (train/evaluation/clean_metric.py): batch-norm statistics of the scored batches, standard
 errors over groups, and Selfie's context ablation on toy models where the context is known to matter and
 where it cannot."""
 
@@ -13,12 +13,12 @@ from torch import nn
 
 from model.selfie import patch_selection_loss
 from pipeline.data import open_source
-from train import pretrain
-from train.arguments import parse_args
-from train.clean_metric import CleanPretext, log_key
 from train.config import PretrainConfig
-from train.estimates import weighted_mean_se
-from train.monitors import whole_images
+from train.config.command_line import parse_args
+from train.evaluation.clean_metric import CleanPretext, log_key
+from train.evaluation.estimates import weighted_mean_se
+from train.evaluation.monitors import whole_images
+from train.stages import pretraining as pretrain
 
 SMALL = ["--model.width=0.125", "--model.attn_heads=4", "--model.attn_intermediate=32", "--model.attn_layers=1"]
 GROUPS = ["--monitor.clean_images=8", "--monitor.clean_masks=2", "--monitor.clean_chunk=4"]

@@ -3,10 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from train import config as config_module
-from train import finetune, pretrain
-from train.arguments import parse_args
-from train.cli import run_cli
+from train.config import loading as config_module
 from train.config import (
     CONFIG_DIR,
     ConfigError,
@@ -17,7 +14,11 @@ from train.config import (
     stage_class,
     to_dict,
 )
-from train.pretrain import stable_flags
+from train.config.command_line import parse_args
+from train.engine.cli import run_cli
+from train.stages import finetuning as finetune
+from train.stages import pretraining as pretrain
+from train.stages.pretraining import stable_flags
 
 STABLE_FLAGS = stable_flags()
 

@@ -302,8 +302,8 @@ def test_a_crafted_cifar_batch_runs_nothing_in_pretraining_or_the_converter(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
     from tests.conftest import ROOT, TINY, run_script
-    from train import pretrain
-    from train.cli import run_cli
+    from train.engine.cli import run_cli
+    from train.stages import pretraining as pretrain
 
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "marker"

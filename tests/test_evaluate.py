@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import TINY, pretrain
 from train import evaluate
-from train.cli import run_cli
+from train.engine.cli import run_cli
+from train.evaluation import offline
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_the_linear_probe_separates_what_is_separable() -> None:
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(200) % 4
     features = torch.randn(200, 8, generator=generator) + 4 * torch.nn.functional.one_hot(labels, 8).float()
-    accuracy, se = evaluate.linear_probe(features[:100], labels[:100], features[100:], labels[100:])
+    accuracy, se = offline.linear_probe(features[:100], labels[:100], features[100:], labels[100:])
     assert accuracy > 0.95 and se < 0.03
 
 

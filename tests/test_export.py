@@ -13,7 +13,7 @@ from model.backbones import build_backbone
 from model.timm_names import from_timm
 from tests.conftest import ROOT, TINY, pretrain
 from train import export
-from train.cli import run_cli
+from train.engine.cli import run_cli
 
 pytestmark = pytest.mark.slow
 TIMM_NAMES = json.loads((ROOT / "tests" / "timm_resnetv2_50.json").read_text())

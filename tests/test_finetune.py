@@ -14,8 +14,8 @@ from model.classifier import ARCHS, pretrained_backbones
 from pipeline.convert import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT, TINY, finetune, free_port, kill_when_exists, pretrain, run_concurrently, run_script
-from train.compare import format_table
-from train.finetune import format_accuracy, summarize
+from train.experiments.comparison import format_table
+from train.stages.finetuning import format_accuracy, summarize
 
 FAST = [*TINY, "--steps", "2", "--seeds", "1", "--finetune.eval_batch_size=200"]
 

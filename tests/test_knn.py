@@ -1,4 +1,4 @@
-"""The kNN monitor (train/knn.py): kNN on known answers, centring, stratified sets, and the floor of random
+"""The kNN monitor (train/evaluation/knn.py): kNN on known answers, centring, stratified sets, and the floor of random
 initialisations with its spread."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from torch import nn
 from model.resnet_cifar import resnet8
 from pipeline.data import RANDOM_INIT_STREAM, derive_seed
 from train.config import MonitorConfig
-from train.estimates import mean_sd
-from train.knn import KnnMonitor, knn_predict, stratified_indices
+from train.evaluation.estimates import mean_sd
+from train.evaluation.knn import KnnMonitor, knn_predict, stratified_indices
 
 
 def test_knn_on_a_toy_set_with_a_known_answer() -> None:

@@ -15,9 +15,10 @@ from model.view_classifier import build_view_classifier
 from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
 from tests.conftest import SMALL_MONITORS, TINY, demo_data_for
-from train import finetune, pretrain
 from train.config import PretrainConfig, load_config
 from train.methods import METHODS, PretextMethod, register
+from train.stages import finetuning as finetune
+from train.stages import pretraining as pretrain
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The pretraining monitors (train/monitors.py) as a run builds them, and their records and final line in
+"""The pretraining monitors (train/evaluation/monitors.py) as a run builds them, and their records and final line in
 a real run (their parts: tests/test_clean_metric.py, tests/test_knn.py, tests/test_batch_norm.py)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from pipeline.data import open_source
-from train import pretrain
-from train.arguments import parse_args
 from train.config import PretrainConfig
-from train.monitors import build_monitors
+from train.config.command_line import parse_args
+from train.evaluation.monitors import build_monitors
+from train.stages import pretraining as pretrain
 
 SMALL = ["--model.width=0.125", "--model.attn_heads=4", "--model.attn_intermediate=32", "--model.attn_layers=1"]
 SMALL_CLEAN = ["--monitor.clean_images=8", "--monitor.clean_chunk=4", "--monitor.knn_random_inits=2"]

@@ -24,9 +24,9 @@ from tests.conftest import (
     run_concurrently,
     run_script,
 )
+from train.evaluation.pictures import picture_size
 from train.methods import METHODS
 from train.methods.rotation import RotationMethod
-from train.pictures import picture_size
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +147,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
     # Training moved the weights away from their shared initialisation.
     torch.manual_seed(0)
     from train.config import PretrainConfig, load_config
-    from train.pretrain import build_model
+    from train.stages.pretraining import build_model
 
     config = load_config(
         PretrainConfig,

@@ -18,8 +18,8 @@ from PIL import Image
 
 from pipeline.data import DataError, open_source
 from tests.conftest import ROOT, SMALL_MONITORS, TINY, free_port, pretrain, run_concurrently, run_script
-from train import pretrain as pretrain_module
-from train.cli import run_cli
+from train.engine.cli import run_cli
+from train.stages import pretraining as pretrain_module
 
 # In-process runs set the thread count; the next test gets its own back.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_threads")]
@@ -287,7 +287,7 @@ def test_an_edited_sidecar_and_a_folder_as_destination_are_refused(tmp_path: Pat
 
 
 def test_only_collective_failures_become_the_timeout_line() -> None:
-    from train.cli import is_collective_failure
+    from train.engine.cli import is_collective_failure
 
     assert is_collective_failure(torch.distributed.DistError("anything"))
     # Without a process group a "timed out" RuntimeError is someone else's: it stays a traceback.

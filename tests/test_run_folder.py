@@ -1,4 +1,4 @@
-"""The run folder (train/run_folder.py, train/run_lock.py): one run per folder, held by an OS lock; a
+"""The run folder (train/engine/run_folder.py, train/engine/run_lock.py): one run per folder, held by an OS lock; a
 folder that is not a run of this trainer, the current folder and an --out that cannot be created are
 refused with one line, touching nothing."""
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SMALL_MONITORS, TINY, finetune, pretrain
-from train import finetune as finetune_module
-from train import pretrain as pretrain_module
-from train.cli import run_cli
+from train.engine.cli import run_cli
+from train.stages import finetuning as finetune_module
+from train.stages import pretraining as pretrain_module
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_threads")]
 

@@ -1,4 +1,4 @@
-"""The training step (train/step.py): eager, and replayed from a CUDA graph (GPU tests skip without one)."""
+"""The training step (train/engine/step.py): eager, and replayed from a CUDA graph (GPU tests skip without one)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 
 from pipeline.data import Batch
 from train.config import OptimConfig, PretrainConfig, load_config
+from train.engine.optim import build_optimizer, build_schedule, implementation_flags
+from train.engine.step import EagerStep, GraphedStep, TrainingSnapshot, make_step
 from train.methods import METHODS
-from train.optim import build_optimizer, build_schedule, implementation_flags
-from train.pretrain import build_model
-from train.step import EagerStep, GraphedStep, TrainingSnapshot, make_step
+from train.stages.pretraining import build_model
 
 TINY = {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -238,8 +238,8 @@ def test_a_graphed_adamw_is_capturable_and_host_lr_sgd_is_refused() -> None:
 def test_step_options_that_cannot_work_are_refused_before_any_folder(
     flags: list[str], message: str, tmp_path, monkeypatch, capsys
 ) -> None:
-    from train import pretrain
-    from train.cli import run_cli
+    from train.engine.cli import run_cli
+    from train.stages import pretraining as pretrain
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:

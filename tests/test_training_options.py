@@ -18,18 +18,18 @@ from accelerate import Accelerator
 from pipeline.data import Batch
 from tests.conftest import ROOT, TINY, free_port, pretrain, run_concurrently, run_script
 from train.config import OptimConfig
+from train.engine.optim import LARS, build_optimizer, describe_lr, peak_lr
+from train.engine.step import EagerStep
 from train.methods.supervised import SupervisedTask, build_model
-from train.optim import LARS, build_optimizer, describe_lr, peak_lr
-from train.step import EagerStep
 
 # In-process runs set the thread count; the next test gets its own back.
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_threads")]
 
 
 def supervised_parts(accumulate: int):
-    from train.arguments import parse_args
     from train.config import FinetuneConfig
-    from train.finetune import STABLE_FLAGS
+    from train.config.command_line import parse_args
+    from train.stages.finetuning import STABLE_FLAGS
 
     config, _ = parse_args(["--arch", "resnet8", "--model.width=0.25"], FinetuneConfig, STABLE_FLAGS, "")
     torch.manual_seed(0)
@@ -182,13 +182,13 @@ def test_the_time_left_follows_the_recent_pace_not_the_warm_up(monkeypatch, caps
     """10 slow warm-up steps (100 s), then 0.1 s a step: by the third line the estimate is the recent pace."""
     from types import SimpleNamespace
 
-    import train.loop
+    import train.engine.loop
 
     clock = iter([0.0, 100.0, 101.0, 102.0])
-    monkeypatch.setattr(train.loop.time, "perf_counter", lambda: next(clock))
-    monkeypatch.setattr(train.loop.sys.stdout, "isatty", lambda: False)
+    monkeypatch.setattr(train.engine.loop.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(train.engine.loop.sys.stdout, "isatty", lambda: False)
     run = SimpleNamespace(print_every=0, steps=100)
-    lines = train.loop.ProgressLines(run, "acc", 0, SimpleNamespace(is_main_process=True))
+    lines = train.engine.loop.ProgressLines(run, "acc", 0, SimpleNamespace(is_main_process=True))
     for done in (10, 20, 30):
         lines.line(done, {"loss": 1.0, "acc": 0.5, "images_per_s": 10.0})
     printed = capsys.readouterr().out.splitlines()

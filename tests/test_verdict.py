@@ -1,8 +1,8 @@
-"""train/verdict.py: the final lines judge a difference only when it exceeds twice its standard error."""
+"""train/evaluation/verdict.py: the final lines judge a difference only when it exceeds twice its standard error."""
 
 from __future__ import annotations
 
-from train.verdict import floor_of, verdict_lines
+from train.evaluation.verdict import floor_of, verdict_lines
 
 FLOOR = {"knn_acc_random": 0.40, "knn_acc_random_sd": 0.02, "knn_random_inits": 3, "knn_acc_pixels": 0.7}
 

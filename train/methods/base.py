@@ -1,6 +1,6 @@
 """The protocol every trained task follows, the pretext-method base class, and the method registry.
 
-The training loop (train/loop.py) runs a `Task`: a pretext method during pretraining, the supervised
+The training loop (train/engine/loop.py) runs a `Task`: a pretext method during pretraining, the supervised
 classifier (train/methods/supervised.py) during fine-tuning. A pretext method is one subclass of
 `PretextMethod` in one file and one `register(TheMethod)` call; everything else derives from the registry:
 `--method` choices, config sections (`section` + `Settings`), the stable flags, the log keys, the table
@@ -96,7 +96,7 @@ class PretextMethod:
         return out.loss, out.accuracy
 
     def clean_probe(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """Scalar figures of one group of the clean metric (train/clean_metric.py): `loss`, `acc` and any
+        """Scalar figures of one group of the clean metric (train/evaluation/clean_metric.py): `loss`, `acc` and any
         of the method's own (an `..._acc` key is logged with the method's metric in place of `acc`)."""
         loss, accuracy = self.objective(model, inputs)
         return {"loss": loss, "acc": accuracy}

@@ -24,8 +24,7 @@ from pipeline.patches import (
     sample_context_permutation,
 )
 from train.config import ConfigError, PretrainConfig, choice, compute_dtype
-from train.methods.base import PretextMethod, register
-from train.pictures import (
+from train.evaluation.pictures import (
     FRAME_LEGEND,
     PATCH_COLUMNS,
     patch_column_centers,
@@ -34,6 +33,7 @@ from train.pictures import (
     with_header,
     write_png,
 )
+from train.methods.base import PretextMethod, register
 
 
 @dataclass

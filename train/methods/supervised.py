@@ -13,7 +13,7 @@ from model.classifier import Classifier, build_classifier
 from pipeline.data import Batch, Source
 from pipeline.patches import normalize
 from train.config import FinetuneConfig
-from train.loading import eval_batches
+from train.engine.loading import eval_batches
 
 
 def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:

@@ -1,10 +1,10 @@
 """Training curves of a run from its log.jsonl.
 
-    python train/diagnostics.py RUN_DIR        # (re)draw RUN_DIR/curves.png from RUN_DIR/log.jsonl
+    python train/evaluation/curves.py RUN_DIR        # (re)draw RUN_DIR/curves.png from RUN_DIR/log.jsonl
 
 The loop draws curves.png at every checkpoint. Each panel draws whatever keys the log holds of its kind,
 so a method's own metrics (its `metric`, and any other `*_acc` or `*_loss` key) appear without being
-named here. The pictures of what a model does are the methods' own (train/methods/, train/pictures.py).
+named here. The pictures of what a model does are the methods' own (train/methods/, train/evaluation/pictures.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,17 +131,3 @@ def curves_figure(records: list[dict], title: str = ""):
         figure.suptitle(title)
     figure.tight_layout()
     return figure
-
-
-def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not (Path(argv[0]) / "log.jsonl").is_file():
-        print("usage: python train/diagnostics.py RUN_DIR   (a folder holding log.jsonl)", file=sys.stderr)
-        return 2
-    run_dir = Path(argv[0])
-    plot_curves(run_dir / "log.jsonl", run_dir / "curves.png", run_dir.name)
-    print(run_dir / "curves.png")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """The one training loop. Pretraining (a pretext method) and fine-tuning (the supervised classifier) both
 run it: `start_training` builds the model, optimizer and schedule, prepares them with Accelerate (and
-torch.compile), and restores a checkpoint; `fit` runs the steps (train/step.py: eager, or replayed from a
+torch.compile), and restores a checkpoint; `fit` runs the steps (train/engine/step.py: eager, or replayed from a
 CUDA graph) with logging, checkpoints, pictures and curves.
 
 Per finished step: a log record when due, the
@@ -26,16 +26,16 @@ from tqdm import tqdm
 
 from model.sync_batch_norm import synchronise_batch_norm
 from pipeline.data import MASK_STREAM, Batch, derive_seed
-from train.checkpoint import Checkpoints, all_rng_states, restore_training_state, training_state
 from train.config import StageConfig
-from train.diagnostics import plot_curves
+from train.engine.checkpoint import Checkpoints, all_rng_states, restore_training_state, training_state
+from train.engine.metrics import JsonlLogger, MetricWindow, NonFiniteLoss
+from train.engine.optim import build_optimizer, build_schedule
+from train.engine.run_folder import continue_log
+from train.engine.signals import StopRequests, stopped
+from train.engine.step import make_step
+from train.engine.tracking import TrackerSink
+from train.evaluation.curves import plot_curves
 from train.methods.base import Pictures, Task
-from train.metrics import JsonlLogger, MetricWindow, NonFiniteLoss
-from train.optim import build_optimizer, build_schedule
-from train.run_folder import continue_log
-from train.signals import StopRequests, stopped
-from train.step import make_step
-from train.tracking import TrackerSink
 
 
 @dataclass

@@ -5,13 +5,12 @@ A checkpoint holds only tensors and plain containers (dicts, lists, tuples, str,
 read with `torch.load(..., weights_only=True)`: reading a file, even a hostile one, never runs code from
 it. A file that needs anything else (a class, a function: what a pickle runs when it is loaded) is
 refused. Checkpoints of format 1 (this trainer before format 2) held numpy's RNG state as a numpy array,
-which only a full unpickling reads; `python -m train.checkpoint upgrade FILE|RUN_DIR` converts them, and
+which only a full unpickling reads; `python -m train.upgrade_checkpoint FILE|RUN_DIR` converts them, and
 is for files of a trusted source only (it unpickles them).
 """
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import random
 import re
@@ -25,12 +24,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from pipeline.atomic import write_atomic
-from train.checkpoint_schema import check_finite_weights, check_schema
 from train.config import ConfigError, to_dict
+from train.engine.checkpoint_schema import check_finite_weights, check_schema
 
 CHECKPOINT_PATTERN = re.compile(r"^step_(\d{8})\.pt$")
 CHECKPOINT_FORMAT = 2  # 2: loadable with weights_only=True (1: numpy RNG state as an array)
-UPGRADE = "python -m train.checkpoint upgrade"
+UPGRADE = "python -m train.upgrade_checkpoint"
 
 
 def has_checkpoint(folder: Path, pattern: str = "checkpoints/*") -> bool:
@@ -270,6 +269,13 @@ def upgraded(state: dict[str, Any]) -> dict[str, Any]:
     return state | {"format": CHECKPOINT_FORMAT}
 
 
+def checkpoint_files(target: Path) -> list[Path]:
+    """`target` itself, or every checkpoint under a run folder."""
+    if not target.is_dir():
+        return [target]
+    return sorted(p for p in target.rglob("step_*.pt") if CHECKPOINT_PATTERN.match(p.name))
+
+
 def upgrade(path: Path) -> None:
     """Rewrite a format-1 checkpoint in format 2, atomically. It UNPICKLES the file (weights_only=False):
     a hostile file runs its code here, so only for checkpoints of a trusted source."""
@@ -283,29 +289,3 @@ def upgrade(path: Path) -> None:
     state = upgraded(state)
     check_schema(path, state, CHECKPOINT_FORMAT)
     write_atomic(path, lambda f: torch.save(state, f))
-
-
-def upgrade_main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m train.checkpoint",
-        description="Convert checkpoints of format 1 to format 2 in place. This unpickles them, which runs "
-        "any code a hostile file holds: use it only on checkpoints of a source you trust.",
-    )
-    parser.add_argument("command", choices=["upgrade"])
-    parser.add_argument("paths", nargs="+", type=Path, help="checkpoint files, or run folders (all their checkpoints)")
-    args = parser.parse_args(argv)
-    for target in args.paths:
-        files = (
-            sorted(p for p in target.rglob("step_*.pt") if CHECKPOINT_PATTERN.match(p.name))
-            if target.is_dir()
-            else [target]
-        )
-        for path in files:
-            upgrade(path)
-            print(f"upgraded {path} to format {CHECKPOINT_FORMAT}")
-
-
-if __name__ == "__main__":
-    from train.cli import run_cli
-
-    run_cli(upgrade_main)

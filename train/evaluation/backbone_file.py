@@ -13,10 +13,10 @@ import torch
 from model.backbones import build_backbone
 from model.classifier import ARCH_BACKBONES
 from pipeline.data import EVAL_CROP_FRACTION
-from train.checkpoint import Checkpoints, load_checkpoint
 from train.config import ConfigError
+from train.engine.checkpoint import Checkpoints, load_checkpoint
+from train.evaluation.pretrained import KIND_SUFFIX, checkpoint_of, read_pretrained
 from train.methods import METHODS
-from train.pretrained import KIND_SUFFIX, checkpoint_of, read_pretrained
 
 
 def find_checkpoint(path: Path, seed: int | None) -> Path:

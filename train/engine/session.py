@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
 from train.config import GRAPHING_COMPILE_MODES, ConfigError, OptimConfig, RunConfig
-from train.optim import check_graphable
-from train.tracking import check_tracker
+from train.engine.optim import check_graphable
+from train.engine.tracking import check_tracker
 
 LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` (or `accelerate config`) chose
 
@@ -86,7 +86,7 @@ def make_accelerator(run: RunConfig, optim: OptimConfig | None = None) -> Accele
         kwargs_handlers=[*autocast, timeout],
         gradient_accumulation_steps=run.grad_accum,
         log_with=log_with,
-        # Where a tracker writes is set to the run folder once it is known (train/tracking.py).
+        # Where a tracker writes is set to the run folder once it is known (train/engine/tracking.py).
         project_config=ProjectConfiguration(project_dir=os.getcwd()) if log_with else None,
     )
     check_processes(run, accelerator)

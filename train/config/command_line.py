@@ -1,5 +1,5 @@
 """The command line of the entry scripts: `--config NAME`, the stable flags (`--lr`, `--steps`, ...) and
-`--section.key=value` overrides, parsed into a checked config (train/config.py). A value is read by its
+`--section.key=value` overrides, parsed into a checked config (train/config/schema.py). A value is read by its
 key's type, not as YAML: `--train.precision=no` is the string "no", `--optim.weight_decay=1e-4` a number.
 """
 
@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from pipeline.loaders import LOADERS
-from train import yaml_strict
 from train.config import (
     DEMO_ENV,
     SYSTEM_FASHION_MNIST,
@@ -30,8 +29,9 @@ from train.config import (
     read_yaml,
     stage_class,
     to_dict,
+    yaml_strict,
 )
-from train.optim import describe_lr
+from train.engine.optim import describe_lr
 
 
 def key_hint(cls: type, dotted: str) -> Any:
@@ -119,7 +119,7 @@ def help_epilog(cls: type, argv: Sequence[str]) -> str:
     keys = "\n".join(key_lines(stage_class(cls), values))
     return (
         f"Every config key, as --section.key=value, with its value {source} (what a flag left out takes; "
-        f"meanings in train/config.py):\n{keys}"
+        f"meanings in train/config/schema.py):\n{keys}"
     )
 
 

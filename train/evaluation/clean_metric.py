@@ -6,7 +6,7 @@ an edge patch where it belongs); this one cannot, and it does not depend on the 
 - Images: `monitor.clean_images` held-out images, center-cropped (no pad, no crop, no flip), each under
   `monitor.clean_masks` fixed masks (or views), cut into groups of `monitor.clean_chunk`; group k always
   draws the same masks.
-- Batch norm: every group normalised with its own statistics (`train.batch_norm.batch_statistics`), as
+- Batch norm: every group normalised with its own statistics (`train.evaluation.batch_norm.batch_statistics`), as
   the training forward does, so the figure is sane from the first step; dropout off.
 - Errors: groups of different images are independent (the masks of one image are not: they share its
   content), so every figure's standard error (`<key>_se`) is the spread, over the image groups, of each
@@ -22,8 +22,8 @@ from accelerate import Accelerator
 from torch import nn
 
 from pipeline.data import CLEAN_STREAM, Batch, derive_seed
-from train.batch_norm import batch_statistics, chunks
-from train.estimates import weighted_mean_se
+from train.evaluation.batch_norm import batch_statistics, chunks
+from train.evaluation.estimates import weighted_mean_se
 
 
 def log_key(key: str, metric: str) -> str:

@@ -20,9 +20,9 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.atomic import write_atomic
-from train.checkpoint import CHECKPOINT_PATTERN, newest_readable
 from train.config import ConfigError, StageConfig, to_dict
-from train.run_lock import acquire, read_holder
+from train.engine.checkpoint import CHECKPOINT_PATTERN, newest_readable
+from train.engine.run_lock import acquire, read_holder
 
 # Keys a resumed run may change: speed, bookkeeping, the horizon, and where the data set lives (it may be
 # mounted elsewhere on another node; its contents are the user's responsibility). Any other difference
@@ -151,7 +151,7 @@ def prepare_run_dir(
 
     A folder holding checkpoints (`checkpoint_glob`, relative to it) is only reused with --resume, and then
     only when the config equals the checkpoint's but for `resumable_keys`. The lock is held until the
-    process ends (train/run_lock.py).
+    process ends (train/engine/run_lock.py).
     """
     folder = _folder_for(config, config_name)
     check_reusable(folder, config, checkpoint_glob)
@@ -271,7 +271,7 @@ def record_invocation(folder: Path, accelerator: Accelerator, start_step: int) -
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "command": sys.argv,
                 "cwd": os.getcwd(),
-                "git": git_state(Path(__file__).resolve().parent.parent),
+                "git": git_state(Path(__file__).resolve().parents[2]),
                 "versions": versions(),
                 "world_size": accelerator.num_processes,
                 "devices": devices,

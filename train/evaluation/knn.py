@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.data import RANDOM_INIT_STREAM, derive_seed
-from train.batch_norm import chunks, recalibrate_batch_norm
-from train.estimates import binomial_se, mean_sd
+from train.evaluation.batch_norm import chunks, recalibrate_batch_norm
+from train.evaluation.estimates import binomial_se, mean_sd
 
 
 def stratified_indices(labels: np.ndarray, count: int) -> tuple[int, ...]:

@@ -10,9 +10,9 @@ from pathlib import Path
 from accelerate import PartialState
 
 from pipeline.atomic import write_atomic
-from train import finetune, pretrain
-from train.checkpoint import has_checkpoint
 from train.config import ConfigError
+from train.engine.checkpoint import has_checkpoint
+from train.stages import finetuning, pretraining
 
 # Flags a runner sets for every run itself; given by the user they would clash.
 RUN_OWNED = frozenset({"--out", "--resume", "--train.out", "--train.resume"})
@@ -27,7 +27,7 @@ def refuse_owned_flags(tokens: list[str], owned: frozenset[str], runner: str, in
 def run_pretraining(folder: Path, args: list[str]) -> Path:
     """train/pretrain.py into `folder`, resumed when it holds a checkpoint (a finished run trains nothing)."""
     resume = ["--resume"] if has_checkpoint(folder, "checkpoints/*") else []
-    pretrain.main([*args, "--out", str(folder), *resume])
+    pretraining.main([*args, "--out", str(folder), *resume])
     return folder
 
 
@@ -35,7 +35,7 @@ def run_finetuning(folder: Path, args: list[str]) -> dict:
     """train/finetune.py into `folder`, resumed when it holds a checkpoint: its finished seeds are read
     back, the rest continued (finetune.py refuses the folder when its config differs)."""
     resume = ["--resume"] if has_checkpoint(folder, "seed_*/checkpoints/*") else []
-    return finetune.main([*args, "--out", str(folder), *resume])
+    return finetuning.main([*args, "--out", str(folder), *resume])
 
 
 def cell(results: dict) -> dict:

@@ -1,8 +1,8 @@
 """What a pretraining run measures besides its training loss, at logging time, on rank 0:
 
-- the pretext task on clean held-out images (`train/clean_metric.py`): `clean_loss`, `clean_<metric>`, each
+- the pretext task on clean held-out images (`train/evaluation/clean_metric.py`): `clean_loss`, `clean_<metric>`, each
   with its standard error (`_se`), and the method's own figures (Selfie: the context ablation);
-- a kNN classifier on the features fine-tuning would start from (`train/knn.py`): `knn_acc` and
+- a kNN classifier on the features fine-tuning would start from (`train/evaluation/knn.py`): `knn_acc` and
   `knn_acc_se`, against the floor of random initialisations and the raw pixels measured once at the start
   (`knn_acc_random` +- `knn_acc_random_sd`, `knn_acc_pixels`).
 
@@ -21,8 +21,8 @@ from torch import nn
 
 from pipeline.data import BatchAssembler, BatchSpec, DataError, Source
 from pipeline.loaders import LOADERS
-from train.clean_metric import CleanPretext
-from train.knn import KnnBaselines, KnnMonitor, stratified_indices
+from train.evaluation.clean_metric import CleanPretext
+from train.evaluation.knn import KnnBaselines, KnnMonitor, stratified_indices
 from train.methods.supervised import model_input
 
 

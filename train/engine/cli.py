@@ -10,10 +10,10 @@ from typing import Any
 import torch
 
 from pipeline.data import DataError
-from train.checkpoint import CheckpointWriteError
 from train.config import ConfigError
-from train.metrics import NonFiniteLoss
-from train.signals import Stopped
+from train.engine.checkpoint import CheckpointWriteError
+from train.engine.metrics import NonFiniteLoss
+from train.engine.signals import Stopped
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 1

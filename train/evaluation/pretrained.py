@@ -9,8 +9,8 @@ from typing import NamedTuple
 import torch
 
 from model.classifier import POOLED_ARCHS, load_pretrained
-from train.checkpoint import Checkpoints, load_checkpoint
 from train.config import ConfigError, FinetuneConfig, ModelConfig
+from train.engine.checkpoint import Checkpoints, load_checkpoint
 from train.methods import METHODS
 from train.methods.supervised import build_model
 

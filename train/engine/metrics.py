@@ -19,7 +19,7 @@ class NonFiniteLoss(RuntimeError):
 
 class JsonlLogger:
     """Appends one JSON object per line to `path`, on the main process only, and hands each record to
-    `sink` (an experiment tracker, train/tracking.py) when there is one."""
+    `sink` (an experiment tracker, train/engine/tracking.py) when there is one."""
 
     def __init__(self, path: Path, enabled: bool) -> None:
         self.path = path

@@ -1,0 +1,240 @@
+"""The pretrained-vs-supervised comparison over label fractions (the paper's Table 1 and Figure 4) as a
+library: the grid of fine-tuning runs, the lr chosen per cell on a validation split, the table and the
+plot. train/compare.py is its command line."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+from pipeline.atomic import write_atomic
+from train.config import ConfigError, FinetuneConfig
+from train.config.command_line import parse_args
+from train.evaluation.pretrained import load_init
+from train.experiments.grid import (
+    RUN_OWNED,
+    cell,
+    format_cell,
+    refuse_owned_flags,
+    run_finetuning,
+    seeds_note,
+    write_table,
+)
+from train.stages import finetuning
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+ROWS = (("supervised", "none"), ("pretrained", None))  # (row name, --init); None = the --init given
+
+
+def parse_columns(text: str, kind: type, flag: str) -> list:
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise ConfigError(f"{flag} {text}: expected comma-separated numbers ({error})") from error
+    if not values:
+        raise ConfigError(f"{flag} {text}: expected at least one value")
+    return values
+
+
+def column_label(value: float | int, per_class: bool) -> str:
+    if per_class:
+        return f"{value}/class"
+    return f"{value * 100:g}%"
+
+
+def format_table(
+    cells: dict[str, dict[str, dict]], columns: list[str], title: str = "", chance: float | None = None,
+    measured_on: str = "test",
+) -> str:  # fmt: skip
+    """Markdown in the paper's Table 1 layout. cells[row][column] = {"mean", "std", "seeds"} in percent;
+    the delta row is pretrained mean minus supervised mean; `chance` (percent) and what the accuracy was
+    measured on ("test", or a validation split) are said under it."""
+    lines = [f"**{title}**", ""] if title else []
+    lines.append("| | " + " | ".join(columns) + " |")
+    lines.append("| --- |" + " ---: |" * len(columns))
+    for row, _ in ROWS:
+        lines.append(f"| {row} | " + " | ".join(format_cell(cells[row][c]) for c in columns) + " |")
+    deltas = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
+    lines.append("| Δ | " + " | ".join(f"{d:+.1f}" for d in deltas) + " |")
+    if all("lr" in cells[row][c] for row, _ in ROWS for c in columns):
+        for row, _ in ROWS:
+            lines.append(f"| lr, {row} | " + " | ".join(f"{cells[row][c]['lr']:g}" for c in columns) + " |")
+    lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns}, measured_on)]
+    if chance is not None:
+        several = any(cells["supervised"][c]["seeds"] > 1 for c in columns)
+        spread = " A Δ smaller than the supervised row's sd is within its seed-to-seed spread." if several else ""
+        lines.append(f"Chance: {chance:.1f} %.{spread}")
+    if any("lr" in cells[row][c] for row, _ in ROWS for c in columns):
+        lines.append("Each cell's lr was chosen on a validation split held out of the training split.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(
+    cells: dict[str, dict[str, dict]], columns: list[str], x: list[float], xlabel: str, path: Path, title: str,
+    chance: float | None = None, measured_on: str = "test",
+) -> None:  # fmt: skip
+    """Accuracy against labels (each row with its seeds' sd; the supervised row's spread shaded; chance
+    dashed) and the gain per column, its bar's error the spread of a difference of the two rows."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for row, _ in ROWS:
+        means = [cells[row][c]["mean"] for c in columns]
+        stds = [cells[row][c]["std"] for c in columns]
+        left.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=row)
+        if row == "supervised":
+            low, high = (
+                [m - s for m, s in zip(means, stds, strict=True)],
+                [m + s for m, s in zip(means, stds, strict=True)],
+            )
+            left.fill_between(x, low, high, alpha=0.15, color="grey", label="supervised ± sd")
+    if chance is not None:
+        left.axhline(chance, linestyle="--", color="grey", linewidth=0.8, label=f"chance {chance:.0f}%")
+    gains = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
+    spreads = [math.hypot(cells["pretrained"][c]["std"], cells["supervised"][c]["std"]) for c in columns]
+    colours = ["tab:green" if g >= 0 else "tab:red" for g in gains]
+    right.bar(range(len(columns)), gains, yerr=spreads, capsize=4, color=colours)
+    right.set_xticks(range(len(columns)), columns)
+    right.axhline(0, color="black", linewidth=0.8)
+    for axis, ylabel in ((left, f"{measured_on} accuracy (%)"), (right, "gain from pretraining (points)")):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    left.set_xscale("log")
+    left.set_xticks(x, columns)
+    left.minorticks_off()
+    left.legend()
+    figure.suptitle(title)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    write_atomic(path, buffer.getvalue())
+
+
+def run_cell(
+    out: Path, row: str, column_flag: str, value: float | int, init: str, flags: list[str], suffix: str = ""
+) -> dict:
+    """One fine-tuning run, reused or resumed when its folder holds one."""
+    folder = out / f"{row}-{column_flag.lstrip('-')}-{value:g}{suffix}"
+    return run_finetuning(folder, [*flags, "--init", init, column_flag, str(value)])
+
+
+def select_lr(
+    args: argparse.Namespace, out: Path, row: str, column: tuple, init: str, passthrough: list[str]
+) -> tuple[dict, dict]:
+    """(cell, results) of the run with the lr of `--lrs` that scored best on the validation split carved
+    from the training split (`--holdout`); the choice never reads the test split. The cell gets "lr" and
+    "validation" (mean validation accuracy per lr)."""
+    column_flag, value = column
+    validation = {}
+    seeds = ["--seeds", str(args.selection_seeds)] if args.selection_seeds else []
+    for lr in args.lrs:
+        flags = [*passthrough, *seeds, "--lr", f"{lr:g}", "--finetune.holdout", f"{args.holdout:g}"]
+        results = run_cell(out, row, column_flag, value, init, flags, f"-select-lr-{lr:g}")
+        validation[f"{lr:g}"] = results["accuracy"]["mean"]
+    best = max(validation, key=lambda lr: (validation[lr], -float(lr)))  # ties: the smaller lr
+    results = run_cell(out, row, column_flag, value, init, [*passthrough, "--lr", best])
+    return cell(results) | {"lr": float(best), "validation": validation}, results
+
+
+COLUMN_OWNED = RUN_OWNED | {"--init", "--label-fraction", "--per-class", "--finetune.label_fraction"}
+COLUMN_OWNED |= {"--finetune.per_class", "--finetune.init"}
+SELECTION_OWNED = {"--lr", "--optim.lr", "--finetune.holdout"}  # set per run when --lrs chooses the lr
+
+
+def check_before_running(args: argparse.Namespace, passthrough: list[str], column_flag: str, values: list) -> None:
+    """Everything a cell would refuse, refused before the first cell spends hours training."""
+    refuse_owned_flags(passthrough, COLUMN_OWNED, "compare.py per column and row", "--fractions/--per-class")
+    if args.lrs:
+        refuse_owned_flags(passthrough, frozenset(SELECTION_OWNED), "compare.py's lr selection", "--lrs/--holdout")
+    for value in values:
+        if column_flag == "--per-class" and value <= 0:
+            raise ConfigError(f"--per-class {value}: expected positive counts")
+        if column_flag == "--label-fraction" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"--fractions {value}: expected fractions in (0, 1], e.g. 0.05 for 5%")
+    selection = ["--lr", f"{args.lrs[0]:g}", "--finetune.holdout", f"{args.holdout:g}"] if args.lrs else []
+    for init in ("none", args.init):
+        for extra in ([], selection) if selection else ([],):
+            flags = [*passthrough, *extra, "--init", init, column_flag, str(values[0])]
+            config, _ = parse_args(flags, FinetuneConfig, finetuning.STABLE_FLAGS, "")
+            finetuning.validate(config)
+            load_init(config)
+
+
+@dataclass
+class Comparison:
+    """compare.py's command line, parsed."""
+
+    args: argparse.Namespace  # its own flags: --init, --lrs, --holdout, --selection-seeds, --out, --title
+    passthrough: list[str]  # every other flag: train/finetune.py's, given to both rows
+    column_flag: str  # --label-fraction or --per-class
+    values: list  # the columns' values
+
+
+def parse(argv: list[str] | None) -> Comparison:
+    parser = argparse.ArgumentParser(
+        description="Pretrained vs. supervised fine-tuning over label fractions (paper Table 1 / Figure 4)",
+        epilog="Other flags go to train/finetune.py for both rows: --config, --data, --steps, --arch, ...",
+    )
+    parser.add_argument("--init", required=True, help="pretraining run folder or checkpoint for the pretrained row")
+    columns = parser.add_mutually_exclusive_group()
+    columns.add_argument("--fractions", default="0.05,0.1,0.2,1", help="label fractions (default 0.05,0.1,0.2,1)")
+    columns.add_argument("--per-class", help="labelled images per class instead, e.g. 60,130")
+    parser.add_argument("--lrs", help="learning rates to choose from per cell on a validation split, e.g. 0.01,0.1")
+    parser.add_argument("--holdout", type=float, default=0.1, help="the validation split's fraction (paper: 0.1)")
+    parser.add_argument(
+        "--selection-seeds", type=int, help="seeds of each lr's validation runs (default: the cell's --seeds)"
+    )
+    parser.add_argument("--out", help="output folder (default: runs/compare-<init folder name>)")
+    parser.add_argument("--title", default="", help="table and plot title (default: data and init)")
+    args, passthrough = parser.parse_known_args(argv)
+    args.lrs = parse_columns(args.lrs, float, "--lrs") if args.lrs else []
+    if args.lrs and not 0 < args.holdout < 1:
+        raise ConfigError(f"--holdout {args.holdout}: expected a fraction in (0, 1), e.g. 0.1")
+    if args.selection_seeds is not None and (args.selection_seeds < 1 or not args.lrs):
+        raise ConfigError(f"--selection-seeds {args.selection_seeds}: expected a positive count, with --lrs")
+    if args.per_class:
+        return Comparison(args, passthrough, "--per-class", parse_columns(args.per_class, int, "--per-class"))
+    return Comparison(args, passthrough, "--label-fraction", parse_columns(args.fractions, float, "--fractions"))
+
+
+def run(comparison: Comparison) -> dict:
+    """Every cell (reused when finished), then the table and the plot; returns the folder and the cells."""
+    args, passthrough, column_flag, values = (
+        comparison.args,
+        comparison.passthrough,
+        comparison.column_flag,
+        comparison.values,
+    )
+    check_before_running(args, passthrough, column_flag, values)
+    init_name = Path(args.init).name if Path(args.init).is_dir() else Path(args.init).parent.parent.name
+    out = Path(args.out or Path("runs") / f"compare-{init_name}")
+    labels = [column_label(v, bool(args.per_class)) for v in values]
+    cells: dict[str, dict[str, dict]] = {row: {} for row, _ in ROWS}
+    for value, label in zip(values, labels, strict=True):
+        for row, init in ROWS:
+            if args.lrs:
+                cells[row][label], results = select_lr(
+                    args, out, row, (column_flag, value), init or args.init, passthrough
+                )
+            else:
+                results = run_cell(out, row, column_flag, value, init or args.init, passthrough)
+                cells[row][label] = cell(results)
+    data = results["config"]["data"]["path"] or "demo data"
+    arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
+    title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"
+    summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}
+    chance, measured_on = 100 / results["classes"], results["evaluated_on"].split(" (")[0]
+    summary |= {"chance": chance, "measured_on": results["evaluated_on"]}
+    if write_table(out, format_table(cells, labels, title, chance, measured_on), summary):
+        xlabel = "labelled images per class" if args.per_class else "fraction of labels"
+        x = [float(v) for v in values]
+        plot_comparison(cells, labels, x, xlabel, out / "accuracy_vs_labels.png", title, chance, measured_on)
+        print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_labels.png'}")
+    return {"out": str(out), "cells": cells}
