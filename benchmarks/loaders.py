@@ -81,7 +81,7 @@ def benchmark_data(
     beton_path = Path(beton) if beton else cache / f"{folder.parent.name}-{folder.name}.beton"
     if build_beton and not beton_path.exists():
         try:  # FFCV is optional where only the torch and DALI loaders are timed
-            from pipeline.convert import ConvertOptions, convert
+            from pipeline.beton_writer import ConvertOptions, convert
         except ImportError as error:
             print(f"note: no {beton_path.name} ({error}): the ffcv modes cannot run here")
             return folder, beton_path

@@ -23,13 +23,13 @@ SHAPES = {"32/8": (32, 8, 12), "224/32": (224, 32, 37)}  # image size, patch siz
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def time_op(op, images, perm, patch, num_context, dtype, channels_last, warmup: int, repeats: int) -> float:
-    """Median images/s of single calls."""
+def time_op(op, images: torch.Tensor, perm: torch.Tensor, patch: int, num_context: int, args) -> float:
+    """Median images/s of single calls, in the dtype, layout, warm-up and repeats of the command line `args`."""
 
     def step(clock) -> None:
-        op(images, perm, patch, num_context, dtype=dtype, channels_last=channels_last)
+        op(images, perm, patch, num_context, dtype=DTYPES[args.dtype], channels_last=args.channels_last)
 
-    return time_windows(step, images.device, images.shape[0], warmup, repeats, 1)["median"]
+    return time_windows(step, images.device, images.shape[0], args.warmup, args.repeats, 1)["median"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         perm = sample_context_permutation(args.batch, (size // patch) ** 2, device=device)
         reference = None
         for name, op in ops.items():
-            rate = time_op(
-                op, images, perm, patch, num_context, DTYPES[args.dtype], args.channels_last, args.warmup, args.repeats
-            )
+            rate = time_op(op, images, perm, patch, num_context, args)
             reference = reference or rate
             print(f"| {shape} | {name} | {1e3 * args.batch / rate:.2f} | {rate:,.0f} | {rate / reference:.2f}x |")
 

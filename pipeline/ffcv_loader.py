@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.convert import FIELD_NAMES, SIDECAR_FORMAT, fingerprint, sidecar_path
+from pipeline.beton_writer import FIELD_NAMES, SIDECAR_FORMAT, fingerprint, sidecar_path
 from pipeline.data import (
     CIFAR_TEST_FILE,
     EPOCH_ORDER_STREAM,

@@ -47,7 +47,7 @@ def _open_betons(path: str | os.PathLike, split: str) -> Source:
 
 def _demo_betons(cache_dir: str | os.PathLike | None) -> Path:
     """The demo data written once as train.beton and val.beton (raw pixels) beside its folders."""
-    from pipeline.convert import ConvertOptions, convert
+    from pipeline.beton_writer import ConvertOptions, convert
 
     root = demo_dataset(cache_dir)
     folder = root / "ffcv"

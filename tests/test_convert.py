@@ -12,7 +12,7 @@ from PIL import Image
 
 pytest.importorskip("ffcv", reason="the converter writes FFCV's .beton files; FFCV is not installed here")
 
-from pipeline.convert import ConvertOptions, convert, sidecar_path  # noqa: E402
+from pipeline.beton_writer import ConvertOptions, convert, sidecar_path  # noqa: E402
 from pipeline.data import DataError, open_source  # noqa: E402
 from pipeline.ffcv_loader import BetonSource  # noqa: E402
 from tests.conftest import ROOT, run_concurrently  # noqa: E402

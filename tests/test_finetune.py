@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model.classifier import ARCHS, pretrained_backbones
-from pipeline.convert import ConvertOptions, convert
+from pipeline.beton_writer import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT, TINY, finetune, free_port, kill_when_exists, pretrain, run_concurrently, run_script
 from train.experiments.comparison import format_table

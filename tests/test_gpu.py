@@ -58,7 +58,7 @@ def test_gpu_loaders_deliver_the_cpu_images_on_the_device(tmp_path, backend: str
     import numpy as np
     from PIL import Image
 
-    from pipeline.convert import ConvertOptions, convert
+    from pipeline.beton_writer import ConvertOptions, convert
     from pipeline.loaders import LOADERS
 
     rng = np.random.default_rng(0)
@@ -87,7 +87,7 @@ def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> No
     import numpy as np
     from PIL import Image
 
-    from pipeline.convert import ConvertOptions, convert
+    from pipeline.beton_writer import ConvertOptions, convert
     from pipeline.loaders import LOADERS
 
     ramp = np.linspace(0, 255, 96)

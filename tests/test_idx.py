@@ -114,7 +114,7 @@ def test_torch_and_dali_read_the_same_idx_images(tmp_path: Path) -> None:
 
 def test_the_converter_writes_idx_images_exactly_for_ffcv(tmp_path: Path) -> None:
     pytest.importorskip("ffcv")
-    from pipeline.convert import ConvertOptions, convert
+    from pipeline.beton_writer import ConvertOptions, convert
     from pipeline.ffcv_loader import BetonSource
 
     root = make_idx(tmp_path / "mnist")

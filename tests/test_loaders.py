@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.convert import ConvertOptions, convert
+from pipeline.beton_writer import ConvertOptions, convert
 from pipeline.data import DataError, ShardedBatchSampler, open_source
 from pipeline.loaders import LOADERS
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, patchify_and_mask

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.convert import ConvertOptions, convert
+from pipeline.beton_writer import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import (
     ROOT,

@@ -225,7 +225,7 @@ def photo(path: Path, width: int, height: int) -> None:
 
 @pytest.mark.needs_loader("ffcv")
 def test_the_converter_takes_a_large_photo_with_default_options(tmp_path: Path) -> None:
-    from pipeline.convert import convert
+    from pipeline.beton_writer import convert
 
     (tmp_path / "src" / "a").mkdir(parents=True)
     photo(tmp_path / "src" / "a" / "big.jpg", 2000, 1500)  # 9 MB of raw pixels: more than FFCV's default page
@@ -238,7 +238,7 @@ def test_the_converter_takes_a_large_photo_with_default_options(tmp_path: Path) 
 @pytest.mark.needs_loader("ffcv")
 def test_a_killed_converter_leaves_no_writer_and_its_temporary_file_is_cleaned(tmp_path: Path, demo_root: Path) -> None:
     code = (
-        "import sys; from pipeline.convert import convert, ConvertOptions; "
+        "import sys; from pipeline.beton_writer import convert, ConvertOptions; "
         "convert(sys.argv[1], sys.argv[2], options=ConvertOptions(write_mode='raw', workers=2))"
     )
     dst = tmp_path / "out.beton"
@@ -258,7 +258,7 @@ def test_a_killed_converter_leaves_no_writer_and_its_temporary_file_is_cleaned(t
         if Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
     ]
     assert not alive, alive
-    from pipeline.convert import ConvertOptions, convert
+    from pipeline.beton_writer import ConvertOptions, convert
 
     convert(demo_root, dst, options=ConvertOptions(write_mode="raw", workers=1))  # the next run cleans up
     assert not list(tmp_path.glob(".out.beton.tmp-*")) and dst.is_file()
@@ -266,7 +266,7 @@ def test_a_killed_converter_leaves_no_writer_and_its_temporary_file_is_cleaned(t
 
 @pytest.mark.needs_loader("ffcv")
 def test_an_edited_sidecar_and_a_folder_as_destination_are_refused(tmp_path: Path, demo_root: Path) -> None:
-    from pipeline.convert import ConvertOptions, convert, sidecar_path
+    from pipeline.beton_writer import ConvertOptions, convert, sidecar_path
     from pipeline.ffcv_loader import BetonSource
 
     dst = tmp_path / "d.beton"

@@ -76,8 +76,16 @@ def format_table(
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class LabelAxis:
+    """The plot's x axis: each column's amount of labels, and what that amount is."""
+
+    values: list[float]  # a fraction of the training split, or images per class
+    name: str  # "fraction of labels" | "labelled images per class"
+
+
 def plot_comparison(
-    cells: dict[str, dict[str, dict]], columns: list[str], x: list[float], xlabel: str, path: Path, title: str,
+    cells: dict[str, dict[str, dict]], columns: list[str], label_axis: LabelAxis, path: Path, title: str,
     chance: float | None = None, measured_on: str = "test",
 ) -> None:  # fmt: skip
     """Accuracy against labels (each row with its seeds' sd; the supervised row's spread shaded; chance
@@ -86,13 +94,13 @@ def plot_comparison(
     for row, _ in ROWS:
         means = [cells[row][c]["mean"] for c in columns]
         stds = [cells[row][c]["std"] for c in columns]
-        left.errorbar(x, means, yerr=stds, marker="o", capsize=4, label=row)
+        left.errorbar(label_axis.values, means, yerr=stds, marker="o", capsize=4, label=row)
         if row == "supervised":
             low, high = (
                 [m - s for m, s in zip(means, stds, strict=True)],
                 [m + s for m, s in zip(means, stds, strict=True)],
             )
-            left.fill_between(x, low, high, alpha=0.15, color="grey", label="supervised ± sd")
+            left.fill_between(label_axis.values, low, high, alpha=0.15, color="grey", label="supervised ± sd")
     if chance is not None:
         left.axhline(chance, linestyle="--", color="grey", linewidth=0.8, label=f"chance {chance:.0f}%")
     gains = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
@@ -102,11 +110,11 @@ def plot_comparison(
     right.set_xticks(range(len(columns)), columns)
     right.axhline(0, color="black", linewidth=0.8)
     for axis, ylabel in ((left, f"{measured_on} accuracy (%)"), (right, "gain from pretraining (points)")):
-        axis.set_xlabel(xlabel)
+        axis.set_xlabel(label_axis.name)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     left.set_xscale("log")
-    left.set_xticks(x, columns)
+    left.set_xticks(label_axis.values, columns)
     left.minorticks_off()
     left.legend()
     figure.suptitle(title)
@@ -233,8 +241,8 @@ def run(comparison: Comparison) -> dict:
     chance, measured_on = 100 / results["classes"], results["evaluated_on"].split(" (")[0]
     summary |= {"chance": chance, "measured_on": results["evaluated_on"]}
     if write_table(out, format_table(cells, labels, title, chance, measured_on), summary):
-        xlabel = "labelled images per class" if args.per_class else "fraction of labels"
-        x = [float(v) for v in values]
-        plot_comparison(cells, labels, x, xlabel, out / "accuracy_vs_labels.png", title, chance, measured_on)
+        name = "labelled images per class" if args.per_class else "fraction of labels"
+        label_axis = LabelAxis([float(v) for v in values], name)
+        plot_comparison(cells, labels, label_axis, out / "accuracy_vs_labels.png", title, chance, measured_on)
         print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_labels.png'}")
     return {"out": str(out), "cells": cells}
