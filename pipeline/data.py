@@ -29,6 +29,8 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.augment import pad_crop_flip, random_resized_crop_box
 from pipeline.cifar_pickle import RefusedPickle, read_cifar_batch
+from pipeline.errors import DataError
+from pipeline.idx import SPLIT_PREFIXES, cifar_layout, is_idx_folder, read_idx, split_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -40,10 +42,6 @@ EVAL_CROP_FRACTION = 0.875  # evaluation: resize the shorter side to S / 0.875, 
 DECODE_ERRORS = (OSError, ValueError, UnidentifiedImageError, SyntaxError, Image.DecompressionBombError)
 # Give up on a batch after this many unreadable files in a row: the data set is broken, not noisy.
 MAX_CONSECUTIVE_BAD_FILES = 32
-
-
-class DataError(ValueError):
-    """A data set that cannot be read as asked; the message names the path and what was expected."""
 
 
 class Batch(NamedTuple):
@@ -189,6 +187,28 @@ class CifarSource(ArraySource):
         self.classes = [str(i) for i in range(CIFAR_CLASSES)]
 
 
+class IdxSource(ArraySource):
+    """An IDX folder's split (see the module docstring), held decoded in memory."""
+
+    def __init__(self, root: Path, split: str) -> None:
+        self.root = root
+        paths = {kind: split_file(root, split, kind) for kind in ("images", "labels")}
+        missing = [kind for kind, path in paths.items() if path is None]
+        if missing:
+            prefix = SPLIT_PREFIXES[split]
+            wanted = ", ".join(f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte[.gz]" for kind in missing)
+            raise DataError(f"{root}: IDX folder lacks {wanted} (needed for split {split!r})")
+        images, labels = read_idx(paths["images"]), read_idx(paths["labels"])
+        if images.ndim != 3:
+            raise DataError(f"{paths['images']}: {images.ndim}-d values; expected (images, rows, columns)")
+        if labels.shape != (len(images),):
+            expected = f"one label for each of {len(images)} images"
+            raise DataError(f"{paths['labels']}: shape {labels.shape}; expected {expected}")
+        self.images = cifar_layout(images)
+        self.labels = labels.astype(np.int64)
+        self.classes = [str(i) for i in range(int(self.labels.max(initial=0)) + 1)]
+
+
 def _check_cifar_batch(path: Path, count: int, labels: list) -> None:
     """Every image has its label, and every label names one of CIFAR-10's classes: a shorter label list
     would silently shift every later label onto the wrong image."""
@@ -207,8 +227,6 @@ Source = FolderSource | ArraySource
 def open_source(path: str | os.PathLike, split: str = "train") -> Source:
     """A CIFAR-10 python folder, an IDX folder (MNIST, Fashion-MNIST, KMNIST; `pipeline.idx`), or an
     ImageNet-layout folder (its `train/` or `val/` when present)."""
-    from pipeline.idx import IdxSource, is_idx_folder  # pipeline.idx builds on this module
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     root = Path(path)

@@ -8,7 +8,7 @@ labels an (N,) one. Each file may be gzip-compressed (as distributed, and as Deb
 A folder is one data set: `train-images-idx3-ubyte[.gz]` with `train-labels-idx1-ubyte[.gz]`, and
 `t10k-*` for the test split. Its grey images enter the project in the CIFAR-10 layout every backend and
 model reads: zero-padded on all sides to the next multiple of 8 pixels (28 -> 32, so 8-px patches
-tile it as on CIFAR-10) and repeated over three channels.
+tile it as on CIFAR-10) and repeated over three channels (`pipeline.data.IdxSource` is the data source).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import ArraySource, DataError
+from pipeline.errors import DataError
 
 GZIP_MAGIC = b"\x1f\x8b"
 UINT8_TYPE = 0x08
@@ -82,25 +82,3 @@ def cifar_layout(images: np.ndarray) -> np.ndarray:
     out = np.zeros((count, side, side, 3), dtype=np.uint8)
     out[:, top : top + height, left : left + width, :] = images[..., None]
     return out
-
-
-class IdxSource(ArraySource):
-    """An IDX folder's split (see the module docstring), held decoded in memory."""
-
-    def __init__(self, root: Path, split: str) -> None:
-        self.root = root
-        paths = {kind: split_file(root, split, kind) for kind in ("images", "labels")}
-        missing = [kind for kind, path in paths.items() if path is None]
-        if missing:
-            prefix = SPLIT_PREFIXES[split]
-            wanted = ", ".join(f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte[.gz]" for kind in missing)
-            raise DataError(f"{root}: IDX folder lacks {wanted} (needed for split {split!r})")
-        images, labels = read_idx(paths["images"]), read_idx(paths["labels"])
-        if images.ndim != 3:
-            raise DataError(f"{paths['images']}: {images.ndim}-d values; expected (images, rows, columns)")
-        if labels.shape != (len(images),):
-            expected = f"one label for each of {len(images)} images"
-            raise DataError(f"{paths['labels']}: shape {labels.shape}; expected {expected}")
-        self.images = cifar_layout(images)
-        self.labels = labels.astype(np.int64)
-        self.classes = [str(i) for i in range(int(self.labels.max(initial=0)) + 1)]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import DataError, open_source
-from pipeline.idx import IdxSource, read_idx
+from pipeline.data import DataError, IdxSource, open_source
+from pipeline.idx import read_idx
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT
 
