@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from model.selfie import build_selfie
-from train.evaluation.curves import plot_curves
-from train.evaluation.pictures import (
+from train.engine.curves import plot_curves
+from train.methods.pictures import (
     PICTURE_GAP,
     RIGHT_BORDER,
     WRONG_BORDER,
@@ -95,7 +95,7 @@ def test_curves_are_drawn_from_the_log(tmp_path: Path) -> None:
 
 def test_curve_panels_take_whatever_metrics_the_log_has(tmp_path: Path) -> None:
     """A method's own accuracy key (any `*_acc`) is drawn without being named anywhere."""
-    from train.evaluation.curves import CURVE_PANELS
+    from train.engine.curves import CURVE_PANELS
 
     wanted = dict(CURVE_PANELS)
     assert wanted["accuracy"]("toy_acc") and wanted["accuracy"]("chance_acc") and not wanted["accuracy"]("loss")
@@ -108,7 +108,7 @@ def test_curve_panels_take_whatever_metrics_the_log_has(tmp_path: Path) -> None:
 
 def test_one_huge_monitor_loss_leaves_the_training_loss_readable() -> None:
     """An early clean_loss of thousands must not flatten the training loss (1.4 .. 0.9) into one pixel row."""
-    from train.evaluation.curves import curves_figure
+    from train.engine.curves import curves_figure
 
     records = [{"step": s, "loss": 1.4 - 0.05 * s, "clean_loss": 2143.0 if s == 1 else 1.2} for s in range(1, 11)]
     figure = curves_figure(records)
@@ -125,7 +125,7 @@ def bright_columns(band: np.ndarray) -> np.ndarray:
 
 
 def test_pictures_name_their_columns_and_frame_colours() -> None:
-    from train.evaluation.pictures import FRAME_LEGEND, PATCH_COLUMNS, patch_column_centers, with_header
+    from train.methods.pictures import FRAME_LEGEND, PATCH_COLUMNS, patch_column_centers, with_header
     from train.methods.rotation import view_titles
 
     grid = np.zeros((100, 400, 3), dtype=np.uint8)

@@ -97,6 +97,40 @@ def test_no_entry_script_is_imported() -> None:
     assert not found, found
 
 
+# The floors, lowest first: a module may import its own floor and those below, never one above. The
+# programs (entry scripts) and the benchmarks stand on everything.
+FLOORS = (
+    ("pipeline", "model"),
+    ("train.config",),
+    ("train.engine",),
+    ("train.methods",),
+    ("train.evaluation",),
+    ("train.stages",),
+    ("train.experiments",),
+    ("benchmarks",),
+)
+
+
+def floor(module: str, entries: set[str]) -> int:
+    if module in entries and module.startswith("train."):
+        return len(FLOORS)
+    for level, prefixes in enumerate(FLOORS):
+        if any(module == prefix or module.startswith(prefix + ".") for prefix in prefixes):
+            return level
+    return 0  # the empty top-level package `train`
+
+
+def test_imports_run_down_the_floors() -> None:
+    graph, entries = import_graph(), entry_scripts()
+    upward = sorted(
+        f"{importer} imports {target}"
+        for importer, edges in graph.items()
+        for target in edges
+        if floor(target, entries) > floor(importer, entries)
+    )
+    assert not upward, upward
+
+
 def test_every_import_is_resolved() -> None:
     unresolved = sorted(
         f"{importer}: {target}"

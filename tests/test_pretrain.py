@@ -24,8 +24,8 @@ from tests.conftest import (
     run_concurrently,
     run_script,
 )
-from train.evaluation.pictures import picture_size
 from train.methods import METHODS
+from train.methods.pictures import picture_size
 from train.methods.rotation import RotationMethod
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,8 @@ from accelerate import Accelerator
 from pipeline.data import Batch
 from tests.conftest import ROOT, TINY, free_port, pretrain, run_concurrently, run_script
 from train.config import OptimConfig
-from train.engine.optim import LARS, build_optimizer, describe_lr, peak_lr
+from train.config.learning_rate import describe_lr, peak_lr
+from train.engine.optim import LARS, build_optimizer
 from train.engine.step import EagerStep
 from train.methods.supervised import SupervisedTask, build_model
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from train.evaluation.curves import plot_curves
+from train.engine.curves import plot_curves
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,7 @@ from train.config import (
     to_dict,
     yaml_strict,
 )
-from train.engine.optim import describe_lr
+from train.config.learning_rate import describe_lr
 
 
 def key_hint(cls: type, dotted: str) -> Any:

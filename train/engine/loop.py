@@ -28,13 +28,13 @@ from model.sync_batch_norm import synchronise_batch_norm
 from pipeline.data import MASK_STREAM, Batch, derive_seed
 from train.config import StageConfig
 from train.engine.checkpoint import Checkpoints, all_rng_states, restore_training_state, training_state
+from train.engine.curves import plot_curves
 from train.engine.metrics import JsonlLogger, MetricWindow, NonFiniteLoss
 from train.engine.optim import build_optimizer, build_schedule
 from train.engine.run_folder import continue_log
 from train.engine.signals import StopRequests, stopped
 from train.engine.step import make_step
 from train.engine.tracking import TrackerSink
-from train.evaluation.curves import plot_curves
 from train.methods.base import Pictures, Task
 
 

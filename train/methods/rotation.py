@@ -22,7 +22,8 @@ from model.view_classifier import ViewClassifier, build_view_classifier
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.rotation_views import NUM_ROTATIONS, patch_side, rotation_views
 from train.config import ConfigError, PretrainConfig, compute_dtype
-from train.evaluation.pictures import (
+from train.methods.base import PretextMethod, register
+from train.methods.pictures import (
     FRAME_LEGEND,
     picture_images,
     view_column_centers,
@@ -30,7 +31,6 @@ from train.evaluation.pictures import (
     with_header,
     write_png,
 )
-from train.methods.base import PretextMethod, register
 
 
 @dataclass

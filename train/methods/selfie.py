@@ -24,7 +24,8 @@ from pipeline.patches import (
     sample_context_permutation,
 )
 from train.config import ConfigError, PretrainConfig, choice, compute_dtype
-from train.evaluation.pictures import (
+from train.methods.base import PretextMethod, register
+from train.methods.pictures import (
     FRAME_LEGEND,
     PATCH_COLUMNS,
     patch_column_centers,
@@ -33,7 +34,6 @@ from train.evaluation.pictures import (
     with_header,
     write_png,
 )
-from train.methods.base import PretextMethod, register
 
 
 @dataclass

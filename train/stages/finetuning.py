@@ -20,9 +20,9 @@ from pipeline.data import INIT_STREAM, DataError, Source, check_readable, derive
 from pipeline.subsets import SubsetSource, holdout_split, select_labeled_subset
 from train.config import FinetuneConfig, to_dict
 from train.config.command_line import RUN_FLAGS, parse_args
+from train.config.learning_rate import describe_lr, warmup_warning
 from train.engine.loading import check_loader_options, open_data, train_batches
 from train.engine.loop import Hooks, Training, fit, start_training
-from train.engine.optim import describe_lr, warmup_warning
 from train.engine.run_folder import RESUMABLE_KEYS, prepare_run_dir, record_invocation
 from train.engine.run_lock import releasing_locks
 from train.engine.session import check_model_builds, make_accelerator, per_process_batch

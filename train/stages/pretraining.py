@@ -12,14 +12,14 @@ from accelerate import Accelerator
 from pipeline.data import Source, check_readable
 from train.config import PretrainConfig, to_dict
 from train.config.command_line import RUN_FLAGS, parse_args
+from train.config.learning_rate import describe_lr, warmup_warning
+from train.engine.curves import read_log
 from train.engine.loading import check_batch_fits, check_loader_options, open_data, train_batches
 from train.engine.loop import Hooks, Training, fit, start_training
-from train.engine.optim import describe_lr, warmup_warning
 from train.engine.run_folder import prepare_run_dir, record_invocation
 from train.engine.run_lock import releasing_locks
 from train.engine.session import check_model_builds, make_accelerator, per_process_batch
 from train.engine.tracking import TrackerSink, start_trackers
-from train.evaluation.curves import read_log
 from train.evaluation.monitors import build_monitors
 from train.evaluation.verdict import floor_of, verdict_lines
 from train.methods import METHODS, PretextMethod, method_flags

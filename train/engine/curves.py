@@ -1,10 +1,10 @@
 """Training curves of a run from its log.jsonl.
 
-    python train/evaluation/curves.py RUN_DIR        # (re)draw RUN_DIR/curves.png from RUN_DIR/log.jsonl
+    python train/engine/curves.py RUN_DIR        # (re)draw RUN_DIR/curves.png from RUN_DIR/log.jsonl
 
 The loop draws curves.png at every checkpoint. Each panel draws whatever keys the log holds of its kind,
 so a method's own metrics (its `metric`, and any other `*_acc` or `*_loss` key) appear without being
-named here. The pictures of what a model does are the methods' own (train/methods/, train/evaluation/pictures.py).
+named here. The pictures of what a model does are the methods' own (train/methods/, train/methods/pictures.py).
 """
 
 from __future__ import annotations
