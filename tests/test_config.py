@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from train.config import loading as config_module
 from train.config import (
     CONFIG_DIR,
     ConfigError,
@@ -13,7 +14,6 @@ from train.config import (
     stage_class,
     to_dict,
 )
-from train.config import loading as config_module
 from train.config.command_line import parse_args
 from train.engine.cli import run_cli
 from train.stages import finetuning as finetune
