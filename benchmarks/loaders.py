@@ -34,6 +34,7 @@ from PIL import Image
 
 from benchmarks.harness import time_windows
 from pipeline.demo import _photos, default_cache_dir, demo_dataset
+from pipeline.loader_request import TrainRequest
 from pipeline.loaders import LOADERS
 from train.config import PretrainConfig, load_config
 from train.methods import METHODS, PretextMethod, default_method, method_flags
@@ -102,10 +103,17 @@ def build_method(args: argparse.Namespace, device: torch.device) -> PretextMetho
 def time_backend(backend: str, source, method: PretextMethod, args, device: torch.device) -> dict:
     """The backend's training stream as `train/pretrain.py` builds it, up to the method's model inputs."""
     spec = method.loader_patch_spec(backend)
-    extra = {"patch_spec": spec} if spec is not None else {}
-    loader = LOADERS[backend].train(
-        source, args.size, args.augment, args.batch, 0, 1, 0, workers=args.workers, device=device, **extra
+    request = TrainRequest(
+        source=source,
+        image_size=args.size,
+        augment=args.augment,
+        batch_size=args.batch,
+        seed=0,
+        workers=args.workers,
+        device=device,
+        patch_spec=spec,
     )
+    loader = LOADERS[backend].train(request)
     generator = torch.Generator(device=device).manual_seed(0)
 
     def step(clock) -> None:

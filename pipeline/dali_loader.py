@@ -52,6 +52,7 @@ from pipeline.data import (
     derive_seed,
     eval_chunks,
 )
+from pipeline.loader_request import EvalRequest, ImageTransform, TrainRequest
 from pipeline.subsets import SubsetSource
 
 PREFETCH_DEPTH = 2  # DALI's memory pool never shrinks: every queued batch stays allocated for the run
@@ -154,7 +155,7 @@ class _Feed:
         return data, labels, indices
 
 
-def _decoded(data, encoded: bool, augment: str, crop_scale: tuple[float, float], gpu: bool):
+def _decoded(data, encoded: bool, transform: ImageTransform, gpu: bool):
     """(images, source shapes) of the external source's batch: files decoded (with the random crop fused
     into the decoder for `random_resized_crop`), or raw CIFAR pixels moved to the GPU."""
     from nvidia.dali import fn, types
@@ -163,22 +164,24 @@ def _decoded(data, encoded: bool, augment: str, crop_scale: tuple[float, float],
         return (data.gpu() if gpu else data), fn.shapes(data)
     shape = fn.peek_image_shape(data)
     device = "mixed" if gpu else "cpu"
-    if augment == "random_resized_crop":
-        crop = {"random_area": list(crop_scale), "random_aspect_ratio": [3 / 4, 4 / 3], "num_attempts": 10}
+    if transform.augment == "random_resized_crop":
+        area = list(transform.crop_scale)
+        crop = {"random_area": area, "random_aspect_ratio": [3 / 4, 4 / 3], "num_attempts": 10}
         return fn.decoders.image_random_crop(data, device=device, output_type=types.RGB, **crop), shape
     return fn.decoders.image(data, device=device, output_type=types.RGB), shape
 
 
-def _sized(images, shape, encoded: bool, augment: str, image_size: int, crop_scale: tuple[float, float]):
+def _sized(images, shape, encoded: bool, transform: ImageTransform):
     """The decoded images at S x S: resized crops, evaluation's center crop, or a plain resize."""
     from nvidia.dali import fn, types
 
+    image_size, augment = transform.image_size, transform.augment
     size = [image_size, image_size]
     if augment == "random_resized_crop":
         return (
             fn.resize(images, size=size)
             if encoded
-            else fn.random_resized_crop(images, size=size, random_area=list(crop_scale))
+            else fn.random_resized_crop(images, size=size, random_area=list(transform.crop_scale))
         )
     if augment == "center_crop":
         needs_resize = fn.cast((shape[0] != image_size) | (shape[1] != image_size), dtype=types.FLOAT)
@@ -189,16 +192,16 @@ def _sized(images, shape, encoded: bool, augment: str, image_size: int, crop_sca
     return images
 
 
-def _augmented(images, augment: str, image_size: int, pad: int):
+def _augmented(images, transform: ImageTransform):
     """Zero-pad + random crop (pad_crop_flip), the random flip, and the uint8 CHW layout of the contract."""
     from nvidia.dali import fn, types
 
-    mirror = 0
+    mirror, augment, pad = 0, transform.augment, transform.pad
     if augment == "pad_crop_flip":
         # `values`, not an integer `range`: DALI rounds a continuous draw there, halving the end points.
         offsets = [float(v) for v in range(-pad, pad + 1)]
         anchor = fn.cast(fn.random.uniform(values=offsets, shape=[2]), dtype=types.INT32)
-        size = np.array([image_size, image_size], dtype=np.int32)
+        size = np.array([transform.image_size, transform.image_size], dtype=np.int32)
         images = fn.slice(images, anchor, size, axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
     if augment in ("pad_crop_flip", "random_resized_crop"):
         mirror = fn.random.coin_flip()
@@ -206,21 +209,11 @@ def _augmented(images, augment: str, image_size: int, pad: int):
 
 
 def _build_pipeline(
-    feed: _Feed,
-    encoded: bool,
-    augment: str,
-    image_size: int,
-    pad: int,
-    crop_scale: tuple[float, float],
-    batch_size: int,
-    device_id: int | None,
-    threads: int,
-    seed: int,
+    feed: _Feed, transform: ImageTransform, batch_size: int, device_id: int | None, threads: int, seed: int
 ):
     """The op list, in order: external source -> decode (or raw pixels) -> S x S -> pad/crop/flip -> CHW."""
+    gpu, encoded = device_id is not None, _encoded(feed.source)  # data it cannot read is refused first
     from nvidia.dali import fn, pipeline_def, types
-
-    gpu = device_id is not None
 
     @pipeline_def(
         batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed, prefetch_queue_depth=PREFETCH_DEPTH
@@ -233,9 +226,9 @@ def _build_pipeline(
             dtype=[types.UINT8, types.INT64, types.INT64],
             layout=[None if encoded else "HWC", None, None],
         )
-        images, shape = _decoded(data, encoded, augment, crop_scale, gpu)
-        images = _sized(images, shape, encoded, augment, image_size, crop_scale)
-        return _augmented(images, augment, image_size, pad), labels, indices
+        images, shape = _decoded(data, encoded, transform, gpu)
+        images = _sized(images, shape, encoded, transform)
+        return _augmented(images, transform), labels, indices
 
     built = pipeline()
     built.build()
@@ -309,70 +302,26 @@ def _device_id(device: torch.device) -> int | None:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def dali_loader(
-    source: Source | SubsetSource,
-    image_size: int,
-    augment: str,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    start_step: int = 0,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    pad: int = 4,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    fail_on_corrupt: bool = False,
-) -> Iterator[Batch]:
+def dali_loader(request: TrainRequest) -> Iterator[Batch]:
     """Endless training batches; same contract and order as `pipeline.data.torch_loader`.
 
     `rank`/`world_size` are the *global* process index and count (Accelerate's `process_index` and
     `num_processes`); the GPU is the training device's (its local index)."""
-    device = torch.device(device)
-    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
-    feed = _Feed(source, iter(sampler), evaluation=False, fail_on_corrupt=fail_on_corrupt)
-    pipe = _build_pipeline(
-        feed,
-        _encoded(source),
-        augment,
-        image_size,
-        pad,
-        crop_scale,
-        batch_size,
-        _device_id(device),
-        max(1, workers),
-        derive_seed(seed, AUGMENT_STREAM, rank, start_step) % 2**31,
-    )
-    return _run(pipe, feed, device)
+    r = request
+    sampler = ShardedBatchSampler(len(r.source), r.batch_size, r.rank, r.world_size, r.seed, r.start_step)
+    feed = _Feed(r.source, iter(sampler), evaluation=False, fail_on_corrupt=r.fail_on_corrupt)
+    seed = derive_seed(r.seed, AUGMENT_STREAM, r.rank, r.start_step) % 2**31
+    pipe = _build_pipeline(feed, r.transform, r.batch_size, _device_id(r.device), max(1, r.workers), seed)
+    return _run(pipe, feed, r.device)
 
 
-def dali_eval_loader(
-    source: Source | SubsetSource,
-    image_size: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    fail_on_corrupt: bool = False,
-) -> Iterator[Batch]:
+def dali_eval_loader(request: EvalRequest) -> Iterator[Batch]:
     """Every image once over all ranks, center-cropped, in order; the sharding of `pipeline.data.eval_loader`
     (contiguous slices, a short last batch instead of DALI's padding), so summed counts count each image once."""
-    device = torch.device(device)
-    chunks = eval_chunks(len(source), batch_size, rank, world_size)
+    r = request
+    chunks = eval_chunks(len(r.source), r.batch_size, r.rank, r.world_size)
     if not chunks:
         return iter(())
-    feed = _Feed(source, iter(BatchSpec(0, tuple(c.tolist()), 0) for c in chunks), True, fail_on_corrupt)
-    pipe = _build_pipeline(
-        feed,
-        _encoded(source),
-        "center_crop",
-        image_size,
-        0,
-        (1.0, 1.0),
-        batch_size,
-        _device_id(device),
-        max(1, workers),
-        0,
-    )
-    return _run(pipe, feed, device)
+    feed = _Feed(r.source, iter(BatchSpec(0, tuple(c.tolist()), 0) for c in chunks), True, r.fail_on_corrupt)
+    pipe = _build_pipeline(feed, r.transform, r.batch_size, _device_id(r.device), max(1, r.workers), 0)
+    return _run(pipe, feed, r.device)

@@ -31,6 +31,7 @@ from pipeline.augment import pad_crop_flip, random_resized_crop_box
 from pipeline.cifar_pickle import RefusedPickle, read_cifar_batch
 from pipeline.errors import DataError
 from pipeline.idx import SPLIT_PREFIXES, cifar_layout, is_idx_folder, read_idx, split_file
+from pipeline.loader_request import EvalRequest, TrainRequest
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -429,64 +430,40 @@ class BatchAssembler(torch.utils.data.Dataset):
         return Batch(images, labels, index_tensor, tuple(skipped))
 
 
-def torch_loader(
-    source: Source,
-    image_size: int,
-    augment: str,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    start_step: int = 0,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    pad: int = 4,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    fail_on_corrupt: bool = False,
-    pad_mode: str = "zero",
-) -> Iterator[Batch]:
+def torch_loader(request: TrainRequest) -> Iterator[Batch]:
     """The torch `DataLoader` backend: worker processes assemble whole batches (see `BatchAssembler`)."""
-    device = torch.device(device)
-    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
+    r, device = request, request.device
+    sampler = ShardedBatchSampler(len(r.source), r.batch_size, r.rank, r.world_size, r.seed, r.start_step)
     loader = torch.utils.data.DataLoader(
-        BatchAssembler(source, image_size, augment, pad, crop_scale, fail_on_corrupt, pad_mode),
+        BatchAssembler(r.source, r.image_size, r.augment, r.pad, r.crop_scale, r.fail_on_corrupt, r.pad_mode),
         sampler=sampler,
         batch_size=None,
-        num_workers=workers,
+        num_workers=r.workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
+        persistent_workers=r.workers > 0,
+        prefetch_factor=4 if r.workers > 0 else None,
         worker_init_fn=one_thread_per_worker,
         # Its own generator: starting the iterator must not draw from the global RNG, whose state
         # (dropout) a resumed run restores before the loader starts.
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(r.seed),
     )
     yield from _on_device(loader, device)
 
 
-def eval_loader(
-    source: Source,
-    image_size: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    fail_on_corrupt: bool = False,
-) -> Iterator[Batch]:
+def eval_loader(request: EvalRequest) -> Iterator[Batch]:
     """Every image of `source` exactly once over all ranks, in order, center-cropped, no augmentation.
 
     Rank r reads the r-th of `world_size` contiguous, near-equal slices (its last batch may be short and
     a slice may be empty), so summing counts over ranks counts each test image once: nothing is padded.
     An unreadable image is left out of its batch and named in `skipped` (or fatal with `fail_on_corrupt`).
     """
-    device = torch.device(device)
-    chunks = eval_chunks(len(source), batch_size, rank, world_size)
+    r, device = request, request.device
+    chunks = eval_chunks(len(r.source), r.batch_size, r.rank, r.world_size)
     loader = torch.utils.data.DataLoader(
-        BatchAssembler(source, image_size, "center_crop", fail_on_corrupt=fail_on_corrupt),
+        BatchAssembler(r.source, r.image_size, "center_crop", fail_on_corrupt=r.fail_on_corrupt),
         sampler=[BatchSpec(0, tuple(chunk.tolist()), 0) for chunk in chunks],
         batch_size=None,
-        num_workers=workers,
+        num_workers=r.workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=one_thread_per_worker,
         generator=torch.Generator(),  # starting workers must not draw from the global RNG (training's dropout)

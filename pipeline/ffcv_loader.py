@@ -53,8 +53,11 @@ from pipeline.data import (
     eval_shard,
 )
 from pipeline.idx import is_idx_folder
+from pipeline.loader_request import EvalRequest, ImageTransform, TrainRequest
 from pipeline.patches import PatchSpec, scaled_stats
 from pipeline.subsets import SubsetSource
+
+BATCHES_AHEAD = 3  # batches FFCV decodes ahead of the consumer (pipeline.loaders' ready_batches)
 
 
 class BetonSource:
@@ -276,10 +279,7 @@ def split_patch_buffer(buffer: torch.Tensor, spec: PatchSpec) -> tuple[torch.Ten
 
 def image_ops(
     source: BetonSource,
-    image_size: int,
-    augment: str,
-    pad: int,
-    crop_scale: tuple[float, float],
+    transform: ImageTransform,
     device: torch.device,
     patch_spec: PatchSpec | None,
     mask_seed: int = 0,
@@ -288,15 +288,16 @@ def image_ops(
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import RandomHorizontalFlip, RandomTranslate, ToDevice, ToTensor, ToTorchImage
 
+    image_size, augment = transform.image_size, transform.augment
     size = (image_size, image_size)
     if augment == "random_resized_crop":
-        ops = [RandomResizedCropRGBImageDecoder(size, scale=tuple(crop_scale)), RandomHorizontalFlip()]
+        ops = [RandomResizedCropRGBImageDecoder(size, scale=tuple(transform.crop_scale)), RandomHorizontalFlip()]
     elif augment == "center_crop" and source.uniform_size != size:
         ops = [_resized_crop_decoder(_eval_crop(image_size))(size)]
     else:
         ops = [SimpleRGBImageDecoder() if source.uniform_size == size else _resized_crop_decoder(_whole_crop)(size)]
         if augment == "pad_crop_flip":
-            ops += [RandomHorizontalFlip(), RandomTranslate(padding=pad)]
+            ops += [RandomHorizontalFlip(), RandomTranslate(padding=transform.pad)]
     if patch_spec is not None:
         return [*ops, _selfie_patches_op()(patch_spec, mask_seed), ToTensor()]
     ops += [ToTensor(), ToTorchImage(channels_last=False)]
@@ -373,25 +374,7 @@ def _order_class(positions_of_pass, quasi_random: bool):
     return PlannedOrder
 
 
-def ffcv_loader(
-    source: BetonSource | SubsetSource,
-    image_size: int,
-    augment: str,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    start_step: int = 0,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    pad: int = 4,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-    fail_on_corrupt: bool = False,
-    patch_spec: PatchSpec | None = None,
-    os_cache: bool = True,
-    quasi_random: bool = False,
-    batches_ahead: int = 3,
-) -> Iterator[Batch]:
+def ffcv_loader(request: TrainRequest) -> Iterator[Batch]:
     """Endless training batches from a .beton; same contract and order as `pipeline.data.torch_loader`.
 
     With `patch_spec` (CPU only), batches carry `patches` and `perm` made in the pipeline, and `images`
@@ -399,35 +382,33 @@ def ffcv_loader(
     """
     from ffcv.loader import Loader, OrderOption
 
-    device = torch.device(device)
-    beton, rows = _beton_rows(source)
-    _refuse_unsupported(patch_spec, device, quasi_random, world_size)
-    sampler = ShardedBatchSampler(len(source), batch_size, rank, world_size, seed, start_step)
+    r = request
+    beton, rows = _beton_rows(r.source)
+    _refuse_unsupported(r)
+    sampler = ShardedBatchSampler(len(r.source), r.batch_size, r.rank, r.world_size, r.seed, r.start_step)
     threads = torch.get_num_threads()
-    image = image_ops(
-        beton, image_size, augment, pad, crop_scale, device, patch_spec, derive_seed(seed, MASK_STREAM, rank)
-    )
+    image = image_ops(beton, r.transform, r.device, r.patch_spec, derive_seed(r.seed, MASK_STREAM, r.rank))
     loader = Loader(
         str(beton.path),
-        batch_size=batch_size,
-        num_workers=max(1, workers),
-        os_cache=os_cache and not quasi_random,
+        batch_size=r.batch_size,
+        num_workers=max(1, r.workers),
+        os_cache=r.os_cache and not r.quasi_random,
         order=OrderOption.SEQUENTIAL,
         indices=rows,
         pipelines={"image": image, "label": _int_ops(), "index": _int_ops()},
         drop_last=True,
-        batches_ahead=batches_ahead,
-        seed=derive_seed(seed, EPOCH_ORDER_STREAM) % 2**31,  # quasi-random order: the run's, not a random draw
+        batches_ahead=BATCHES_AHEAD,
+        seed=derive_seed(r.seed, EPOCH_ORDER_STREAM) % 2**31,  # quasi-random order: the run's, not a random draw
     )
-    loader.traversal_order = _order_class(_pass_positions(sampler, rows, start_step), quasi_random)(loader)
+    loader.traversal_order = _order_class(_pass_positions(sampler, rows, r.start_step), r.quasi_random)(loader)
     torch.set_num_threads(threads)  # FFCV sets torch's thread count to its worker count; keep the run's
-    return _batches(loader, beton, _view_of_row(beton, rows), device, patch_spec, threads)
+    return _batches(loader, beton, _view_of_row(beton, rows), r.device, r.patch_spec, threads)
 
 
-def _refuse_unsupported(patch_spec: PatchSpec | None, device: torch.device, quasi_random: bool, world: int) -> None:
-    if patch_spec is not None and device.type != "cpu":
+def _refuse_unsupported(request: TrainRequest) -> None:
+    if request.patch_spec is not None and request.device.type != "cpu":
         raise ValueError("the in-pipeline patch op is the CPU path; on a GPU the device patch op runs in the step")
-    if quasi_random and world > 1:
+    if request.quasi_random and request.world_size > 1:
         raise DataError("--data.ffcv_quasi_random=true works in one process only (FFCV lacks it distributed)")
 
 
@@ -489,38 +470,29 @@ def _converted(epoch, beton: BetonSource, view_of_row: np.ndarray, device, patch
             yield Batch(None, labels, indices, (), patches, perm)
 
 
-def ffcv_eval_loader(
-    source: BetonSource | SubsetSource,
-    image_size: int,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    workers: int = 2,
-    device: torch.device | str = "cpu",
-    fail_on_corrupt: bool = False,
-) -> Iterator[Batch]:
+def ffcv_eval_loader(request: EvalRequest) -> Iterator[Batch]:
     """Every image once over all ranks, center-cropped, in order; the sharding of `pipeline.data.eval_loader`
     (contiguous slices, a short last batch, nothing padded), so summed counts count each image once."""
     from ffcv.loader import Loader, OrderOption
 
-    device = torch.device(device)
-    beton, rows = _beton_rows(source)
-    shard = rows[eval_shard(len(rows), rank, world_size)]
+    r = request
+    beton, rows = _beton_rows(r.source)
+    shard = rows[eval_shard(len(rows), r.rank, r.world_size)]
     if not len(shard):
         return iter(())
     threads = torch.get_num_threads()
     loader = Loader(
         str(beton.path),
-        batch_size=batch_size,
-        num_workers=max(1, workers),
+        batch_size=r.batch_size,
+        num_workers=max(1, r.workers),
         order=OrderOption.SEQUENTIAL,
         indices=shard,
         pipelines={
-            "image": image_ops(beton, image_size, "center_crop", 0, (1.0, 1.0), device, None),
+            "image": image_ops(beton, r.transform, r.device, None),
             "label": _int_ops(),
             "index": _int_ops(),
         },
         drop_last=False,
     )
     torch.set_num_threads(threads)
-    return _batches(loader, beton, _view_of_row(beton, rows), device, None, threads, endless=False)
+    return _batches(loader, beton, _view_of_row(beton, rows), r.device, None, threads, endless=False)

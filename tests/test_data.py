@@ -1,5 +1,6 @@
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from pipeline.data import (
     torch_loader,
 )
 from pipeline.demo import DEMO_IMAGE_SIZE, TRAIN_PER_CLASS, VAL_PER_CLASS, demo_dataset
+from pipeline.loader_request import TrainRequest
 
 
 def make_folder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40) -> Path:
@@ -140,9 +142,9 @@ def test_corrupt_images_are_skipped_and_named_or_fatal(tmp_path: Path) -> None:
 
 def test_torch_loader_with_workers_matches_in_process(tmp_path: Path) -> None:
     source = open_source(make_folder(tmp_path / "data", per_class=8))
-    args = (source, 32, "pad_crop_flip", 4, 0, 2, 11)
-    a = [b for _, b in zip(range(5), torch_loader(*args, workers=0), strict=False)]
-    b = [b for _, b in zip(range(5), torch_loader(*args, workers=2), strict=False)]
+    request = TrainRequest(source=source, image_size=32, augment="pad_crop_flip", batch_size=4, seed=11, world_size=2)
+    a = [b for _, b in zip(range(5), torch_loader(replace(request, workers=0)), strict=False)]
+    b = [b for _, b in zip(range(5), torch_loader(replace(request, workers=2)), strict=False)]
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x.images, y.images) and torch.equal(x.indices, y.indices)
 

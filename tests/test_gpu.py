@@ -1,5 +1,7 @@
 """GPU-only checks: skipped cleanly on a machine without CUDA."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -59,6 +61,7 @@ def test_gpu_loaders_deliver_the_cpu_images_on_the_device(tmp_path, backend: str
     from PIL import Image
 
     from pipeline.beton_writer import ConvertOptions, convert
+    from pipeline.loader_request import TrainRequest
     from pipeline.loaders import LOADERS
 
     rng = np.random.default_rng(0)
@@ -70,8 +73,9 @@ def test_gpu_loaders_deliver_the_cpu_images_on_the_device(tmp_path, backend: str
             )
     convert(tmp_path / "data", tmp_path / "train.beton", options=ConvertOptions(write_mode="raw", workers=1))
     source = LOADERS[backend].open(tmp_path / ("train.beton" if backend == "ffcv" else "data"), "train")
-    gpu = list(islice(LOADERS[backend].train(source, 32, "none", 4, 0, 1, 0, workers=1, device="cuda"), 3))
-    cpu = list(islice(LOADERS[backend].train(source, 32, "none", 4, 0, 1, 0, workers=1), 3))
+    request = TrainRequest(source=source, image_size=32, augment="none", batch_size=4, seed=0, workers=1)
+    gpu = list(islice(LOADERS[backend].train(replace(request, device=torch.device("cuda"))), 3))
+    cpu = list(islice(LOADERS[backend].train(request), 3))
     for on_gpu, on_cpu in zip(gpu, cpu, strict=True):
         assert on_gpu.images.device.type == "cuda" and on_gpu.images.dtype == torch.uint8
         assert on_gpu.images.is_contiguous() and torch.equal(on_gpu.indices.cpu(), on_cpu.indices)
@@ -88,6 +92,7 @@ def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> No
     from PIL import Image
 
     from pipeline.beton_writer import ConvertOptions, convert
+    from pipeline.loader_request import EvalRequest, TrainRequest
     from pipeline.loaders import LOADERS
 
     ramp = np.linspace(0, 255, 96)
@@ -103,17 +108,19 @@ def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> No
         convert(tmp_path / "data", tmp_path / f"{name}.beton", split, ConvertOptions(write_mode="jpg", workers=1))
     where = tmp_path if backend == "ffcv" else tmp_path / "data"
     train, test = LOADERS[backend].open(where, "train"), LOADERS[backend].open(where, "test")
-    on = dict(workers=1, device="cuda")
-    gpu = list(islice(LOADERS[backend].train(train, 64, "none", 4, 0, 1, 0, **on), 2))
-    cpu = list(islice(LOADERS[backend].train(train, 64, "none", 4, 0, 1, 0, workers=1), 2))
+    on = dict(workers=1, device=torch.device("cuda"))
+    plain = TrainRequest(source=train, image_size=64, augment="none", batch_size=4, seed=0, workers=1)
+    gpu = list(islice(LOADERS[backend].train(replace(plain, **on)), 2))
+    cpu = list(islice(LOADERS[backend].train(plain), 2))
     for a, b in zip(gpu, cpu, strict=True):
         assert a.images.device.type == "cuda" and torch.equal(a.indices.cpu(), b.indices)
         difference = (a.images.cpu().float() - b.images.float()).abs()
         assert difference.mean() < 2 and difference.max() < 40  # decoders may round the IDCT differently
     for augment in ("random_resized_crop", "pad_crop_flip"):
-        batch = next(iter(LOADERS[backend].train(train, 64, augment, 4, 0, 1, 0, **on)))
+        batch = next(iter(LOADERS[backend].train(replace(plain, augment=augment, **on))))
         assert batch.images.shape == (4, 3, 64, 64) and batch.images.device.type == "cuda"
-    seen = [i for b in LOADERS[backend].evaluate(test, 64, 5, 0, 1, **on) for i in b.indices.tolist()]
+    evaluation = EvalRequest(source=test, image_size=64, batch_size=5, **on)
+    seen = [i for b in LOADERS[backend].evaluate(evaluation) for i in b.indices.tolist()]
     assert sorted(seen) == list(range(12))
 
 

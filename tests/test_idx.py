@@ -15,6 +15,7 @@ import torch
 
 from pipeline.data import DataError, IdxSource, open_source
 from pipeline.idx import read_idx
+from pipeline.loader_request import TrainRequest
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT
 
@@ -98,7 +99,8 @@ def test_the_clis_refuse_a_damaged_file_with_exit_2_and_leave_nothing(tmp_path: 
 
 
 def batches(backend: str, source, steps: int = 3) -> list:
-    loader = LOADERS[backend].train(source, 32, "pad_crop_flip", 4, 0, 1, 7, workers=1)
+    request = TrainRequest(source=source, image_size=32, augment="pad_crop_flip", batch_size=4, seed=7, workers=1)
+    loader = LOADERS[backend].train(request)
     out = list(islice(loader, steps))
     loader.close()
     return out

@@ -1,18 +1,26 @@
 """Every loader backend against the same contract: shapes, identities, sharding, evaluation."""
 
+import importlib
+import inspect
 import subprocess
 import sys
+import typing
+from collections.abc import Iterator
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from pipeline.augment import PAD_MODES
 from pipeline.beton_writer import ConvertOptions, convert
-from pipeline.data import DataError, ShardedBatchSampler, open_source
-from pipeline.loaders import LOADERS
+from pipeline.data import Batch, DataError, ShardedBatchSampler, open_source
+from pipeline.loader_request import OPTIONAL_FIELDS, EvalRequest, TrainRequest, unhonoured
+from pipeline.loaders import LOADERS, LoaderBackend
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, patchify_and_mask
 from pipeline.subsets import SubsetSource
 from tests.conftest import ROOT
@@ -48,7 +56,17 @@ def data_of(image_set: Path, backend: str, split: str = "train"):
 
 def stream(backend: str, source, steps: int, augment: str = "none", rank: int = 0, world: int = WORLD, **kwargs):
     kwargs.setdefault("workers", 1)
-    loader = LOADERS[backend].train(source, 32, augment, BATCH, rank, world, SEED, **kwargs)
+    request = TrainRequest(
+        source=source,
+        image_size=32,
+        augment=augment,
+        batch_size=BATCH,
+        seed=SEED,
+        rank=rank,
+        world_size=world,
+        **kwargs,
+    )
+    loader = LOADERS[backend].train(request)
     batches = list(islice(loader, steps))
     loader.close()
     return batches
@@ -104,7 +122,9 @@ def test_each_epoch_reads_every_image_once_over_disjoint_rank_shards(image_set: 
 def test_resume_reads_the_images_an_uninterrupted_run_would(image_set: Path, backend: str) -> None:
     source = data_of(image_set, backend)
     straight = stream(backend, source, 8, "none", rank=1)
-    loader = LOADERS[backend].train(source, 32, "none", BATCH, 1, WORLD, SEED, start_step=5, workers=1)
+    resume = {"rank": 1, "world_size": WORLD, "start_step": 5, "workers": 1}
+    request = TrainRequest(source=source, image_size=32, augment="none", batch_size=BATCH, seed=SEED, **resume)
+    loader = LOADERS[backend].train(request)
     resumed = list(islice(loader, 3))
     for a, b in zip(straight[5:], resumed, strict=True):
         assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images)
@@ -126,7 +146,8 @@ def test_evaluation_counts_every_image_once(image_set: Path, backend: str, world
     reference = data_of(image_set, "torch", "test")
     seen = []
     for rank in range(world):
-        for batch in LOADERS[backend].evaluate(source, 32, 2, rank, world, workers=1):
+        request = EvalRequest(source=source, image_size=32, batch_size=2, rank=rank, world_size=world, workers=1)
+        for batch in LOADERS[backend].evaluate(request):
             assert batch.images.shape[1:] == (3, 32, 32) and len(batch.images) <= 2
             seen += batch.indices.tolist()
             for image, index in zip(batch.images, batch.indices, strict=True):
@@ -139,7 +160,7 @@ def test_dali_evaluation_leaves_an_unreadable_image_out(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "val", classes=2, per_class=3, size=32)
     (root / "class1" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     source = open_source(root)
-    batches = list(LOADERS["dali"].evaluate(source, 32, 4, 0, 1, workers=1))
+    batches = list(LOADERS["dali"].evaluate(EvalRequest(source=source, image_size=32, batch_size=4, workers=1)))
     assert [i for b in batches for i in b.indices.tolist()] == [0, 1, 2, 3, 5]
     assert any("1.png: truncated PNG" in entry for b in batches for entry in b.skipped)
 
@@ -237,9 +258,9 @@ def test_ffcv_pipeline_masks_are_reproducible_and_resume(image_set: Path, worker
     source = data_of(image_set, "ffcv")
     one = stream("ffcv", source, 6, "none", world=1, patch_spec=spec, workers=workers)
     two = stream("ffcv", source, 6, "none", world=1, patch_spec=spec, workers=workers)
-    loader = LOADERS["ffcv"].train(
-        source, 32, "none", BATCH, 0, 1, SEED, start_step=4, workers=workers, patch_spec=spec
-    )
+    resume = {"start_step": 4, "workers": workers, "patch_spec": spec}
+    request = TrainRequest(source=source, image_size=32, augment="none", batch_size=BATCH, seed=SEED, **resume)
+    loader = LOADERS["ffcv"].train(request)
     resumed = list(islice(loader, 2))
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a.perm, b.perm) and torch.equal(a.patches, b.patches)
@@ -271,10 +292,10 @@ def test_evaluation_crops_alike_on_mixed_sizes(tmp_path: Path, backend: str) -> 
     (tmp_path / "betons").mkdir()
     convert(tmp_path / "data", tmp_path / "betons" / "val.beton", "test", ConvertOptions(write_mode="raw", workers=1))
     source = LOADERS[backend].open(tmp_path / ("betons" if backend == "ffcv" else "data"), "test")
-    reference = [
-        b.images for b in LOADERS["torch"].evaluate(open_source(tmp_path / "data", "test"), 32, 3, 0, 1, workers=0)
-    ]
-    got = [b.images for b in LOADERS[backend].evaluate(source, 32, 3, 0, 1, workers=1)]
+    plain = EvalRequest(source=open_source(tmp_path / "data", "test"), image_size=32, batch_size=3, workers=0)
+    reference = [b.images for b in LOADERS["torch"].evaluate(plain)]
+    request = EvalRequest(source=source, image_size=32, batch_size=3, workers=1)
+    got = [b.images for b in LOADERS[backend].evaluate(request)]
     assert torch.equal(got[0][0], reference[0][0])  # the 32 x 32 image, untouched
     assert (got[0].float() - reference[0].float()).abs().max() <= 8  # interpolation differences only
 
@@ -284,9 +305,11 @@ def test_using_ffcv_keeps_the_runs_torch_thread_count(image_set: Path) -> None:
     """Importing ffcv sets torch's intra-op threads to 1; a CPU run through the ffcv backend must not lose them."""
     code = (
         "import torch; torch.set_num_threads(2)\n"
+        "from pipeline.loader_request import TrainRequest\n"
         "from pipeline.loaders import LOADERS\n"
         f"source = LOADERS['ffcv'].open({str(image_set / 'betons')!r}, 'train')\n"
-        "stream = LOADERS['ffcv'].train(source, 32, 'none', 4, 0, 1, 0, workers=1)\n"
+        "request = TrainRequest(source=source, image_size=32, augment='none', batch_size=4, seed=0, workers=1)\n"
+        "stream = LOADERS['ffcv'].train(request)\n"
         "next(stream); next(stream); stream.close()\n"
         "print('threads', torch.get_num_threads())\n"
     )
@@ -305,3 +328,56 @@ def test_device_prefetch_hands_every_batch_over_in_order_on_the_device() -> None
     assert [int(b.labels[0]) for b in out] == [0, 1, 2] and all(
         torch.equal(a.images, b.images) for a, b in zip(out, batches, strict=True)
     )
+
+
+# The entry points each backend's module exports, each built from one request (pipeline/loaders.py).
+ENTRY_POINTS = {
+    "torch": ("pipeline.data", "torch_loader", "eval_loader"),
+    "dali": ("pipeline.dali_loader", "dali_loader", "dali_eval_loader"),
+    "ffcv": ("pipeline.ffcv_loader", "ffcv_loader", "ffcv_eval_loader"),
+}
+NON_DEFAULT = {"patch_spec": PatchSpec(8, 5, IMAGENET_MEAN, IMAGENET_STD), "os_cache": False, "quasi_random": True}
+
+
+def takes_one_request(function, kind: type) -> bool:
+    parameters = list(inspect.signature(function).parameters)
+    hints = typing.get_type_hints(function)
+    return parameters == ["request"] and hints["request"] is kind and hints["return"] == Iterator[Batch]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_registered_backend_is_a_loader_backend_built_from_one_request(backend: str) -> None:
+    loader = LOADERS[backend]
+    assert isinstance(loader, LoaderBackend) and loader.name == backend
+    assert loader.options <= set(OPTIONAL_FIELDS) and set(loader.pad_modes) <= set(PAD_MODES)
+    assert takes_one_request(loader.train, TrainRequest) and takes_one_request(loader.evaluate, EvalRequest)
+    assert takes_one_request(loader.train_stream, TrainRequest)
+    assert takes_one_request(loader.eval_stream, EvalRequest)
+    module, train, evaluate = ENTRY_POINTS[backend]
+    entry = importlib.import_module(module)  # importable without the backend's package: it imports it late
+    assert takes_one_request(getattr(entry, train), TrainRequest)
+    assert takes_one_request(getattr(entry, evaluate), EvalRequest)
+
+
+def test_something_that_is_not_a_backend_is_not_a_loader_backend() -> None:
+    assert not isinstance(object(), LoaderBackend)
+    assert not isinstance(SimpleNamespace(name="x", options=frozenset(), pad_modes=("zero",)), LoaderBackend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_request_for_what_a_backend_cannot_honour_is_refused_by_name(backend: str) -> None:
+    loader = LOADERS[backend]
+    plain = TrainRequest(source=SimpleNamespace(), image_size=32, augment="pad_crop_flip", batch_size=4, seed=0)
+    assert unhonoured(plain, loader.options, loader.pad_modes) == []  # the defaults: what every backend does
+    for name, value in NON_DEFAULT.items():
+        asked = replace(plain, **{name: value})
+        if name in loader.options:
+            assert unhonoured(asked, loader.options, loader.pad_modes) == []
+        else:  # refused before the backend reads anything (the source here is not a data set)
+            with pytest.raises(ValueError, match=rf"the {backend} loader cannot honour {name}="):
+                loader.train(asked)
+    for mode in set(PAD_MODES) - set(loader.pad_modes):
+        with pytest.raises(ValueError, match=rf"the {backend} loader cannot honour pad_mode='{mode}'"):
+            loader.train(replace(plain, pad_mode=mode))
+        for unpadded in (replace(plain, pad=0, pad_mode=mode), replace(plain, augment="none", pad_mode=mode)):
+            assert unhonoured(unpadded, loader.options, loader.pad_modes) == []  # no pad: the mode changes nothing

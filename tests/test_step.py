@@ -149,10 +149,12 @@ def test_a_graph_is_captured_while_the_torch_loaders_pin_thread_runs(demo_root) 
     pinned host memory meanwhile): thread-local capture lets it succeed, and training goes on from it."""
     from itertools import islice
 
+    from pipeline.loader_request import TrainRequest
     from pipeline.loaders import LOADERS
 
     source = LOADERS["torch"].open(demo_root, "train")
-    loader = LOADERS["torch"].train(source, 32, "pad_crop_flip", 8, 0, 1, 0, workers=2, device="cuda")
+    request = TrainRequest(source=source, image_size=32, augment="pad_crop_flip", batch_size=8, seed=0, device="cuda")
+    loader = LOADERS["torch"].train(request)
     _, step, _ = setup("cuda", True)
     losses = [
         float(step(batch, torch.Generator("cuda").manual_seed(k))[0]) for k, batch in enumerate(islice(loader, 6))

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from accelerate import Accelerator, PartialState
 
 from pipeline.data import Batch, DataError, Source
+from pipeline.loader_request import EvalRequest, TrainRequest, pad_mode_matters
 from pipeline.loaders import LOADERS
 from pipeline.patches import PatchSpec
 from train.config import ConfigError, StageConfig
@@ -30,7 +31,7 @@ def check_loader_options(config: StageConfig) -> None:
             "this config is a reference recipe (data.require_path=true): it trains on named data, so give "
             "--data DATA_DIR; the built-in demo data is --config demo's"
         )
-    if data.augment == "pad_crop_flip" and data.pad and data.pad_mode not in backend.pad_modes:
+    if pad_mode_matters(data.augment, data.pad) and data.pad_mode not in backend.pad_modes:
         raise ConfigError(
             f"data.pad_mode={data.pad_mode}: the {data.loader} loader pads with {' or '.join(backend.pad_modes)} "
             f"only; loaders with {data.pad_mode} padding: "
@@ -57,40 +58,43 @@ def train_batches(
 ) -> Iterator[Batch]:
     """The endless, rank-sharded training stream of `--loader` (each backend shards by global rank itself,
     so the loader is never passed to `accelerator.prepare`). `patch_spec`: the loader may cut the patches."""
-    data = config.data
-    backend = LOADERS[data.loader]
-    offered = {"patch_spec": patch_spec, "os_cache": data.ffcv_os_cache, "quasi_random": data.ffcv_quasi_random}
-    offered["pad_mode"] = data.pad_mode
-    extra = {name: value for name, value in offered.items() if name in backend.options}
-    return backend.train(
-        source,
-        data.image_size,
-        data.augment,
-        batch_per_process,
-        accelerator.process_index,
-        accelerator.num_processes,
-        seed,
-        start_step,
+    data, backend = config.data, LOADERS[config.data.loader]
+    # The data.ffcv_* keys are documented as FFCV's: the other loaders ignore them (a run may resume
+    # through another loader with the first one's config), so only a loader that implements them gets them.
+    ffcv = {"os_cache": data.ffcv_os_cache, "quasi_random": data.ffcv_quasi_random}
+    request = TrainRequest(
+        source=source,
+        image_size=data.image_size,
+        augment=data.augment,
+        batch_size=batch_per_process,
+        seed=seed,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        start_step=start_step,
         workers=data.workers,
         device=accelerator.device,
         pad=data.pad,
+        pad_mode=data.pad_mode,
         crop_scale=data.crop_scale,
         fail_on_corrupt=data.fail_on_corrupt,
-        **extra,
+        patch_spec=patch_spec,
+        **{name: value for name, value in ffcv.items() if name in backend.options},
     )
+    return backend.train(request)
 
 
 def eval_batches(
     config: StageConfig, source: Source, batch_per_process: int, accelerator: Accelerator
 ) -> Iterator[Batch]:
     """Every image of `source` once over all ranks, center-cropped, through `--loader`."""
-    return LOADERS[config.data.loader].evaluate(
-        source,
-        config.data.image_size,
-        batch_per_process,
-        accelerator.process_index,
-        accelerator.num_processes,
+    request = EvalRequest(
+        source=source,
+        image_size=config.data.image_size,
+        batch_size=batch_per_process,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
         workers=config.data.workers,
         device=accelerator.device,
         fail_on_corrupt=config.data.fail_on_corrupt,
     )
+    return LOADERS[config.data.loader].evaluate(request)
