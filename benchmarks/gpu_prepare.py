@@ -82,7 +82,7 @@ def environment() -> dict:
 
 
 def build_data(cache: str, images: int) -> None:
-    from benchmarks.loaders import benchmark_data
+    from benchmarks.data_sets import benchmark_data
 
     for data in ("jpeg", "demo"):
         folder, beton = benchmark_data(data, cache, images)

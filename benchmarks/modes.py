@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.data_sets import benchmark_data
 from benchmarks.harness import DATA_STAGE, StageClock, Step
-from benchmarks.loaders import benchmark_data
 from pipeline.augment import random_resized_crop_box
 from pipeline.data import Batch, open_source
 from pipeline.loaders import LOADERS
