@@ -157,10 +157,10 @@ def finetune_seed(run: SeedRun, seed: int, subset: np.ndarray) -> dict:
         return json.loads((seed_dir / "result.json").read_text())
     labeled, classes = SubsetSource(splits.train, subset), len(splits.train.classes)
     build = partial(seed_model, config, classes, run.pretrained)
-    # The same fresh weights for every init and every rank; the whole training set's size is recorded:
-    # the labelled subset is drawn from it.
+    init_seed = derive_seed(seed, INIT_STREAM)  # the same fresh weights for every init and every rank
     state = {"seed": seed} | ({"tracker_run_id": run.tracker_id} if run.tracker_id else {})
-    spec = RunSpec(seed_dir, KIND, seed, derive_seed(seed, INIT_STREAM), len(splits.train), state)
+    # The whole training set's size is recorded: the labelled subset is drawn from it.
+    spec = RunSpec(seed_dir, KIND, seed, init_seed=init_seed, num_images=len(splits.train), extra_state=state)
     training = start_training(config, accelerator, build, spec)
     if config.train.log_with != "none":
         training.tracker = training.logger.sink = TrackerSink(accelerator, config.train.log_with, f"seed_{seed}/")

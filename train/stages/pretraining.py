@@ -104,7 +104,9 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     run_dir = prepare_run_dir(config, config_name, accelerator)
     state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
     seed = config.train.seed  # one seed for the initial weights (every rank) and the run's streams
-    spec = RunSpec(run_dir, config.method + KIND_SUFFIX, seed, seed, len(source), state)
+    spec = RunSpec(
+        run_dir, config.method + KIND_SUFFIX, seed, init_seed=seed, num_images=len(source), extra_state=state
+    )
     training = start_training(config, accelerator, partial(build_model, config), spec)
     record_invocation(run_dir, accelerator, training.start_step)
     return method, training, source, batch
