@@ -34,10 +34,11 @@ from pipeline.data import Batch, open_source
 from pipeline.loaders import LOADERS
 from train.config import FinetuneConfig, PretrainConfig, StageConfig, load_config
 from train.engine.loading import train_batches
-from train.engine.optim import build_optimizer, warmup_cosine
 from train.engine.session import make_accelerator
+from train.engine.setup import prepare_training
 from train.engine.step import EagerStep, make_step
 from train.methods import method_flags
+from train.methods.base import Task
 from train.methods.supervised import SupervisedTask
 from train.methods.supervised import build_model as build_classifier
 from train.stages import pretraining
@@ -59,6 +60,9 @@ def build_config(args: argparse.Namespace, batch: int) -> StageConfig:
         "train.compile": args.compile,
         "train.compile_mode": args.compile_mode,
         "train.cuda_graph": args.cuda_graph,
+        # The schedule: a short warm-up, then a horizon no benchmark reaches (the rate stays near its peak).
+        "optim.warmup_steps": 10,
+        "train.steps": 10**9,
     }
     if args.width is not None:  # else the config's: the demo's quarter width at <= 64 px, full at 224
         overrides["model.width"] = args.width
@@ -95,28 +99,23 @@ class Bench:
         needs_beton = any(LOADERS[loader].reads_beton for loader in loaders_of(args.mode_list))
         self.folder, self.beton = benchmark_data(data, args.cache, args.images, build_beton=needs_beton)
         self.classes = len(open_source(self.folder).classes)
-        torch.manual_seed(0)
-        self.task, self.net = self._task_and_model()
+        self.task, build = self._task_and_build()
+        prepared = prepare_training(self.config, self.accelerator, build, init_seed=0)
+        self.net, self.model, self.optimizer = prepared.net, prepared.model, prepared.optimizer
         self.initial = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
-        self.optimizer = build_optimizer(self.net, self.config.optim, self.device, batch, self.config.train.cuda_graph)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_cosine(10, 10**9))
-        self.model, self.optimizer = self.accelerator.prepare(self.net, self.optimizer)
-        if self.config.train.compile:
-            self.model = torch.compile(self.model, mode=self.config.train.compile_mode)
-        parts = (self.model, self.task, self.optimizer, self.scheduler, self.accelerator, self.config.optim.grad_clip)
-        self.run_step = make_step(*parts, self.config.train.cuda_graph)
+        self.parts = prepared.step_parts(self.task, self.config.optim.grad_clip)
+        self.run_step = make_step(self.parts, self.config.train.cuda_graph)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
-    def _task_and_model(self) -> tuple:
+    def _task_and_build(self) -> tuple[Task, Callable[[], torch.nn.Module]]:
         if self.args.stage == "finetune":
-            return SupervisedTask(self.config, self.classes), build_classifier(self.config, self.classes)
+            return SupervisedTask(self.config, self.classes), partial(build_classifier, self.config, self.classes)
         method = pretraining.validate(self.config)
-        return method(self.config, self.device), pretraining.build_model(self.config)
+        return method(self.config, self.device), partial(pretraining.build_model, self.config)
 
     def eager_step(self) -> EagerStep:
         """The step on the plain module, eagerly (what a FLOP count can see)."""
-        parts = (self.net, self.task, self.optimizer, self.scheduler, self.accelerator, self.config.optim.grad_clip)
-        return EagerStep(*parts)
+        return EagerStep(dataclasses.replace(self.parts, model=self.net))
 
     def reset(self) -> None:
         with torch.no_grad():  # in place: a captured graph keeps reading the same tensors
@@ -131,7 +130,7 @@ class Bench:
         return train_batches(config, source, self.batch, 0, 0, self.accelerator, self.task.loader_patch_spec(loader))
 
     def step(self, batch: Batch, clock: StageClock) -> None:
-        self.run_step(batch, self.generator, clock.stage)
+        self.run_step([batch], self.generator, clock.stage)
 
     def inputs_only(self, batch: Batch, clock: StageClock) -> None:
         """The data side of a step: the task's op on the loader's batch (nothing when FFCV cut the patches)."""

@@ -100,7 +100,7 @@ def step_flops(bench: Bench) -> int:
     bench.reset()
     step, counter = bench.eager_step(), FlopCounterMode(display=False)
     with counter:
-        step(bench.synthetic_pool()[0], bench.generator)
+        step(bench.synthetic_pool()[:1], bench.generator)
     bench.reset()
     return counter.get_total_flops()
 

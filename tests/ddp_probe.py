@@ -15,10 +15,10 @@ holder: dict = {}
 original_step = step.train_step
 
 
-def recording_step(model, batch, *args, **kwargs):
-    seen.append(batch.indices.tolist())
-    holder["model"] = model
-    return original_step(model, batch, *args, **kwargs)
+def recording_step(parts, batches, *args, **kwargs):
+    seen.extend(batch.indices.tolist() for batch in batches)
+    holder["model"] = parts.model
+    return original_step(parts, batches, *args, **kwargs)
 
 
 step.train_step = recording_step  # the eager step every run calls

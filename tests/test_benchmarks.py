@@ -170,6 +170,25 @@ def test_the_naive_baseline_computes_the_step_the_trainer_computes(demo_root) ->
     torch.testing.assert_close(naive, batched, rtol=1e-5, atol=1e-5)
 
 
+def test_the_benchmark_sets_up_through_the_trainers_path(demo_root, monkeypatch) -> None:
+    """Its model, optimizer and schedule come from the trainer's own set-up (`prepare_training`, what
+    pretraining and fine-tuning call), with a schedule that warms up over 10 steps and does not decay."""
+    calls = []
+    prepare = modes.prepare_training
+
+    def recording(config, accelerator, build, init_seed):
+        calls.append(config)
+        return prepare(config, accelerator, build, init_seed)
+
+    monkeypatch.setattr(modes, "prepare_training", recording)
+    args = throughput.parse_args(["--batch", "4", "--width", "0.125", "--cache", str(demo_root.parent)])
+    args.set = ["model.attn_layers=1", "model.attn_heads=4", "model.attn_intermediate=32"]
+    bench = modes.Bench(args, 4)
+    assert calls == [bench.config] and bench.parts.optimizer is bench.optimizer
+    factor = bench.parts.scheduler.lr_lambdas[0]
+    assert factor(0) == 0.1 and factor(10**4) > 0.99
+
+
 def test_the_benchmark_speaks_the_trainers_vocabulary() -> None:
     args = throughput.parse_args(["--batch-size", "8,16", "--model.attn_layers=1", "--train.cpu_threads", "1"])
     assert args.batch == [8, 16] and args.set == ["model.attn_layers=1", "train.cpu_threads=1"]

@@ -10,7 +10,7 @@ import torch
 from pipeline.data import Batch
 from train.config import OptimConfig, PretrainConfig, load_config
 from train.engine.optim import build_optimizer, build_schedule, implementation_flags
-from train.engine.step import EagerStep, GraphedStep, TrainingSnapshot, make_step
+from train.engine.step import EagerStep, GraphedStep, StepParts, TrainingSnapshot, make_step
 from train.methods import METHODS
 from train.stages.pretraining import build_model
 
@@ -70,7 +70,7 @@ def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str 
 
     accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
     task = METHODS[method](config, torch.device(device))
-    return model, make_step(model, task, optimizer, scheduler, accelerator, 1.0, cuda_graph), optimizer
+    return model, make_step(StepParts(model, task, optimizer, scheduler, accelerator, 1.0), cuda_graph), optimizer
 
 
 def batches(device: str, count: int = 4) -> list[Batch]:
@@ -82,8 +82,53 @@ def batches(device: str, count: int = 4) -> list[Batch]:
 def test_on_a_cpu_the_step_is_eager() -> None:
     _, step, _ = setup("cpu", cuda_graph=False)
     assert isinstance(step, EagerStep)
-    loss, accuracy = step(batches("cpu", 1)[0], torch.Generator().manual_seed(0))
+    loss, accuracy = step(batches("cpu", 1), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and 0 <= accuracy <= 1 and not loss.requires_grad
+
+
+def test_one_micro_batch_is_the_plain_step_bit_for_bit() -> None:
+    """A batch is a list of one: inside Accelerate's `accumulate` (one accumulation step) the step computes
+    what the step without it computes (no loss division, clipping and the update at every call), bit for
+    bit, and the schedule advances once."""
+    results = []
+    for plain in (False, True):
+        model, step, optimizer = setup("cpu", cuda_graph=False, method="rotnet")
+        parts, generator = step.parts, torch.Generator().manual_seed(0)
+        for batch in batches("cpu", 2):
+            if not plain:
+                loss = step([batch], generator)[0]
+                continue
+            loss, _ = parts.task.objective(model, parts.task.inputs(batch, generator))
+            loss.backward()
+            parts.accelerator.clip_grad_norm_(model.parameters(), parts.grad_clip)
+            optimizer.step()
+            parts.scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        results.append((loss.detach(), {k: v.clone() for k, v in model.state_dict().items()}, parts.scheduler))
+    (loss, weights, scheduler), (plain_loss, plain_weights, plain_scheduler) = results
+    assert torch.equal(loss, plain_loss) and scheduler.last_epoch == plain_scheduler.last_epoch == 2
+    assert all(torch.equal(value, plain_weights[name]) for name, value in weights.items())
+
+
+def test_the_step_times_the_same_stages_for_one_batch_or_several() -> None:
+    """What benchmarks/throughput.py times: the input op, forward, backward and the update, in that order,
+    once per micro-batch."""
+    from contextlib import contextmanager
+
+    seen: list[str] = []
+
+    @contextmanager
+    def stage(name: str):
+        seen.append(name)
+        yield
+
+    _, step, _ = setup("cpu", cuda_graph=False, method="rotnet")
+    once = [step.parts.task.op_stage, "forward", "backward", "optimizer"]
+    step(batches("cpu", 1), torch.Generator().manual_seed(0), stage)
+    assert seen == once
+    seen.clear()
+    step(batches("cpu", 2), torch.Generator().manual_seed(0), stage)
+    assert seen == once * 2
 
 
 @gpu
@@ -100,7 +145,7 @@ def test_a_graphed_step_follows_the_eager_steps(method: str, optimizer_name: str
         model, step, optimizer = setup("cuda", graphed, method, **{"optim.name": optimizer_name})
         losses = []
         for k, batch in enumerate(batches("cuda")):
-            losses.append(float(step(batch, torch.Generator("cuda").manual_seed(k))[0]))
+            losses.append(float(step([batch], torch.Generator("cuda").manual_seed(k))[0]))
         runs[graphed] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()}, optimizer)
     assert isinstance(runs[True][2].param_groups[0]["lr"], torch.Tensor)
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=2e-3, atol=2e-3)
@@ -115,7 +160,7 @@ def test_the_first_replay_computes_the_first_eager_step() -> None:
     """The warm-up before the capture trains on the first batch; its effects are undone."""
     eager_model, eager, _ = setup("cuda", False)
     graph_model, graphed, _ = setup("cuda", True)
-    batch = batches("cuda", 1)[0]
+    batch = batches("cuda", 1)
     a = eager(batch, torch.Generator("cuda").manual_seed(0))[0]
     b = graphed(batch, torch.Generator("cuda").manual_seed(0))[0]
     assert isinstance(graphed, GraphedStep) and graphed.graph is not None
@@ -129,10 +174,10 @@ def test_dropout_inside_the_graph_draws_fresh_masks_at_every_replay() -> None:
     dropout masks (not the capture's, baked in). With the learning rate at zero the weights stay put, so
     the same batch under the same patch masks can differ between replays only through dropout."""
     model, step, optimizer = setup("cuda", True, "selfie", **{"model.attn_dropout": 0.5})
-    step.scheduler.base_lrs = [0.0] * len(optimizer.param_groups)
+    step.parts.scheduler.base_lrs = [0.0] * len(optimizer.param_groups)
     for group in optimizer.param_groups:
         group["lr"] = 0.0
-    batch, losses, states = batches("cuda", 1)[0], [], []
+    batch, losses, states = batches("cuda", 1), [], []
     for _ in range(4):
         losses.append(float(step(batch, torch.Generator("cuda").manual_seed(0))[0]))
         states.append(torch.cuda.get_rng_state())
@@ -157,7 +202,7 @@ def test_a_graph_is_captured_while_the_torch_loaders_pin_thread_runs(demo_root) 
     loader = LOADERS["torch"].train(request)
     _, step, _ = setup("cuda", True)
     losses = [
-        float(step(batch, torch.Generator("cuda").manual_seed(k))[0]) for k, batch in enumerate(islice(loader, 6))
+        float(step([batch], torch.Generator("cuda").manual_seed(k))[0]) for k, batch in enumerate(islice(loader, 6))
     ]
     loader.close()
     assert isinstance(step, GraphedStep) and step.graph is not None and all(map(math.isfinite, losses))
@@ -199,13 +244,13 @@ def test_the_capture_is_thread_local_and_restores_the_warm_up(monkeypatch) -> No
     model, step, _ = setup("cpu", cuda_graph=True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     monkeypatch.setattr(GraphedStep, "update", lambda self: (torch.tensor(1.0), torch.tensor(0.5)), raising=True)
-    step(batches("cpu", 1)[0], torch.Generator().manual_seed(0))
+    step(batches("cpu", 1), torch.Generator().manual_seed(0))
     assert entered == [{"capture_error_mode": "thread_local"}] and step.graph.replays == 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     second = batches("cpu", 2)[1]
-    step(second, torch.Generator().manual_seed(1))
+    step([second], torch.Generator().manual_seed(1))
     assert step.graph.replays == 2 and len(entered) == 1  # captured once
-    expected = step.task.inputs(second, torch.Generator().manual_seed(1))
+    expected = step.parts.task.inputs(second, torch.Generator().manual_seed(1))
     assert all(torch.equal(a, b) for a, b in zip(step.static_inputs, expected, strict=True))
 
 

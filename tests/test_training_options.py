@@ -20,7 +20,7 @@ from tests.conftest import ROOT, TINY, free_port, pretrain, run_concurrently, ru
 from train.config import OptimConfig
 from train.config.learning_rate import describe_lr, peak_lr
 from train.engine.optim import LARS, build_optimizer
-from train.engine.step import EagerStep
+from train.engine.step import EagerStep, StepParts
 from train.methods.supervised import SupervisedTask, build_model
 
 # In-process runs set the thread count; the next test gets its own back.
@@ -39,7 +39,7 @@ def supervised_parts(accumulate: int):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, EagerStep(model, SupervisedTask(config, 10), optimizer, scheduler, accelerator, 0.0)
+    return model, EagerStep(StepParts(model, SupervisedTask(config, 10), optimizer, scheduler, accelerator))
 
 
 def test_accumulated_micro_batches_take_the_step_of_one_large_batch() -> None:
@@ -47,10 +47,11 @@ def test_accumulated_micro_batches_take_the_step_of_one_large_batch() -> None:
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (16,), generator=generator)
     whole, step = supervised_parts(1)
-    step(Batch(images, labels, torch.arange(16)), generator)
+    step([Batch(images, labels, torch.arange(16))], generator)
     parts, accumulated = supervised_parts(4)
     micro = [Batch(images[k : k + 4], labels[k : k + 4], torch.arange(4)) for k in range(0, 16, 4)]
     loss, _ = accumulated(micro, generator)
+    assert accumulated.parts.scheduler.last_epoch == step.parts.scheduler.last_epoch == 1  # one update each
     for (name, a), (_, b) in zip(whole.named_parameters(), parts.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert torch.isfinite(loss)

@@ -16,7 +16,7 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -138,30 +138,30 @@ STANDARD_KEYS = frozenset(
 )
 
 
-def training_state(
-    kind: str,
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    accelerator: Accelerator,
-    step: int,
-    config: Any,
-    rng_states: list,
-    num_images: int,
-) -> dict[str, Any]:
-    """The one checkpoint dict: everything a resumed run needs to continue bit for bit (`net`: the plain
-    module, under any DDP or compile wrapper)."""
+class Resumable(Protocol):
+    """What a checkpoint saves of a run and restores into it (train.engine.setup.Training is one)."""
+
+    kind: str  # the checkpoint kind ("<method>_pretrain", "finetune")
+    net: torch.nn.Module  # the plain module, under any DDP or compile wrapper
+    optimizer: torch.optim.Optimizer  # the prepared one
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    accelerator: Accelerator
+    num_images: int  # the training data's size: it fixes every epoch's order
+
+
+def training_state(run: Resumable, step: int, config: Any, rng_states: list) -> dict[str, Any]:
+    """The one checkpoint dict: everything a resumed run needs to continue bit for bit."""
     return {
-        "images": num_images,  # the training data's size: it fixes every epoch's order
+        "images": run.num_images,
         "format": CHECKPOINT_FORMAT,
-        "kind": kind,
+        "kind": run.kind,
         "step": step,
-        "model": net.state_dict(),
-        "optimizer": plain_optimizer_state(optimizer),
-        "scheduler": scheduler.state_dict(),
-        "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+        "model": run.net.state_dict(),
+        "optimizer": plain_optimizer_state(run.optimizer),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.accelerator.scaler.state_dict() if run.accelerator.scaler is not None else None,
         "rng": rng_states,
-        "world_size": accelerator.num_processes,
+        "world_size": run.accelerator.num_processes,
         "config": to_dict(config),
     }
 
@@ -177,33 +177,20 @@ def plain_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 
 
 def restore_training_state(
-    path: Path,
-    kind: str,
-    net: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    accelerator: Accelerator,
-    num_images: int,
-    state: dict[str, Any] | None = None,
+    path: Path, run: Resumable, state: dict[str, Any] | None = None
 ) -> tuple[int, dict[str, Any]]:
-    """Load a `training_state` checkpoint (`state`: already loaded from `path`) into the plain module and
-    the prepared optimizer on every rank; returns its step and what the run added to it (`extra_state`: a
+    """Load a `training_state` checkpoint (`state`: already loaded from `path`) into the run's plain module
+    and prepared optimizer on every rank; returns its step and what the run added to it (`extra_state`: a
     tracker's run id, ...)."""
     state = state if state is not None else load_checkpoint(path)
-    if state.get("kind") != kind:
-        raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {kind!r} one")
-    if state.get("images", num_images) != num_images:
-        raise ConfigError(
-            f"{path}: the run trained on {state['images']} images and --data now holds {num_images}, so every "
-            "epoch's order would differ; resume with the data it started with (a .beton written without "
-            "unreadable files holds fewer images than its folder)"
-        )
+    check_resumable(path, state, run)
     try:
-        net.load_state_dict(state["model"])
+        run.net.load_state_dict(state["model"])
     except RuntimeError as error:
         raise ConfigError(f"{path}: its model does not match this config's model ({error})") from error
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    accelerator = run.accelerator
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     if state["world_size"] == accelerator.num_processes:
@@ -214,6 +201,18 @@ def restore_training_state(
             f"{accelerator.num_processes}: dropout RNG streams restart"
         )
     return int(state["step"]), {key: value for key, value in state.items() if key not in STANDARD_KEYS}
+
+
+def check_resumable(path: Path, state: dict[str, Any], run: Resumable) -> None:
+    """A checkpoint of another kind, or of data of another size, is refused before anything is loaded."""
+    if state.get("kind") != run.kind:
+        raise ConfigError(f"{path}: a {state.get('kind')!r} checkpoint, not a {run.kind!r} one")
+    if state.get("images", run.num_images) != run.num_images:
+        raise ConfigError(
+            f"{path}: the run trained on {state['images']} images and --data now holds {run.num_images}, so "
+            "every epoch's order would differ; resume with the data it started with (a .beton written without "
+            "unreadable files holds fewer images than its folder)"
+        )
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,7 +1,6 @@
 """The one training loop. Pretraining (a pretext method) and fine-tuning (the supervised classifier) both
-run it: `start_training` builds the model, optimizer and schedule, prepares them with Accelerate (and
-torch.compile), and restores a checkpoint; `fit` runs the steps (train/engine/step.py: eager, or replayed from a
-CUDA graph) with logging, checkpoints, pictures and curves.
+run it on what `start_training` (train/engine/setup.py) set up: `fit` runs the steps (train/engine/step.py:
+eager, or replayed from a CUDA graph) with logging, checkpoints, pictures and curves.
 
 Per finished step: a log record when due, the
 `after_step` hook (fine-tuning's test evaluation, left out of images/s), then a checkpoint when due. Every
@@ -16,7 +15,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,80 +23,15 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from model.sync_batch_norm import synchronise_batch_norm
 from pipeline.data import MASK_STREAM, Batch, derive_seed
 from train.config import StageConfig
-from train.engine.checkpoint import Checkpoints, all_rng_states, restore_training_state, training_state
+from train.engine.checkpoint import all_rng_states, training_state
 from train.engine.curves import plot_curves
-from train.engine.metrics import JsonlLogger, MetricWindow, NonFiniteLoss
-from train.engine.optim import build_optimizer, build_schedule
-from train.engine.run_folder import continue_log
+from train.engine.metrics import MetricWindow, NonFiniteLoss
+from train.engine.setup import Training
 from train.engine.signals import StopRequests, stopped
 from train.engine.step import make_step
-from train.engine.tracking import TrackerSink
 from train.methods.base import Pictures, Task
-
-
-@dataclass
-class Training:
-    """One run's state between set-up and the loop."""
-
-    accelerator: Accelerator
-    model: torch.nn.Module  # what the step calls: prepared (DDP-wrapped with several processes), compiled
-    net: torch.nn.Module  # the plain module under any wrapper: checkpoints, evaluation, pictures
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    folder: Path  # where log.jsonl, checkpoints/, pictures/ and curves.png go
-    checkpoints: Checkpoints
-    logger: JsonlLogger
-    kind: str  # the checkpoint kind ("<method>_pretrain", "finetune")
-    seed: int  # the run's seed: masks, dropout, data order
-    num_images: int  # the training data's size, recorded in checkpoints
-    start_step: int
-    # added to every checkpoint dict, and read back from the one a run resumed from (a tracker's run id)
-    extra_state: dict[str, Any] = field(default_factory=dict)
-    tracker: TrackerSink | None = None  # where log records and pictures also go (train.log_with)
-
-
-def start_training(
-    config: StageConfig,
-    accelerator: Accelerator,
-    folder: Path,
-    build: Callable[[], torch.nn.Module],
-    kind: str,
-    seed: int,
-    init_seed: int,
-    num_images: int,
-    extra_state: dict[str, Any] | None = None,
-) -> Training:
-    """Build (under `init_seed`: the same weights on every rank), prepare and, with --resume and a
-    checkpoint in `folder`, restore; the log continues at the restored step."""
-    torch.manual_seed(init_seed)
-    net = build()
-    if config.train.sync_bn and accelerator.num_processes > 1:
-        net = synchronise_batch_norm(net, accelerator.device)
-    optimizer = build_optimizer(net, config.optim, accelerator.device, config.train.batch_size, config.train.cuda_graph)
-    scheduler = build_schedule(optimizer, config.optim, config.train.steps)
-    # The loader is not prepared: it shards by global rank itself (pipeline.data) and must not be
-    # re-sharded; the scheduler is not prepared so that it steps once per optimizer step.
-    model, optimizer = accelerator.prepare(net, optimizer)
-    if config.train.compile:
-        model = torch.compile(model, mode=config.train.compile_mode)
-    torch.manual_seed(derive_seed(seed, accelerator.process_index))  # per-rank dropout
-    checkpoints = Checkpoints(folder / "checkpoints", config.train.keep_checkpoints)
-    start_step, restored = 0, {}
-    path, state = checkpoints.newest_readable(quiet=True) if config.train.resume else (None, None)
-    if path is not None:
-        start_step, restored = restore_training_state(
-            path, kind, net, optimizer, scheduler, accelerator, num_images, state
-        )
-    logger = JsonlLogger(folder / "log.jsonl", accelerator.is_main_process)
-    if accelerator.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        continue_log(logger.path, start_step)
-    accelerator.wait_for_everyone()
-    fields = (model, net, optimizer, scheduler, folder, checkpoints, logger, kind, seed, num_images, start_step)
-    return Training(accelerator, *fields, {**restored, **(extra_state or {})})
 
 
 def check_finite(net: torch.nn.Module, step: int, folder: Path) -> None:
@@ -112,11 +46,8 @@ def check_finite(net: torch.nn.Module, step: int, folder: Path) -> None:
         )
 
 
-def micro_batches(stream: Iterator[Batch], count: int) -> Iterator[Batch | list[Batch]]:
-    """The loader's batches, or (count > 1) lists of `count` consecutive micro-batches, one per step."""
-    if count == 1:
-        yield from stream  # closing this generator closes `stream` too
-        return
+def micro_batches(stream: Iterator[Batch], count: int) -> Iterator[list[Batch]]:
+    """The loader's batches in lists of `count` consecutive micro-batches (train.grad_accum), one per step."""
     try:
         while len(group := list(itertools.islice(stream, count))) == count:
             yield group
@@ -181,18 +112,17 @@ class Loop:
         self.window = MetricWindow(training.accelerator, training.logger, self.run.batch_size, hint)
         self.generator = torch.Generator(device=training.accelerator.device)
         self.last: dict[str, Any] = {}
-        parts = (training.model, task, training.optimizer, training.scheduler, training.accelerator)
-        self.run_step = make_step(*parts, config.optim.grad_clip, config.train.cuda_graph)
+        self.run_step = make_step(training.step_parts(task, config.optim.grad_clip), config.train.cuda_graph)
         self.report = ProgressLines(config.train, task.metric, training.start_step, training.accelerator)
 
-    def step(self, step: int, batch: Batch | list[Batch]) -> None:
-        """One optimizer step on a batch, or on the micro-batches of one (train.grad_accum)."""
+    def step(self, step: int, batches: list[Batch]) -> None:
+        """One optimizer step on the micro-batches of one batch (one, unless train.grad_accum > 1)."""
         t = self.t
         # The schedule's value for this step, computed on the host (a graphed step's rate is a device tensor).
         self.step_lr = t.scheduler.base_lrs[0] * t.scheduler.lr_lambdas[0](step)
         self.generator.manual_seed(derive_seed(t.seed, MASK_STREAM, step, t.accelerator.process_index))
-        loss, accuracy = self.run_step(batch, self.generator)
-        skipped = tuple(e for b in batch for e in b.skipped) if isinstance(batch, list) else batch.skipped
+        loss, accuracy = self.run_step(batches, self.generator)
+        skipped = tuple(entry for batch in batches for entry in batch.skipped)
         self.window.add(skipped, loss=loss, **{self.task.metric: accuracy})
 
     def log(self, done: int, progress: tqdm, fields: dict[str, Any]) -> None:
@@ -233,10 +163,7 @@ class Loop:
         check_finite(t.net, done, t.checkpoints.folder)  # the state to be saved, not the loss before it
         rng_states = all_rng_states(t.accelerator)
         if t.accelerator.is_main_process:
-            state = training_state(
-                t.kind, t.net, t.optimizer, t.scheduler, t.accelerator, done, self.config, rng_states, t.num_images
-            )
-            t.checkpoints.save(state | t.extra_state, done)
+            t.checkpoints.save(training_state(t, done, self.config, rng_states) | t.extra_state, done)
             if pictures is not None:
                 path = t.folder / "pictures" / f"{pictures.name}_step_{done:08d}.png"
                 picture = pictures.write(t.net, path)
@@ -246,25 +173,31 @@ class Loop:
         t.accelerator.wait_for_everyone()
 
 
+@dataclass
+class TrainingData:
+    """What `fit` trains on: the loader's stream and the size of an epoch."""
+
+    batches: Callable[[int], Iterator[Batch]]  # the first micro-batch to read -> the loader's stream from it
+    epoch_images: int  # an epoch's images: the log's epoch column
+
+
 def fit(
     training: Training,
     task: Task,
     config: StageConfig,
-    batches: Callable[[int], Iterator[Batch]],
-    epoch_images: int,
+    data: TrainingData,
     title: str,
     hooks: Hooks | None = None,
     progress_name: str | None = None,
 ) -> FitResult:
-    """Train from `training.start_step` to `config.train.steps` on `batches(start_step)` (a loader
-    stream); an epoch is `epoch_images` images. At every checkpoint, rank 0 draws the hooks' pictures
-    (pictures/<pictures.name>_step_XXXXXXXX.png) and curves.png, titled `title`."""
+    """Train from `training.start_step` to `config.train.steps` on `data`. At every checkpoint, rank 0 draws
+    the hooks' pictures (pictures/<pictures.name>_step_XXXXXXXX.png) and curves.png, titled `title`."""
     run, start = config.train, training.start_step
     if start >= run.steps:
         training.accelerator.print(f"nothing to do: the checkpoint is at step {start} of {run.steps}")
         return FitResult({}, 0)
-    loop = Loop(training, task, config, epoch_images)
-    stream = micro_batches(batches(start * run.grad_accum), run.grad_accum)
+    loop = Loop(training, task, config, data.epoch_images)
+    stream = micro_batches(data.batches(start * run.grad_accum), run.grad_accum)
     show = None if training.accelerator.is_main_process else True
     progress = tqdm(
         total=run.steps, initial=start, desc=progress_name, disable=show, mininterval=1.0, dynamic_ncols=True
@@ -273,8 +206,8 @@ def fit(
     hooks = hooks or Hooks()
     try:
         with StopRequests() as stops:
-            for step, batch in zip(range(start, run.steps), stream, strict=False):
-                loop.step(step, batch)
+            for step, batches in zip(range(start, run.steps), stream, strict=False):
+                loop.step(step, batches)
                 progress.update(1)
                 loop.after(step + 1, hooks, progress, title, stops)
     finally:

@@ -1,7 +1,8 @@
 """One training step, executed eagerly or replayed from a CUDA graph.
 
 The step, for every task: the task's input op (its random draws from `generator`), one model call on all
-of its inputs, the loss, backward, (clipping), the optimizer update and the schedule.
+of its inputs, the loss, backward, (clipping), the optimizer update and the schedule. A step takes a list
+of micro-batches: one, or train.grad_accum of them whose gradients add up before the one update.
 
 `GraphedStep` captures everything after the input op (forward, backward, clipping, optimizer) once into a
 CUDA graph and replays it: one launch per step instead of one per op. The input op stays eager: it draws
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -25,6 +27,7 @@ from train.methods.base import Task
 Optimizer = torch.optim.Optimizer
 Scheduler = torch.optim.lr_scheduler.LRScheduler
 StepResult = tuple[torch.Tensor, torch.Tensor]  # detached (loss, accuracy)
+Stage = Callable[[str], AbstractContextManager]  # name -> the context a part of the step runs in
 # Only this thread's CUDA calls are barred while the step is captured: the torch loader's pin-memory
 # thread keeps allocating pinned host memory (cudaHostAlloc) meanwhile, which the default global mode
 # would turn into a failed capture.
@@ -35,74 +38,69 @@ def _no_stage(name: str) -> AbstractContextManager:
     return nullcontext()
 
 
+@dataclass
+class StepParts:
+    """What a step updates and how: the run's training state as the step sees it."""
+
+    model: torch.nn.Module  # what the step calls: prepared and compiled, or the plain module (a FLOP count)
+    task: Task
+    optimizer: Optimizer
+    scheduler: Scheduler
+    accelerator: Accelerator
+    grad_clip: float = 0.0  # the gradients' norm is clipped to it; 0: not clipped
+
+
 def train_step(
-    model: torch.nn.Module,
-    batch: Batch,
-    task: Task,
-    generator: torch.Generator,
-    optimizer: Optimizer,
-    scheduler: Scheduler,
-    accelerator: Accelerator,
-    grad_clip: float = 0.0,
-    stage: Callable[[str], AbstractContextManager] = _no_stage,
+    parts: StepParts, batches: list[Batch], generator: torch.Generator, stage: Stage = _no_stage
 ) -> StepResult:
-    """The eager step. `stage(name)` wraps each part (benchmarks.throughput times them with it)."""
-    with stage(task.op_stage):
-        inputs = task.inputs(batch, generator)
-    with stage("forward"):
-        loss, accuracy = task.objective(model, inputs)
-    with stage("backward"):
-        accelerator.backward(loss)
-    with stage("optimizer"):
-        if grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), accuracy.detach()
-
-
-def accumulated_step(
-    model: torch.nn.Module,
-    batches: list[Batch],
-    task: Task,
-    generator: torch.Generator,
-    optimizer: Optimizer,
-    scheduler: Scheduler,
-    accelerator: Accelerator,
-    grad_clip: float = 0.0,
-) -> StepResult:
-    """One optimizer step over several micro-batches (Accelerate's `accumulate`: each loss divided by their
-    number, gradients summed, no all-reduce until the last): the update of one batch as large as all of
-    them. Returns the micro-batches' mean loss and accuracy."""
+    """The eager step: one optimizer step over `batches`, micro-batches whose gradients add up (Accelerate's
+    `accumulate`: each loss divided by their number, no all-reduce until the last), the update of one batch
+    as large as all of them. Returns their mean loss and accuracy. A single batch is a list of one: with
+    `gradient_accumulation_steps` 1, `accumulate` syncs at every call and `backward` divides by 1, so
+    it computes what a step without them would. `stage(name)` wraps each part (benchmarks.throughput
+    times them with it)."""
+    model, task, accelerator = parts.model, parts.task, parts.accelerator
     losses, accuracies = [], []
     for batch in batches:
         with accelerator.accumulate(model):
-            loss, accuracy = task.objective(model, task.inputs(batch, generator))
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()  # Accelerate's optimizer steps (and zeroes) on the last micro-batch only
-            if accelerator.sync_gradients:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            with stage(task.op_stage):
+                inputs = task.inputs(batch, generator)
+            with stage("forward"):
+                loss, accuracy = task.objective(model, inputs)
+            with stage("backward"):
+                accelerator.backward(loss)
+            with stage("optimizer"):
+                update(parts)
         losses.append(loss.detach())
         accuracies.append(accuracy.detach())
-    return torch.stack(losses).mean(), torch.stack(accuracies).mean()
+    return mean_of(losses), mean_of(accuracies)
+
+
+def update(parts: StepParts) -> None:
+    """Clipping, the optimizer step and the schedule on the micro-batch that completes the step; Accelerate's
+    optimizer steps and zeroes on that one only, and gradients add up until then."""
+    sync = parts.accelerator.sync_gradients
+    if sync and parts.grad_clip > 0:
+        parts.accelerator.clip_grad_norm_(parts.model.parameters(), parts.grad_clip)
+    parts.optimizer.step()
+    if sync:
+        parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+
+
+def mean_of(values: list[torch.Tensor]) -> torch.Tensor:
+    """The micro-batches' mean; a single batch's value as it is (no extra kernels in the common step)."""
+    return values[0] if len(values) == 1 else torch.stack(values).mean()
 
 
 class EagerStep:
-    """`train_step` with the run's model, optimizer and schedule; `accumulated_step` for a list of
-    micro-batches (train.grad_accum > 1)."""
+    """`train_step` with the run's model, optimizer and schedule."""
 
-    def __init__(self, model, task, optimizer, scheduler, accelerator, grad_clip: float) -> None:
-        self.parts = (model, task, optimizer, scheduler, accelerator, grad_clip)
+    def __init__(self, parts: StepParts) -> None:
+        self.parts = parts
 
-    def __call__(self, batch: Batch | list[Batch], generator: torch.Generator, stage=_no_stage) -> StepResult:
-        model, task, optimizer, scheduler, accelerator, grad_clip = self.parts
-        if isinstance(batch, list):
-            return accumulated_step(model, batch, task, generator, optimizer, scheduler, accelerator, grad_clip)
-        return train_step(model, batch, task, generator, optimizer, scheduler, accelerator, grad_clip, stage)
+    def __call__(self, batches: list[Batch], generator: torch.Generator, stage: Stage = _no_stage) -> StepResult:
+        return train_step(self.parts, batches, generator, stage)
 
 
 class GraphedStep:
@@ -111,27 +109,27 @@ class GraphedStep:
 
     WARMUP_STEPS = 3  # eager steps on a side stream before the capture (lazy state, cuDNN autotuning)
 
-    def __init__(self, model, task, optimizer, scheduler, accelerator, grad_clip: float) -> None:
-        self.model, self.task, self.optimizer, self.scheduler = model, task, optimizer, scheduler
-        self.accelerator, self.grad_clip = accelerator, grad_clip
+    def __init__(self, parts: StepParts) -> None:
+        self.parts = parts
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_inputs: list[torch.Tensor] = []
         self.outputs: StepResult | None = None
 
     def update(self) -> StepResult:
         """Forward, backward, clipping and the optimizer step on the static inputs: what is captured."""
-        self.optimizer.zero_grad(set_to_none=True)  # backward then writes fresh gradients, in the graph's pool
-        loss, accuracy = self.task.objective(self.model, tuple(self.static_inputs))
-        self.accelerator.backward(loss)
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip, foreach=True)
-        self.optimizer.step()
+        parts = self.parts
+        parts.optimizer.zero_grad(set_to_none=True)  # backward then writes fresh gradients, in the graph's pool
+        loss, accuracy = parts.task.objective(parts.model, tuple(self.static_inputs))
+        parts.accelerator.backward(loss)
+        if parts.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(parts.model.parameters(), parts.grad_clip, foreach=True)
+        parts.optimizer.step()
         return loss.detach(), accuracy.detach()
 
     def capture(self, inputs: tuple[torch.Tensor, ...]) -> None:
         self.static_inputs = [tensor.clone() for tensor in inputs]
-        tensor_learning_rates(self.optimizer, inputs[0].device)
-        saved = TrainingSnapshot(self.model, self.optimizer)
+        tensor_learning_rates(self.parts.optimizer, inputs[0].device)
+        saved = TrainingSnapshot(self.parts.model, self.parts.optimizer)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -143,16 +141,17 @@ class GraphedStep:
         with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
             self.outputs = self.update()
 
-    def __call__(self, batch: Batch, generator: torch.Generator, stage=_no_stage) -> StepResult:
-        with stage(self.task.op_stage):
-            inputs = self.task.inputs(batch, generator)
+    def __call__(self, batches: list[Batch], generator: torch.Generator, stage: Stage = _no_stage) -> StepResult:
+        (batch,) = batches  # one batch per step: train.grad_accum > 1 with train.cuda_graph is refused
+        with stage(self.parts.task.op_stage):
+            inputs = self.parts.task.inputs(batch, generator)
         if self.graph is None:
             self.capture(inputs)
         with stage("graph"):
             for static, tensor in zip(self.static_inputs, inputs, strict=True):
                 static.copy_(tensor)
             self.graph.replay()
-            self.scheduler.step()  # fills the tensor learning rate the graph reads
+            self.parts.scheduler.step()  # fills the tensor learning rate the graph reads
         return self.outputs
 
 
@@ -196,7 +195,7 @@ class TrainingSnapshot:
             torch.cuda.set_rng_state(self.rng[1])
 
 
-def make_step(model, task, optimizer, scheduler, accelerator, grad_clip: float, cuda_graph: bool):
-    """The step a run executes: graphed (train.cuda_graph) or eager."""
-    kind = GraphedStep if cuda_graph else EagerStep
-    return kind(model, task, optimizer, scheduler, accelerator, grad_clip)
+def make_step(parts: StepParts, cuda_graph: bool) -> EagerStep | GraphedStep:
+    """The step a run executes: graphed (train.cuda_graph) or eager. Either is called with a list of
+    micro-batches (one, unless train.grad_accum > 1), a generator for the input op's draws, and `stage`."""
+    return (GraphedStep if cuda_graph else EagerStep)(parts)

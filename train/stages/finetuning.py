@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -22,10 +23,11 @@ from train.config import FinetuneConfig, to_dict
 from train.config.command_line import RUN_FLAGS, parse_args
 from train.config.learning_rate import describe_lr, warmup_warning
 from train.engine.loading import check_loader_options, open_data, train_batches
-from train.engine.loop import Hooks, Training, fit, start_training
+from train.engine.loop import Hooks, TrainingData, fit
 from train.engine.run_folder import RESUMABLE_KEYS, prepare_run_dir, record_invocation
 from train.engine.run_lock import releasing_locks
 from train.engine.session import check_model_builds, make_accelerator, per_process_batch
+from train.engine.setup import RunSpec, Training, start_training
 from train.engine.tracking import TrackerSink, start_trackers
 from train.evaluation.batch_norm import recalibrate_batch_norm
 from train.evaluation.monitors import whole_images
@@ -134,36 +136,42 @@ def recalibrate_probe(training: Training, config: FinetuneConfig, splits: Splits
     recalibrate_batch_norm(training.net.backbone, images, ft.eval_batch_size, prepare)
 
 
-def finetune_seed(
-    config: FinetuneConfig,
-    seed: int,
-    subset: np.ndarray,
-    splits: Splits,
-    pretrained: Pretrained | None,
-    accelerator: Accelerator,
-    run_dir: Path,
-    tracker_id: str | None = None,
-) -> dict:
-    """Train and evaluate one seed in run_dir/seed_<seed>; a finished seed is read back, not rerun. With
-    a tracker (`tracker_id`), the seed's records go to it under seed_<seed>/."""
-    seed_dir, ft = run_dir / f"seed_{seed}", config.finetune
+@dataclass
+class SeedRun:
+    """What every seed of one fine-tuning run shares."""
+
+    config: FinetuneConfig
+    splits: Splits
+    pretrained: Pretrained | None  # the backbone's initial weights; None: from scratch
+    accelerator: Accelerator
+    run_dir: Path  # each seed trains in run_dir/seed_<seed>
+    tracker_id: str | None = None  # with a tracker, each seed's records go to it under seed_<seed>/
+
+
+def finetune_seed(run: SeedRun, seed: int, subset: np.ndarray) -> dict:
+    """Train and evaluate one seed on its labelled `subset` in run_dir/seed_<seed>; a finished seed is read
+    back, not rerun."""
+    config, splits, accelerator = run.config, run.splits, run.accelerator
+    seed_dir, ft = run.run_dir / f"seed_{seed}", config.finetune
     if config.train.resume and (seed_dir / "result.json").is_file():
         return json.loads((seed_dir / "result.json").read_text())
     labeled, classes = SubsetSource(splits.train, subset), len(splits.train.classes)
-    build = partial(seed_model, config, classes, pretrained)
+    build = partial(seed_model, config, classes, run.pretrained)
     init_seed = derive_seed(seed, INIT_STREAM)  # the same fresh weights for every init and every rank
+    state = {"seed": seed} | ({"tracker_run_id": run.tracker_id} if run.tracker_id else {})
     # The whole training set's size is recorded: the labelled subset is drawn from it.
-    state = {"seed": seed} | ({"tracker_run_id": tracker_id} if tracker_id else {})
-    training = start_training(config, accelerator, seed_dir, build, KIND, seed, init_seed, len(splits.train), state)
+    spec = RunSpec(seed_dir, KIND, seed, init_seed=init_seed, num_images=len(splits.train), extra_state=state)
+    training = start_training(config, accelerator, build, spec)
     if config.train.log_with != "none":
         training.tracker = training.logger.sink = TrackerSink(accelerator, config.train.log_with, f"seed_{seed}/")
-    if ft.linear_probe and ft.recalibrate_bn and pretrained is not None and training.start_step == 0:
+    if ft.linear_probe and ft.recalibrate_bn and run.pretrained is not None and training.start_step == 0:
         recalibrate_probe(training, config, splits)
     evaluation = TestEvaluation(training, splits.evaluation, config)
     per_process = per_process_batch(config.train, accelerator)  # one micro-batch's images per process
     batches = partial(train_batches, config, labeled, per_process, seed, accelerator=accelerator)
-    title, task = f"fine-tuning {run_dir.name}, seed {seed}", SupervisedTask(config, classes)
-    fit(training, task, config, batches, len(labeled), title, Hooks(after_step=evaluation), f"seed {seed}")
+    title, task = f"fine-tuning {run.run_dir.name}, seed {seed}", SupervisedTask(config, classes)
+    data = TrainingData(batches, len(labeled))
+    fit(training, task, config, data, title, Hooks(after_step=evaluation), f"seed {seed}")
     # A run killed after its last checkpoint has its test record logged; the numbers are computed again.
     result = seed_result(seed, subset, labeled, evaluation.last or evaluation.run(), config)
     if accelerator.is_main_process:
@@ -270,8 +278,8 @@ def run(config: FinetuneConfig, config_name: str) -> dict:
     for text in (describe(config, pretrained, splits, accelerator), warmup_warning(config.optim, config.train.steps)):
         if text:
             accelerator.print(text)
-    run = (pretrained, accelerator, run_dir, tracker_id)
-    results = [finetune_seed(config, seed, subsets[seed], splits, *run) for seed in seeds]
+    shared = SeedRun(config, splits, pretrained, accelerator, run_dir, tracker_id)
+    results = [finetune_seed(shared, seed, subsets[seed]) for seed in seeds]
     summary = summary_of(results, config, pretrained, splits)
     if accelerator.is_main_process:
         write_atomic(run_dir / "results.json", json.dumps(summary, indent=1).encode())

@@ -15,10 +15,11 @@ from train.config.command_line import RUN_FLAGS, parse_args
 from train.config.learning_rate import describe_lr, warmup_warning
 from train.engine.curves import read_log
 from train.engine.loading import check_batch_fits, check_loader_options, open_data, train_batches
-from train.engine.loop import Hooks, Training, fit, start_training
+from train.engine.loop import Hooks, TrainingData, fit
 from train.engine.run_folder import prepare_run_dir, record_invocation
 from train.engine.run_lock import releasing_locks
 from train.engine.session import check_model_builds, make_accelerator, per_process_batch
+from train.engine.setup import RunSpec, Training, start_training
 from train.engine.tracking import TrackerSink, start_trackers
 from train.evaluation.monitors import build_monitors
 from train.evaluation.verdict import floor_of, verdict_lines
@@ -103,10 +104,10 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     run_dir = prepare_run_dir(config, config_name, accelerator)
     state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
     seed = config.train.seed  # one seed for the initial weights (every rank) and the run's streams
-    build = partial(build_model, config)
-    training = start_training(
-        config, accelerator, run_dir, build, config.method + KIND_SUFFIX, seed, seed, len(source), state
+    spec = RunSpec(
+        run_dir, config.method + KIND_SUFFIX, seed, init_seed=seed, num_images=len(source), extra_state=state
     )
+    training = start_training(config, accelerator, partial(build_model, config), spec)
     record_invocation(run_dir, accelerator, training.start_step)
     return method, training, source, batch
 
@@ -135,9 +136,8 @@ def run(config: PretrainConfig, config_name: str) -> dict:
     spec = method.loader_patch_spec(config.data.loader)
     batches = partial(train_batches, config, source, batch, config.train.seed, accelerator=accelerator, patch_spec=spec)
     hooks = make_hooks(config, method, training, source)
-    result = fit(
-        training, method, config, batches, len(source), f"{config.method} pretraining: {training.folder.name}", hooks
-    )
+    data, title = TrainingData(batches, len(source)), f"{config.method} pretraining: {training.folder.name}"
+    result = fit(training, method, config, data, title, hooks)
     accelerator.end_training()
     if not result.last:
         return {"run_dir": str(training.folder), "step": training.start_step}
