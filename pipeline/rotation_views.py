@@ -21,6 +21,7 @@ square grid commutes with quarter turns).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -77,15 +78,23 @@ def paste(out: torch.Tensor, patches: torch.Tensor, positions: torch.Tensor) -> 
     out[:, image, :, rows, cols] = patches.permute(1, 3, 4, 0, 2).to(out.dtype)
 
 
+@dataclass(frozen=True)
+class ViewFormat:
+    """What the views are written as: normalised with `mean`/`std` (0..1 scale), in the dtype and memory
+    format the network computes in (so autocast has nothing to cast)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False
+
+
 def rotation_views(
     images: torch.Tensor,
     num_views: int,
     ratio: float,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
+    form: ViewFormat,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
 ) -> RotationViews:
     """uint8 images (B, C, S, S) -> the V = 4 (RotNet) or 8 (Patch RotNet/RelNet) views of each, see the
     module docstring. `generator` draws the paste positions (on the images' device). Every view is written
@@ -95,9 +104,9 @@ def rotation_views(
     batch, channels, height, width = images.shape
     if height != width:
         raise ValueError(f"rotation views need square images (quarter turns keep the shape), got {height}x{width}")
-    x = normalize(images, mean, std)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    views = torch.empty((num_views * batch, channels, height, width), dtype=dtype, device=images.device)
+    x = normalize(images, form.mean, form.std)
+    layout = torch.channels_last if form.channels_last else torch.contiguous_format
+    views = torch.empty((num_views * batch, channels, height, width), dtype=form.dtype, device=images.device)
     views = views.contiguous(memory_format=layout)
     blocks = views.unflatten(0, (num_views, batch))  # a view: blocks[v] is view v of every image
     for k in range(NUM_ROTATIONS):

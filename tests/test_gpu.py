@@ -126,12 +126,12 @@ def test_gpu_loaders_decode_jpeg_crop_and_evaluate(tmp_path, backend: str) -> No
 
 def test_rotation_views_on_gpu_equal_cpu() -> None:
     """Turns and pastes are exact on either device; only the antialiased resize may round differently."""
-    from pipeline.rotation_views import paste, quarter_turns, rotation_views
+    from pipeline.rotation_views import ViewFormat, paste, quarter_turns, rotation_views
 
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    gpu = rotation_views(images.cuda(), 8, 0.4, mean, std, torch.Generator("cuda").manual_seed(0))
-    cpu = rotation_views(images, 8, 0.4, mean, std)
+    gpu = rotation_views(images.cuda(), 8, 0.4, ViewFormat(mean, std), torch.Generator("cuda").manual_seed(0))
+    cpu = rotation_views(images, 8, 0.4, ViewFormat(mean, std))
     torch.testing.assert_close(gpu.views[: 4 * 6].cpu(), cpu.views[: 4 * 6], rtol=0, atol=1e-6)
     assert torch.equal(gpu.labels.cpu(), cpu.labels)
     turned = quarter_turns(torch.rand(6, 3, 13, 13))
@@ -153,7 +153,7 @@ def test_rotation_views_on_gpu_equal_cpu() -> None:
 @pytest.mark.parametrize("method", [name for name, cls in METHODS.items() if issubclass(cls, RotationMethod)])
 def test_rotation_bf16_channels_last_step_on_gpu_matches_fp32_loss_closely(method: str) -> None:
     from model.view_classifier import build_view_classifier
-    from pipeline.rotation_views import rotation_views
+    from pipeline.rotation_views import ViewFormat, rotation_views
 
     torch.manual_seed(0)
     spec = METHODS[method]
@@ -161,11 +161,11 @@ def test_rotation_bf16_channels_last_step_on_gpu_matches_fp32_loss_closely(metho
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
     views = spec.num_views
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    fp32_views = rotation_views(images, views, 0.4, mean, std, torch.Generator("cuda").manual_seed(0))
+    fp32_views = rotation_views(images, views, 0.4, ViewFormat(mean, std), torch.Generator("cuda").manual_seed(0))
     fp32 = model(fp32_views.views, fp32_views.labels)
     model = model.to(memory_format=torch.channels_last)
     bf16_views = rotation_views(
-        images, views, 0.4, mean, std, torch.Generator("cuda").manual_seed(0), torch.bfloat16, channels_last=True
+        images, views, 0.4, ViewFormat(mean, std, torch.bfloat16, True), torch.Generator("cuda").manual_seed(0)
     )
     assert torch.equal(bf16_views.positions, fp32_views.positions)
     with torch.autocast("cuda", dtype=torch.bfloat16):

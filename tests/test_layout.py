@@ -16,8 +16,10 @@ PACKAGES = ("pipeline", "model", "train", "benchmarks")
 MAX_PARAMETERS = 7
 # Signatures fixed by what calls them, not by us: a Triton kernel's arguments are its launch arguments, a
 # numba kernel's are plain arrays and scalars (no dataclass crosses into nopython code), and their
-# launchers pass those through one to one.
+# launchers pass those through one to one; the plain-torch patch op is called exactly as they are (one
+# PatchOp contract, so the fused ops are tested against it bit for bit with the same arguments).
 PARAMETER_EXCEPTIONS = {
+    "pipeline/patches.py:patchify_and_mask": "the patch op's reference: the fused kernels' launchers' contract",
     "pipeline/fused_patches.py:_patchify_kernel": "Triton kernel: tensors, strides and constexprs",
     "pipeline/fused_patches.py:patchify_numba": "numba kernel over plain arrays",
     "pipeline/fused_patches.py:patchify_triton": "the Triton kernel's launcher, argument for argument",

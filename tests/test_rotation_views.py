@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.patches import normalize
-from pipeline.rotation_views import PATCH_RATIOS, patch_side, rotation_views
+from pipeline.rotation_views import PATCH_RATIOS, ViewFormat, patch_side, rotation_views
 
 MEAN, STD = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
 
@@ -16,7 +16,7 @@ def images(batch: int = 5, size: int = 32, seed: int = 0) -> torch.Tensor:
 
 
 def make(x: torch.Tensor, num_views: int, ratio: float = 0.4, seed: int = 1):
-    return rotation_views(x, num_views, ratio, MEAN, STD, torch.Generator().manual_seed(seed))
+    return rotation_views(x, num_views, ratio, ViewFormat(MEAN, STD), torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("num_views", [4, 8])
@@ -85,7 +85,7 @@ def test_paste_positions_vary_over_images_and_follow_the_generator() -> None:
 def test_channels_last_and_dtype_change_the_layout_not_the_values() -> None:
     x = images()
     plain = make(x, 8)
-    fast = rotation_views(x, 8, 0.4, MEAN, STD, torch.Generator().manual_seed(1), torch.bfloat16, channels_last=True)
+    fast = rotation_views(x, 8, 0.4, ViewFormat(MEAN, STD, torch.bfloat16, True), torch.Generator().manual_seed(1))
     assert fast.views.is_contiguous(memory_format=torch.channels_last) and fast.views.dtype == torch.bfloat16
     assert torch.equal(fast.views, plain.views.to(torch.bfloat16))
 
@@ -101,6 +101,6 @@ def test_channels_last_and_dtype_change_the_layout_not_the_values() -> None:
 def test_bad_arguments_name_themselves(kwargs: dict, message: str) -> None:
     arguments = {"num_views": 8, "ratio": 0.4} | kwargs
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        rotation_views(images(), arguments["num_views"], arguments["ratio"], MEAN, STD)
+        rotation_views(images(), arguments["num_views"], arguments["ratio"], ViewFormat(MEAN, STD))
     with pytest.raises(ValueError, match="square images"):
-        rotation_views(images()[..., :30], 4, 0.4, MEAN, STD)
+        rotation_views(images()[..., :30], 4, 0.4, ViewFormat(MEAN, STD))

@@ -6,7 +6,7 @@ from torch import nn
 
 from model.backbones import BACKBONES
 from model.view_classifier import ViewClassifier, build_view_classifier, relation_pairs
-from pipeline.rotation_views import rotation_views
+from pipeline.rotation_views import ViewFormat, rotation_views
 from train.methods import METHODS
 from train.methods.rotation import RotationMethod
 
@@ -19,7 +19,9 @@ def batch_of_views(method: str, batch: int = 3, size: int = 32):
     images = torch.randint(
         0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
     )
-    return rotation_views(images, ROTATION_METHODS[method].num_views, 0.4, MEAN, STD, torch.Generator().manual_seed(1))
+    return rotation_views(
+        images, ROTATION_METHODS[method].num_views, 0.4, ViewFormat(MEAN, STD), torch.Generator().manual_seed(1)
+    )
 
 
 def build(method: str, backbone: str = "resnet8", width: float = 1.0) -> ViewClassifier:

@@ -20,7 +20,7 @@ from torch import nn
 
 from model.view_classifier import ViewClassifier, build_view_classifier
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
-from pipeline.rotation_views import NUM_ROTATIONS, patch_side, rotation_views
+from pipeline.rotation_views import NUM_ROTATIONS, ViewFormat, patch_side, rotation_views
 from train.config import ConfigError, PretrainConfig, compute_dtype
 from train.methods.base import PretextMethod, register
 from train.methods.pictures import (
@@ -86,16 +86,8 @@ class RotationMethod(PretextMethod):
     def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """(views, labels) of every image of the batch."""
         data = self.config.data
-        views = rotation_views(
-            batch.images,
-            self.num_views,
-            self.config.rotation.patch_ratio,
-            data.mean,
-            data.std,
-            generator,
-            dtype=compute_dtype(self.config.train),
-            channels_last=self.config.train.channels_last,
-        )
+        form = ViewFormat(data.mean, data.std, compute_dtype(self.config.train), self.config.train.channels_last)
+        views = rotation_views(batch.images, self.num_views, self.config.rotation.patch_ratio, form, generator)
         return views.views, views.labels
 
     def pictures(self, source: Source, device: torch.device) -> ViewPictures:
