@@ -187,10 +187,11 @@ def test_device_prefetch_copies_one_batch_ahead_on_a_side_stream() -> None:
 
 def test_the_triton_op_passes_its_run_time_check_in_bf16_channels_last() -> None:
     from train.config import PretrainConfig, load_config
+    from train.methods import stage_class
     from train.methods.selfie import choose_patch_op
 
     overrides = {"train.precision": "bf16", "train.channels_last": True, "selfie.patch_op": "triton"}
-    config = load_config(PretrainConfig, "demo", overrides)
+    config = load_config(stage_class(PretrainConfig), "demo", overrides)
     assert choose_patch_op(config, torch.device("cuda"), 12)[0] == "triton"
 
 

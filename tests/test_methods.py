@@ -16,7 +16,7 @@ from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
 from tests.conftest import SMALL_MONITORS, TINY, demo_data_for
 from train.config import PretrainConfig, load_config
-from train.methods import METHODS, PretextMethod, register
+from train.methods import METHODS, PretextMethod, register, stage_class
 from train.stages import finetuning as finetune
 from train.stages import pretraining as pretrain
 
@@ -70,7 +70,7 @@ def log_of(run: Path) -> list[dict]:
 
 
 def test_the_registry_gives_the_toy_its_choice_section_and_flag() -> None:
-    config = load_config(PretrainConfig, "demo", {"method": "toy_roll", "toy_roll.ways": 5})
+    config = load_config(stage_class(PretrainConfig), "demo", {"method": "toy_roll", "toy_roll.ways": 5})
     assert "toy_roll" in METHODS and config.toy_roll.ways == 5
     assert pretrain.stable_flags()["--ways"] == ("toy_roll.ways", int, "toy: number of rolls to tell apart")
 

@@ -26,7 +26,7 @@ from train.experiments.grid import (
     seeds_note,
     write_table,
 )
-from train.methods import METHODS
+from train.methods import METHODS, stage_class
 from train.stages import finetuning, pretraining
 
 COLUMNS = ("linear", "tuned")
@@ -154,11 +154,13 @@ def check_before_running(methods: list[str], pretrain_args: list[str], column_ar
     pretraining configs."""
     configs = []
     for method in methods:
-        config, _ = parse_args([*pretrain_args, "--method", method], PretrainConfig, pretraining.stable_flags(), "")
+        config, _ = parse_args(
+            [*pretrain_args, "--method", method], stage_class(PretrainConfig), pretraining.stable_flags(), ""
+        )
         pretraining.validate(config)
         configs.append(config)
     for column in COLUMNS:
-        tuning, _ = parse_args(column_args[column], FinetuneConfig, finetuning.STABLE_FLAGS, "")
+        tuning, _ = parse_args(column_args[column], stage_class(FinetuneConfig), finetuning.STABLE_FLAGS, "")
         finetuning.validate(tuning)
         for config in configs:
             check_fit(config, tuning)

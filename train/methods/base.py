@@ -23,7 +23,7 @@ from torch import nn
 
 from pipeline.data import Batch, Source
 from pipeline.patches import PatchSpec
-from train.config import PretrainConfig, add_section
+from train.config.schema import PretrainConfig
 
 
 class Task(Protocol):
@@ -127,33 +127,3 @@ class PretextMethod:
 
     def pictures(self, source: Source, device: torch.device) -> Pictures | None:
         return None
-
-
-METHODS: dict[str, type[PretextMethod]] = {}
-_DEFAULT: list[str] = []
-
-
-def register(method: type[PretextMethod], default: bool = False) -> type[PretextMethod]:
-    """Make `method` a `--method` choice (`default`: the one used when none is given)."""
-    existing = METHODS.get(method.name)
-    same = existing is not None and (existing.__module__, existing.__qualname__) == (
-        method.__module__,
-        method.__qualname__,
-    )
-    if existing is not None and not same:
-        raise ValueError(f"method {method.name!r} is already registered by {existing.__module__}")
-    if method.section is not None:
-        add_section(PretrainConfig, method.section, method.Settings)
-    METHODS[method.name] = method
-    if default:
-        _DEFAULT[:] = [method.name]
-    return method
-
-
-def default_method() -> str:
-    return _DEFAULT[0] if _DEFAULT else next(iter(METHODS))
-
-
-def method_flags() -> dict[str, tuple[str, Any, str]]:
-    """Every registered method's stable flags (a family shares its own)."""
-    return {flag: spec for method in METHODS.values() for flag, spec in method.flags.items()}

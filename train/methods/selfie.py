@@ -23,7 +23,7 @@ from pipeline.patches import (
     patchify_and_mask,
     sample_context_permutation,
 )
-from train.config import ConfigError, PretrainConfig, choice, compute_dtype
+from train.config.schema import ConfigError, PretrainConfig, choice, compute_dtype
 from train.evaluation.pictures import (
     FRAME_LEGEND,
     PATCH_COLUMNS,
@@ -33,7 +33,7 @@ from train.evaluation.pictures import (
     with_header,
     write_png,
 )
-from train.methods.base import PretextMethod, register
+from train.methods.base import PretextMethod
 
 
 @dataclass
@@ -257,6 +257,3 @@ def patch_picture(
     finally:
         model.train(was_training)
     return render_patch_picture(images.cpu(), perm.cpu(), num_context, patch_size, out.logits.argmax(-1).cpu())
-
-
-register(SelfieMethod, default=True)

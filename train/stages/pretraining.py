@@ -22,7 +22,7 @@ from train.engine.tracking import TrackerSink, start_trackers
 from train.evaluation.curves import read_log
 from train.evaluation.monitors import build_monitors
 from train.evaluation.verdict import floor_of, verdict_lines
-from train.methods import METHODS, PretextMethod, method_flags
+from train.methods import METHODS, PretextMethod, method_flags, stage_class
 
 KIND_SUFFIX = "_pretrain"  # a checkpoint's kind is "<method>_pretrain"
 
@@ -113,7 +113,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
 
 def parse(argv: list[str] | None) -> tuple[PretrainConfig, str]:
     """The command line (sys.argv when None) -> (the checked config, the config name it started from)."""
-    return parse_args(argv, PretrainConfig, stable_flags(), "Self-supervised pretraining")
+    return parse_args(argv, stage_class(PretrainConfig), stable_flags(), "Self-supervised pretraining")
 
 
 def main(argv: list[str] | None = None) -> dict:
