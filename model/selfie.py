@@ -120,6 +120,12 @@ class Selfie(nn.Module):
             self.log_logit_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
         self.fixed_scale = dim**-0.5 if logit_scale == "sqrt_d" else None
 
+    @property
+    def backbone(self) -> nn.Module:
+        """P, under the name every pretext model gives the network fine-tuning reuses (its state-dict names
+        stay patch_net.*, as every Selfie checkpoint holds them)."""
+        return self.patch_net
+
     def logit_scale(self) -> torch.Tensor | float | None:
         if self.logit_scale_kind == "learned":
             return self.log_logit_scale.float().exp()

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from model.selfie import PositionEmbedding, build_selfie, patch_selection_loss
 from pipeline.patches import patchify_and_mask, sample_context_permutation
+from train.methods import Parts, parts_of
 
 
 def naive_loss(u, pos_masked, h_masked):
@@ -152,3 +153,11 @@ def test_the_attending_query_shapes_and_each_slot_reads_only_the_context() -> No
         for j in range(6):
             torch.testing.assert_close(model.pool.query(context, seeds[:, j : j + 1])[:, 0], queries[:, j])
     assert {name for name, _ in model.named_parameters()} == {n for n, _ in small_selfie("paper").named_parameters()}
+
+
+def test_selfie_names_p_and_a_as_every_pretext_model_does() -> None:
+    """`backbone` (P) and `pool` (A) are the fixed names; the state dict keeps P under patch_net."""
+    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4)
+    assert model.backbone is model.patch_net
+    assert parts_of(model) == Parts("patch_net.", "pool.")
+    assert any(name.startswith("patch_net.") for name in model.state_dict())

@@ -35,7 +35,8 @@ from train.engine.signals import StopRequests, stopped
 from train.engine.step import make_step
 from train.engine.tracking import TrackerSink
 from train.evaluation.curves import plot_curves
-from train.methods.base import Pictures, Task
+from train.methods.base import Task
+from train.methods.presentation import Pictures
 
 
 @dataclass

@@ -2,7 +2,26 @@
 their registry (registry.py): the built-in methods listed in one tuple, `register` for others.
 """
 
-from train.methods.base import PretextMethod, Task
-from train.methods.registry import METHODS, default_method, method_flags, register, stage_class
+from train.methods.base import Parts, PretextMethod, Task, method_parts, parts_of
+from train.methods.registry import (
+    METHODS,
+    default_method,
+    default_parts,
+    method_flags,
+    register,
+    stage_class,
+)
 
-__all__ = ["METHODS", "PretextMethod", "Task", "default_method", "method_flags", "register", "stage_class"]
+__all__ = [
+    "METHODS",
+    "Parts",
+    "PretextMethod",
+    "Task",
+    "default_method",
+    "default_parts",
+    "method_flags",
+    "method_parts",
+    "parts_of",
+    "register",
+    "stage_class",
+]

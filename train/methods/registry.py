@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from train.config.schema import C, Plugins, PretrainConfig, base_stage, with_plugins
-from train.methods.base import PretextMethod
+from train.methods.base import Parts, PretextMethod, method_parts
 from train.methods.rotation import PatchRelNet, PatchRotNet, RotNet
 from train.methods.selfie import SelfieMethod
 
@@ -54,6 +54,12 @@ def plugins() -> Plugins:
     """What the registry adds to the config: the method names and their sections (a family's once)."""
     sections = {method.section: method.Settings for method in METHODS.values() if method.section is not None}
     return Plugins(tuple(METHODS), tuple(sections.items()))
+
+
+def default_parts(name: str) -> Parts:
+    """Where method `name`'s model keeps its backbone and pooling, under the default config: for checkpoints
+    written before they recorded it, and for questions asked before any run."""
+    return method_parts(METHODS[name], stage_class(PretrainConfig)(method=name))
 
 
 def stage_class(cls: type[C]) -> type[C]:

@@ -96,8 +96,6 @@ class SelfieMethod(PretextMethod):
     metric = "patch_acc"
     accuracy_name = "patch-selection"
     op_stage = "patch op"
-    encoder_prefix = "patch_net."
-    pool_prefix = "pool."
     section = "selfie"
     Settings = SelfieSettings
     flags = {

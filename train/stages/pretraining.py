@@ -22,7 +22,7 @@ from train.engine.tracking import TrackerSink, start_trackers
 from train.evaluation.curves import read_log
 from train.evaluation.monitors import build_monitors
 from train.evaluation.verdict import floor_of, verdict_lines
-from train.methods import METHODS, PretextMethod, method_flags, stage_class
+from train.methods import METHODS, PretextMethod, method_flags, method_parts, stage_class
 
 KIND_SUFFIX = "_pretrain"  # a checkpoint's kind is "<method>_pretrain"
 
@@ -101,7 +101,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     check_readable(source, crop=config.data.image_size)
     check_batch_fits(source, config.train.batch_size)
     run_dir = prepare_run_dir(config, config_name, accelerator)
-    state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
+    state = method_parts(METHODS[config.method], config).state()  # where fine-tuning finds the backbone
     seed = config.train.seed  # one seed for the initial weights (every rank) and the run's streams
     build = partial(build_model, config)
     training = start_training(
