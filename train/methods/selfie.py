@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.attention_pool import PoolShape
 from model.backbones import zero_init_residual
 from model.selfie import LOGIT_SCALES, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
@@ -137,10 +138,7 @@ class SelfieMethod(PretextMethod):
             stem=m.stem,
             grid=grid_size(config.data.image_size, config.selfie.patch_size),
             backbone=m.backbone,
-            attn_layers=m.attn_layers,
-            attn_intermediate=m.attn_intermediate,
-            attn_heads=m.attn_heads,
-            attn_dropout=m.attn_dropout,
+            pool=PoolShape(m.attn_layers, m.attn_intermediate, m.attn_heads, m.attn_dropout),
             position_kind=m.position_kind,
             position_on_context=m.position_on_context,
             logit_scale=config.selfie.logit_scale,
