@@ -62,9 +62,9 @@ def gpu_description() -> dict:
 def methods_224() -> dict[str, str]:
     """Each registered method and its P at 224 px: ResNet-36 for a method with an attention pooling
     (Selfie's P), ResNet-50 otherwise."""
-    from train.methods import METHODS
+    from train.methods import METHODS, default_parts
 
-    return {name: "resnet36" if method.pool_prefix else "resnet50" for name, method in METHODS.items()}
+    return {name: "resnet36" if default_parts(name).pool_prefix else "resnet50" for name in METHODS}
 
 
 def environment() -> dict:

@@ -36,7 +36,7 @@ from pipeline.demo import default_cache_dir
 from pipeline.loader_request import TrainRequest
 from pipeline.loaders import LOADERS
 from train.config import PretrainConfig, load_config
-from train.methods import METHODS, PretextMethod, default_method, method_flags
+from train.methods import METHODS, PretextMethod, default_method, method_flags, stage_class
 from train.stages import pretraining
 
 
@@ -45,7 +45,7 @@ def build_method(args: argparse.Namespace, device: torch.device) -> PretextMetho
     overrides = {"method": args.method, "data.image_size": args.size, "data.augment": args.augment}
     overrides |= {"data.workers": args.workers, "train.batch_size": args.batch}
     overrides |= {key: getattr(args, key) for key, _, _ in method_flags().values() if getattr(args, key) is not None}
-    config = load_config(PretrainConfig, "demo" if args.size <= 64 else "imagenet224", overrides)
+    config = load_config(stage_class(PretrainConfig), "demo" if args.size <= 64 else "imagenet224", overrides)
     return pretraining.validate(config)(config, device)
 
 

@@ -37,7 +37,7 @@ from train.engine.loading import train_batches
 from train.engine.session import make_accelerator
 from train.engine.setup import prepare_training
 from train.engine.step import EagerStep, make_step
-from train.methods import method_flags
+from train.methods import method_flags, stage_class
 from train.methods.base import Task
 from train.methods.supervised import SupervisedTask
 from train.methods.supervised import build_model as build_classifier
@@ -78,7 +78,7 @@ def build_config(args: argparse.Namespace, batch: int) -> StageConfig:
             overrides[key] = json.loads(value)
         except ValueError:  # a bare word: the string itself
             overrides[key] = value
-    return load_config(STAGES[args.stage], "demo" if args.image_size <= 64 else "imagenet224", overrides)
+    return load_config(stage_class(STAGES[args.stage]), "demo" if args.image_size <= 64 else "imagenet224", overrides)
 
 
 def loaders_of(mode_names: list[str]) -> set[str]:

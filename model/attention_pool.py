@@ -10,6 +10,8 @@ every query's output is what A gives it alone with that context.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,22 @@ class TransformerBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.norm1(x + self.drop(self.attn(x, mask)))
         return self.norm2(x + self.drop(self.fc2(F.gelu(self.fc1(x)))))
+
+
+@dataclass(frozen=True)
+class PoolShape:
+    """The size of an attention pooling A (paper: 3 blocks of 32 heads, feed-forward 640, dropout 0.1)."""
+
+    layers: int = 3  # Transformer blocks
+    intermediate: int = 640  # feed-forward size inside each block
+    heads: int = 32  # attention heads; must divide the pooled vectors' size
+    dropout: float = 0.1  # on attention weights and before each residual
+
+    def build(self, hidden: int) -> AttentionPooling:
+        return AttentionPooling(hidden, self.layers, self.intermediate, self.heads, self.dropout)
+
+
+PAPER_POOL = PoolShape()
 
 
 class AttentionPooling(nn.Module):

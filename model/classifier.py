@@ -17,10 +17,12 @@ MAE's linear probe does) so the head sees standardised features whatever their p
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from model.attention_pool import AttentionPooling
+from model.attention_pool import PAPER_POOL, AttentionPooling, PoolShape
 from model.backbones import build_backbone
 
 # The backbone (model/backbones.py) under each classifier.
@@ -36,6 +38,17 @@ POOLED_ARCHS = ("resnet36_attn",)  # the archs that reuse a pretrained attention
 HEADS = ("linear", "mlp")
 # The parts of ResNet-50 v2 that ResNet-36 v2 provides; its final norm has P's width, not ResNet-50's.
 RESNET50_FROM_P = ("stem.", "stages.0.", "stages.1.", "stages.2.")
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The head on the pooled features: one linear layer, or two fully connected layers."""
+
+    kind: str = "linear"  # linear | mlp (HEADS)
+    hidden: int = 512  # the mlp's hidden units
+
+
+LINEAR_HEAD = HeadShape()
 
 
 def pretrained_backbones(arch: str) -> tuple[str, ...]:
@@ -108,21 +121,17 @@ def build_classifier(
     num_classes: int,
     width: float = 1.0,
     stem: str = "small",
-    attn_layers: int = 3,
-    attn_intermediate: int = 640,
-    attn_heads: int = 32,
-    attn_dropout: float = 0.1,
+    pool: PoolShape = PAPER_POOL,
     frozen: bool = False,
-    head: str = "linear",
-    head_hidden: int = 512,
+    head: HeadShape = LINEAR_HEAD,
 ) -> Classifier:
+    """`arch` (ARCHS) with `num_classes` outputs; `pool` sizes the attention pooling of the archs that
+    have one (POOLED_ARCHS), `frozen` makes it a linear probe."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
     backbone = build_backbone(ARCH_BACKBONES[arch], width=width, stem=stem)
-    pool = None
-    if arch in POOLED_ARCHS:
-        pool = AttentionPooling(backbone.num_features, attn_layers, attn_intermediate, attn_heads, attn_dropout)
-    return Classifier(backbone, num_classes, pool, frozen=frozen, head=head, head_hidden=head_hidden)
+    attention = pool.build(backbone.num_features) if arch in POOLED_ARCHS else None
+    return Classifier(backbone, num_classes, attention, frozen=frozen, head=head.kind, head_hidden=head.hidden)
 
 
 def pretrained_parts(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention_pool import AttentionPooling
+from model.attention_pool import PAPER_POOL, PoolShape
 from model.backbones import build_backbone
 from pipeline.patches import split_context_masked
 
@@ -95,10 +95,7 @@ class Selfie(nn.Module):
         self,
         patch_net: nn.Module,
         grid: int,
-        attn_layers: int = 3,
-        attn_intermediate: int = 640,
-        attn_heads: int = 32,
-        attn_dropout: float = 0.1,
+        pool: PoolShape = PAPER_POOL,
         position_kind: str = "auto",
         position_on_context: bool = True,
         logit_scale: str = "plain",
@@ -113,12 +110,18 @@ class Selfie(nn.Module):
         self.patch_net = patch_net
         dim = patch_net.num_features
         self.position = PositionEmbedding(grid, dim, position_kind)
-        self.pool = AttentionPooling(dim, attn_layers, attn_intermediate, attn_heads, attn_dropout)
+        self.pool = pool.build(dim)
         self.position_on_context = position_on_context
         self.logit_scale_kind = logit_scale
         if logit_scale == "learned":  # log of the scale, so it stays positive; no weight decay (a scalar)
             self.log_logit_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
         self.fixed_scale = dim**-0.5 if logit_scale == "sqrt_d" else None
+
+    @property
+    def backbone(self) -> nn.Module:
+        """P, under the name every pretext model gives the network fine-tuning reuses (its state-dict names
+        stay patch_net.*, as every Selfie checkpoint holds them)."""
+        return self.patch_net
 
     def logit_scale(self) -> torch.Tensor | float | None:
         if self.logit_scale_kind == "learned":
@@ -160,5 +163,5 @@ def build_selfie(
     width: float = 1.0, stem: str = "small", grid: int = 4, backbone: str = "resnet36", **kwargs
 ) -> Selfie:
     """Selfie with P = `backbone` (paper: resnet36, ResNet-36 v2 at width 1, 1024-d patch vectors; A of 3
-    blocks, 32 heads). `kwargs` go to `Selfie` (attention sizes, position embedding kind and placement)."""
+    blocks, 32 heads). `kwargs` go to `Selfie` (A's `PoolShape`, position embeddings, logit scale, query)."""
     return Selfie(build_backbone(backbone, width, stem), grid, **kwargs)

@@ -1,15 +1,16 @@
 import pytest
 import torch
 
+from model.attention_pool import PoolShape
 from model.classifier import ARCHS, build_classifier, load_pretrained
 from model.selfie import build_selfie
 
-SMALL = {"width": 0.125, "stem": "small", "attn_layers": 1, "attn_intermediate": 32, "attn_heads": 4}
+SMALL = {"width": 0.125, "stem": "small", "pool": PoolShape(layers=1, intermediate=32, heads=4)}
 
 
 def tiny_selfie(width: float = 0.125):
     torch.manual_seed(1)
-    selfie = build_selfie(width=width, stem="small", grid=4, attn_layers=1, attn_intermediate=32, attn_heads=4)
+    selfie = build_selfie(width=width, stem="small", grid=4, pool=PoolShape(layers=1, intermediate=32, heads=4))
     with torch.no_grad():  # make every tensor distinguishable from a fresh initialisation
         for name, tensor in selfie.state_dict().items():
             if tensor.is_floating_point():

@@ -18,6 +18,7 @@ from train.config.command_line import parse_args
 from train.evaluation.clean_metric import CleanPretext, log_key
 from train.evaluation.estimates import weighted_mean_se
 from train.evaluation.monitors import whole_images
+from train.methods import stage_class
 from train.stages import pretraining as pretrain
 
 SMALL = ["--model.width=0.125", "--model.attn_heads=4", "--model.attn_intermediate=32", "--model.attn_layers=1"]
@@ -25,7 +26,7 @@ GROUPS = ["--monitor.clean_images=8", "--monitor.clean_masks=2", "--monitor.clea
 
 
 def selfie_method(extra: list[str] = ()):
-    config, _ = parse_args([*SMALL, *GROUPS, *extra], PretrainConfig, {}, "")
+    config, _ = parse_args([*SMALL, *GROUPS, *extra], stage_class(PretrainConfig), {}, "")
     return config, pretrain.validate(config)(config, torch.device("cpu"))
 
 
@@ -137,7 +138,7 @@ class ImageMeanTask:
 def test_the_error_counts_groups_of_images_not_masks_of_the_same_images() -> None:
     images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     config, _ = parse_args(["--monitor.clean_images=12", "--monitor.clean_masks=3", "--monitor.clean_chunk=4"],
-                           PretrainConfig, {}, "")  # fmt: skip
+                           stage_class(PretrainConfig), {}, "")  # fmt: skip
     clean = CleanPretext(ImageMeanTask(), nn.Linear(1, 1), images, config.monitor, 0, Accelerator(cpu=True))
     record = clean()
     groups = [(images[i : i + 4].float().mean() / 255).item() for i in (0, 4, 8)]

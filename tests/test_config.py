@@ -3,22 +3,18 @@ from pathlib import Path
 
 import pytest
 
-from train.config import (
-    CONFIG_DIR,
-    ConfigError,
-    FinetuneConfig,
-    PretrainConfig,
-    allowed_values,
-    load_config,
-    stage_class,
-    to_dict,
-)
+from train import config as schema
+from train.config import CONFIG_DIR, ConfigError, allowed_values, load_config, to_dict
 from train.config import loading as config_module
 from train.config.command_line import parse_args
 from train.engine.cli import run_cli
+from train.methods import stage_class
 from train.stages import finetuning as finetune
 from train.stages import pretraining as pretrain
 from train.stages.pretraining import stable_flags
+
+# The stage classes with the registry's methods, as the entry scripts parse them.
+PretrainConfig, FinetuneConfig = stage_class(schema.PretrainConfig), stage_class(schema.FinetuneConfig)
 
 STABLE_FLAGS = stable_flags()
 
@@ -124,7 +120,7 @@ def choice_keys(cls: type) -> list[tuple[str, tuple[str, ...]]]:
             elif spec.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(spec.default_factory):
                 walk(spec.default_factory, key + ".")
 
-    walk(stage_class(cls), "")
+    walk(cls, "")
     return found
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.attention_pool import PoolShape
 from model.selfie import build_selfie
 from train.engine.curves import plot_curves
 from train.methods.pictures import (
@@ -67,7 +68,7 @@ def test_right_choices_are_framed_white_and_wrong_ones_red_with_the_chosen_conte
 
 
 def test_patch_picture_runs_the_model_and_restores_its_mode(tmp_path: Path) -> None:
-    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=32, attn_heads=4)
+    model = build_selfie(width=0.125, grid=4, pool=PoolShape(layers=1, intermediate=32, heads=4))
     model.train()
     images, perm, num_context = fixed_inputs()
     picture = patch_picture(model, images, perm, num_context, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

@@ -14,6 +14,8 @@ from model.classifier import ARCHS, pretrained_backbones
 from pipeline.beton_writer import ConvertOptions, convert
 from pipeline.loaders import LOADERS
 from tests.conftest import ROOT, TINY, finetune, free_port, kill_when_exists, pretrain, run_concurrently, run_script
+from train.config import ConfigError
+from train.evaluation.pretrained import read_pretrained
 from train.experiments.comparison import format_table
 from train.stages.finetuning import format_accuracy, summarize
 
@@ -132,6 +134,24 @@ def test_every_arch_fine_tunes_from_pretraining_and_from_scratch(
         assert result.returncode == 0, result.stderr[-3000:]
     hashes = [results_of(run)["seeds"][0]["labeled_subset_sha1"] for run in runs]
     assert hashes[0] == hashes[1]  # the same labelled images for the baseline and the pretrained run
+
+
+def test_a_checkpoint_that_does_not_record_its_parts_finds_them_on_the_methods_model(
+    tmp_path: Path, pretrained_run: Path
+) -> None:
+    """Checkpoints written before they recorded where the backbone and the pooling are (encoder_prefix,
+    pool_prefix): the method's model says it, by its `backbone` and `pool` attributes."""
+    newest = sorted((pretrained_run / "checkpoints").glob("*.pt"))[-1]
+    state = torch.load(newest, weights_only=True)
+    assert (state["encoder_prefix"], state["pool_prefix"]) == ("patch_net.", "pool.")  # as Selfie always wrote
+    del state["encoder_prefix"], state["pool_prefix"]
+    torch.save(state, tmp_path / "old.pt")
+    old = read_pretrained(tmp_path / "old.pt")
+    assert (old.encoder_prefix, old.pool_prefix) == ("patch_net.", "pool.")
+    state["kind"] = "unheard_of_pretrain"
+    torch.save(state, tmp_path / "unknown.pt")
+    with pytest.raises(ConfigError, match="method 'unheard_of', which is not registered here"):
+        read_pretrained(tmp_path / "unknown.pt")
 
 
 @pytest.mark.slow

@@ -120,12 +120,12 @@ def test_the_run_time_check_covers_the_dtype_the_step_writes(monkeypatch, precis
     """On a GPU the fused op is checked against the reference before a run uses it, in the dtype (bf16 has
     its own rounding path in the kernel) and layout the step will ask for."""
     from train.config import PretrainConfig, load_config
-    from train.methods import selfie
+    from train.methods import selfie, stage_class
 
     checked = []
     monkeypatch.setattr(selfie, "agrees_with_reference", lambda op, device, *args, **kwargs: checked.append(kwargs))
     overrides = {"train.precision": precision, "train.channels_last": True, "selfie.patch_op": "triton"}
-    config = load_config(PretrainConfig, "demo", overrides)
+    config = load_config(stage_class(PretrainConfig), "demo", overrides)
     with pytest.raises(selfie.ConfigError, match="differs from the reference"):  # the stand-in answered None
         selfie.choose_patch_op(config, torch.device("cuda"), 12)
     assert checked and checked[0]["dtype"] == dtype and checked[0]["channels_last"] is True

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from model.attention_pool import PoolShape
 from model.selfie import build_selfie
 from pipeline.patches import patchify_and_mask, sample_context_permutation
 from train.methods import METHODS
@@ -15,7 +16,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_bf16_channels_last_step_on_gpu_matches_fp32_loss_closely() -> None:
     torch.manual_seed(0)
-    model = build_selfie(width=0.25, grid=4, attn_heads=8, attn_intermediate=160, attn_dropout=0.0).cuda().eval()
+    model = build_selfie(width=0.25, grid=4, pool=PoolShape(heads=8, intermediate=160, dropout=0.0)).cuda().eval()
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, device="cuda")
     perm = sample_context_permutation(16, 16, torch.Generator("cuda").manual_seed(0))
     fp32 = model(patchify_and_mask(images, perm, 8, 12), perm[:, :12], perm[:, 12:])
@@ -40,7 +41,7 @@ def test_classifier_bf16_channels_last_matches_fp32_on_gpu(arch: str) -> None:
     from model.classifier import build_classifier
 
     torch.manual_seed(0)
-    model = build_classifier(arch, 10, width=0.25, attn_heads=8, attn_intermediate=160, attn_dropout=0.0)
+    model = build_classifier(arch, 10, width=0.25, pool=PoolShape(heads=8, intermediate=160, dropout=0.0))
     torch.nn.init.normal_(model.head.weight, std=0.01)
     model = model.cuda().eval()
     images = torch.randn(8, 3, 32, 32, device="cuda")
@@ -194,10 +195,11 @@ def test_device_prefetch_copies_one_batch_ahead_on_a_side_stream() -> None:
 
 def test_the_triton_op_passes_its_run_time_check_in_bf16_channels_last() -> None:
     from train.config import PretrainConfig, load_config
+    from train.methods import stage_class
     from train.methods.selfie import choose_patch_op
 
     overrides = {"train.precision": "bf16", "train.channels_last": True, "selfie.patch_op": "triton"}
-    config = load_config(PretrainConfig, "demo", overrides)
+    config = load_config(stage_class(PretrainConfig), "demo", overrides)
     assert choose_patch_op(config, torch.device("cuda"), 12)[0] == "triton"
 
 

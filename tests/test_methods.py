@@ -1,6 +1,7 @@
-"""A pretext method is one class and one `register` call: this module defines a toy method, nothing else
-of the project knows it, and it trains through train/pretrain.py with every loader, resumes bit for bit,
-and initialises fine-tuning through train/finetune.py."""
+"""A pretext method is one class and one `register` call: this module defines a toy method with the
+required core alone (no presentation, no config section), nothing else of the project knows it, and it
+trains through train/pretrain.py with every loader, resumes bit for bit, and initialises fine-tuning
+through train/finetune.py; a second toy has its own config section and flag."""
 
 from __future__ import annotations
 
@@ -16,20 +17,45 @@ from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
 from tests.conftest import SMALL_MONITORS, TINY, demo_data_for
 from train.config import PretrainConfig, load_config
-from train.methods import METHODS, PretextMethod, register
+from train.methods import METHODS, PretextMethod, register, stage_class
 from train.stages import finetuning as finetune
 from train.stages import pretraining as pretrain
 
 pytestmark = pytest.mark.slow
 
 
+WAYS = 3  # the core toy's rolls per image
+
+
+def roll_views(images: torch.Tensor, ways: int, config: PretrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image rolled horizontally by 0, 1/ways, 2/ways ... of its width, and which roll each view is."""
+    size = images.shape[-1]
+    x = normalize(images, config.data.mean, config.data.std)
+    views = torch.cat([torch.roll(x, k * size // ways, dims=-1) for k in range(ways)])
+    return views, torch.arange(ways, device=x.device).repeat_interleave(len(x))
+
+
 class RollMethod(PretextMethod):
-    """Which of `ways` horizontal rolls (by k / ways of the width) was applied to the image."""
+    """The required core alone: which of three horizontal rolls was applied to the image."""
 
     name = "toy_roll"
-    label = "Toy roll"
     metric = "roll_acc"
-    op_stage = "roll op"
+    chance = 1 / WAYS
+
+    @classmethod
+    def build_model(cls, config: PretrainConfig) -> torch.nn.Module:
+        m = config.model
+        return build_view_classifier(WAYS, False, m.backbone, m.width, m.stem)
+
+    def inputs(self, batch, generator) -> tuple[torch.Tensor, ...]:
+        return roll_views(batch.images, WAYS, self.config)
+
+
+class ConfiguredRoll(PretextMethod):
+    """The toy with its own config section and stable flag: --ways, the rolls to tell apart."""
+
+    name = "toy_roll_ways"
+    metric = "roll_acc"
     section = "toy_roll"
     flags = {"--ways": ("toy_roll.ways", int, "toy: number of rolls to tell apart")}
 
@@ -47,15 +73,13 @@ class RollMethod(PretextMethod):
         return build_view_classifier(config.toy_roll.ways, False, m.backbone, m.width, m.stem)
 
     def inputs(self, batch, generator) -> tuple[torch.Tensor, ...]:
-        ways, size = self.config.toy_roll.ways, batch.images.shape[-1]
-        x = normalize(batch.images, self.config.data.mean, self.config.data.std)
-        views = torch.cat([torch.roll(x, k * size // ways, dims=-1) for k in range(ways)])
-        return views, torch.arange(ways, device=x.device).repeat_interleave(len(x))
+        return roll_views(batch.images, self.config.toy_roll.ways, self.config)
 
 
 register(RollMethod)
+register(ConfiguredRoll)
 
-TOY = [*TINY, *SMALL_MONITORS, "--method", "toy_roll", "--model.backbone=resnet8", "--ways", "3"]
+TOY = [*TINY, *SMALL_MONITORS, "--method", "toy_roll", "--model.backbone=resnet8"]
 
 
 @pytest.fixture(autouse=True)
@@ -69,10 +93,24 @@ def log_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def test_the_registry_gives_the_toy_its_choice_section_and_flag() -> None:
-    config = load_config(PretrainConfig, "demo", {"method": "toy_roll", "toy_roll.ways": 5})
-    assert "toy_roll" in METHODS and config.toy_roll.ways == 5
+def test_the_core_alone_gets_the_presentation_defaults() -> None:
+    config = load_config(stage_class(PretrainConfig), "demo", {"method": "toy_roll"})
+    method = RollMethod(config, torch.device("cpu"))
+    assert RollMethod.table_label(config) == "toy_roll" and method.describe() == "chance 33.3%"
+    assert method.accuracy_name == "pretext" and method.op_stage == "input op"
+    assert method.pictures(None, torch.device("cpu")) is None
+
+
+def test_the_registry_gives_a_method_its_choice_section_and_flag(tmp_path: Path, demo_root: Path) -> None:
+    config = load_config(stage_class(PretrainConfig), "demo", {"method": "toy_roll_ways", "toy_roll.ways": 5})
+    assert "toy_roll_ways" in METHODS and config.toy_roll.ways == 5
     assert pretrain.stable_flags()["--ways"] == ("toy_roll.ways", int, "toy: number of rolls to tell apart")
+    run = tmp_path / "run"
+    argv = [*TOY, "--method", "toy_roll_ways", "--ways", "5", "--data", str(demo_root), "--out", str(run)]
+    pretrain.main([*argv, "--steps", "1"])
+    assert [r["chance_acc"] for r in log_of(run) if "loss" in r] == [pytest.approx(1 / 5, abs=1e-5)]
+    state = torch.load(run / "checkpoints" / "step_00000001.pt", weights_only=True)
+    assert state["config"]["toy_roll"] == {"ways": 5} and state["encoder_prefix"] == "backbone."
 
 
 @pytest.mark.parametrize("loader", sorted(LOADERS))
@@ -84,7 +122,7 @@ def test_the_toy_trains_three_steps_with_every_loader(tmp_path: Path, demo_root:
     assert [r["step"] for r in records] == [1, 2, 3] and result["step"] == 3
     assert all(r["chance_acc"] == pytest.approx(1 / 3, abs=1e-5) and 0 <= r["roll_acc"] <= 1 for r in records)
     state = torch.load(run / "checkpoints" / "step_00000003.pt", weights_only=True)
-    assert state["kind"] == "toy_roll_pretrain" and state["config"]["toy_roll"] == {"ways": 3}
+    assert state["kind"] == "toy_roll_pretrain" and state["pool_prefix"] is None
     assert not (run / "pictures").exists()  # the toy draws no pictures, and the loop asks for none
     assert (run / "curves.png").stat().st_size > 0
 

@@ -14,6 +14,7 @@ from pipeline.data import open_source
 from train.config import PretrainConfig
 from train.config.command_line import parse_args
 from train.evaluation.monitors import build_monitors
+from train.methods import stage_class
 from train.stages import pretraining as pretrain
 
 SMALL = ["--model.width=0.125", "--model.attn_heads=4", "--model.attn_intermediate=32", "--model.attn_layers=1"]
@@ -36,7 +37,7 @@ def test_the_clean_metric_cannot_see_the_augmentation(demo_root: Path) -> None:
     values = []
     for augment in ("pad_crop_flip", "none"):
         args = [*SMALL, *SMALL_CLEAN, f"--data.path={demo_root}", f"--data.augment={augment}", "--monitor.knn=false"]
-        config, _ = parse_args(args, PretrainConfig, {}, "")
+        config, _ = parse_args(args, stage_class(PretrainConfig), {}, "")
         method = pretrain.validate(config)(config, torch.device("cpu"))
         torch.manual_seed(0)
         net = pretrain.build_model(config)

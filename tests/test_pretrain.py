@@ -147,10 +147,11 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
     # Training moved the weights away from their shared initialisation.
     torch.manual_seed(0)
     from train.config import PretrainConfig, load_config
+    from train.methods import stage_class
     from train.stages.pretraining import build_model
 
     config = load_config(
-        PretrainConfig,
+        stage_class(PretrainConfig),
         "demo",
         {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1},
     )

@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.attention_pool import PoolShape
 from model.selfie import PositionEmbedding, build_selfie, patch_selection_loss
 from pipeline.patches import patchify_and_mask, sample_context_permutation
+from train.methods import Parts, parts_of
 
 
 def naive_loss(u, pos_masked, h_masked):
@@ -33,7 +35,7 @@ def test_batched_loss_equals_naive_reference(batch: int, masked: int, dim: int) 
 
 def test_model_loss_matches_naive_pipeline() -> None:
     torch.manual_seed(0)
-    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4).eval()
+    model = build_selfie(width=0.125, grid=4, pool=PoolShape(layers=1, intermediate=16, heads=4)).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     perm = sample_context_permutation(3, 16, torch.Generator().manual_seed(1))
     patches = patchify_and_mask(images, perm, 8, 12)
@@ -62,9 +64,9 @@ def test_position_embedding_counts() -> None:
 
 def test_position_on_context_switch_changes_the_encoder_input() -> None:
     torch.manual_seed(0)
-    on = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4).eval()
+    on = build_selfie(width=0.125, grid=4, pool=PoolShape(layers=1, intermediate=16, heads=4)).eval()
     off = build_selfie(
-        width=0.125, grid=4, attn_layers=1, attn_intermediate=16, attn_heads=4, position_on_context=False
+        width=0.125, grid=4, pool=PoolShape(layers=1, intermediate=16, heads=4), position_on_context=False
     ).eval()
     off.load_state_dict(on.state_dict())
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -79,7 +81,7 @@ def test_position_on_context_switch_changes_the_encoder_input() -> None:
 @pytest.mark.parametrize("stem,size,patch", [("small", 32, 8), ("imagenet", 224, 32)])
 def test_shapes_for_both_paper_grids(stem: str, size: int, patch: int) -> None:
     grid = size // patch
-    model = build_selfie(width=0.125, stem=stem, grid=grid, attn_layers=1, attn_intermediate=16, attn_heads=4)
+    model = build_selfie(width=0.125, stem=stem, grid=grid, pool=PoolShape(layers=1, intermediate=16, heads=4))
     perm = sample_context_permutation(2, grid * grid)
     num_context = round(0.75 * grid * grid)
     images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
@@ -90,7 +92,7 @@ def test_shapes_for_both_paper_grids(stem: str, size: int, patch: int) -> None:
 
 def test_overfits_a_tiny_batch() -> None:
     torch.manual_seed(0)
-    model = build_selfie(width=0.125, grid=4, attn_layers=1, attn_intermediate=32, attn_heads=4, attn_dropout=0.0)
+    model = build_selfie(width=0.125, grid=4, pool=PoolShape(layers=1, intermediate=32, heads=4, dropout=0.0))
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     perm = sample_context_permutation(4, 16, torch.Generator().manual_seed(0))
     patches = patchify_and_mask(images, perm, 8, 12)
@@ -108,7 +110,7 @@ def test_overfits_a_tiny_batch() -> None:
 
 def small_selfie(query: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_selfie(width=0.125, grid=4, attn_layers=2, attn_intermediate=16, attn_heads=4, query=query).eval()
+    return build_selfie(width=0.125, grid=4, pool=PoolShape(layers=2, intermediate=16, heads=4), query=query).eval()
 
 
 def masked_batch(batch: int = 3, context: int = 12):
@@ -120,7 +122,7 @@ def masked_batch(batch: int = 3, context: int = 12):
 def test_the_default_query_is_the_papers_formula() -> None:
     """Switched off (the default), the query is v_j = u + pos_j exactly, and the loss is the paper's."""
     model = small_selfie("paper")
-    assert build_selfie(width=0.125, grid=4, attn_heads=4).query_kind == "paper"
+    assert build_selfie(width=0.125, grid=4, pool=PoolShape(heads=4)).query_kind == "paper"
     patches, context_pos, masked_pos = masked_batch()
     with torch.no_grad():
         features = model.forward_features(patches)
@@ -152,3 +154,11 @@ def test_the_attending_query_shapes_and_each_slot_reads_only_the_context() -> No
         for j in range(6):
             torch.testing.assert_close(model.pool.query(context, seeds[:, j : j + 1])[:, 0], queries[:, j])
     assert {name for name, _ in model.named_parameters()} == {n for n, _ in small_selfie("paper").named_parameters()}
+
+
+def test_selfie_names_p_and_a_as_every_pretext_model_does() -> None:
+    """`backbone` (P) and `pool` (A) are the fixed names; the state dict keeps P under patch_net."""
+    model = build_selfie(width=0.125, grid=4, pool=PoolShape(layers=1, intermediate=16, heads=4))
+    assert model.backbone is model.patch_net
+    assert parts_of(model) == Parts("patch_net.", "pool.")
+    assert any(name.startswith("patch_net.") for name in model.state_dict())

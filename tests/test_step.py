@@ -11,7 +11,7 @@ from pipeline.data import Batch
 from train.config import OptimConfig, PretrainConfig, load_config
 from train.engine.optim import build_optimizer, build_schedule, implementation_flags
 from train.engine.step import EagerStep, GraphedStep, StepParts, TrainingSnapshot, make_step
-from train.methods import METHODS
+from train.methods import METHODS, stage_class
 from train.stages.pretraining import build_model
 
 TINY = {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1}
@@ -59,7 +59,7 @@ def test_every_cpu_implementation_takes_the_same_step() -> None:
 
 def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str = "no", **overrides):
     """A tiny model of `method` with its step on `device`, from fixed weights (`overrides`: config keys)."""
-    config = load_config(PretrainConfig, "demo", {**TINY, "method": method, "model.attn_dropout": 0.0,
+    config = load_config(stage_class(PretrainConfig), "demo", {**TINY, "method": method, "model.attn_dropout": 0.0,
                                                    "model.backbone": "resnet36" if method == "selfie" else "resnet8",
                                                    "train.precision": precision, **overrides})  # fmt: skip
     torch.manual_seed(0)

@@ -30,9 +30,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("keep_threads")]
 def supervised_parts(accumulate: int):
     from train.config import FinetuneConfig
     from train.config.command_line import parse_args
+    from train.methods import stage_class
     from train.stages.finetuning import STABLE_FLAGS
 
-    config, _ = parse_args(["--arch", "resnet8", "--model.width=0.25"], FinetuneConfig, STABLE_FLAGS, "")
+    config, _ = parse_args(["--arch", "resnet8", "--model.width=0.25"], stage_class(FinetuneConfig), STABLE_FLAGS, "")
     torch.manual_seed(0)
     model = build_model(config, 10).eval()  # batch norm on running statistics: each image's loss on its own
     optimizer = build_optimizer(model, config.optim)

@@ -8,7 +8,7 @@ Precedence: dataclass defaults < the YAML's shared sections < its block for this
 (--lr ...) and --section.key=value overrides. A key that no dataclass declares is an error that names it,
 in either stage's block. Every value is checked when the config is parsed, before anything is written.
 
-    schema.py        the sections (dataclasses), their allowed values, the plug-in sections
+    schema.py        the sections (dataclasses), their allowed values, how the methods' sections join them
     loading.py       YAML + overrides -> a checked config; the default config
     command_line.py  --config, the stable flags and --section.key=value -> a config
     yaml_strict.py   the YAML reader (no duplicate keys, no aliases)
@@ -38,15 +38,16 @@ from train.config.schema import (
     ModelConfig,
     MonitorConfig,
     OptimConfig,
+    Plugins,
     PretrainConfig,
     RunConfig,
     StageConfig,
-    add_section,
     allowed_values,
+    base_stage,
     checked,
     choice,
     compute_dtype,
-    stage_class,
+    with_plugins,
 )
 
 __all__ = [
@@ -63,11 +64,12 @@ __all__ = [
     "ModelConfig",
     "MonitorConfig",
     "OptimConfig",
+    "Plugins",
     "PretrainConfig",
     "RunConfig",
     "StageConfig",
-    "add_section",
     "allowed_values",
+    "base_stage",
     "check_values",
     "checked",
     "choice",
@@ -78,6 +80,6 @@ __all__ = [
     "nest",
     "read_yaml",
     "resolve_config_path",
-    "stage_class",
+    "with_plugins",
     "to_dict",
 ]

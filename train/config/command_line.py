@@ -27,7 +27,6 @@ from train.config import (
     default_config_name,
     load_config,
     read_yaml,
-    stage_class,
     to_dict,
     yaml_strict,
 )
@@ -116,7 +115,7 @@ def help_epilog(cls: type, argv: Sequence[str]) -> str:
         values, source = flat_values(to_dict(load_config(cls, name))), f"in --config {name}"
     except ConfigError as error:
         values, source = {}, f"built in (--config {name} does not load: {error})"
-    keys = "\n".join(key_lines(stage_class(cls), values))
+    keys = "\n".join(key_lines(cls, values))
     return (
         f"Every config key, as --section.key=value, with its value {source} (what a flag left out takes; "
         f"meanings in train/config/schema.py):\n{keys}"
@@ -195,7 +194,8 @@ def parse_args(
     A resume (--resume --out RUN) starts from RUN's config, not from --config: values not given on the
     command line are the run's own.
 
-    `flags` maps a flag ("--lr") to (config key, argparse type or "store_true", help).
+    `cls` is a stage's class with the registry's plug-ins (train.methods.stage_class); `flags` maps a flag
+    ("--lr") to (config key, argparse type or "store_true", help).
     Returns the config and the config name it started from.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -205,7 +205,7 @@ def parse_args(
         key: value for key, value in vars(args).items() if key not in ("config", "print_config") and value is not None
     }
     by_key = {key: flag for flag, (key, _, _) in flags.items() if key in given}
-    overrides = {**given, **_dotted_overrides(rest, stage_class(cls), parser)}
+    overrides = {**given, **_dotted_overrides(rest, cls, parser)}
     saved = saved_config(overrides)
     name = args.config or default_config_name()
     if saved is None:

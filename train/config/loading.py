@@ -15,7 +15,16 @@ import yaml
 
 from pipeline.idx import split_file
 from train.config import yaml_strict
-from train.config.schema import BASE_STAGES, CONFIG_DIR, C, ConfigError, StageConfig, allowed_values, stage_class
+from train.config.schema import (
+    BASE_STAGES,
+    CONFIG_DIR,
+    C,
+    ConfigError,
+    Plugins,
+    StageConfig,
+    allowed_values,
+    with_plugins,
+)
 
 # The demo when no --config is given: Selfie on Fashion-MNIST where Debian's dataset-fashion-mnist (which
 # scripts/setup.sh installs) put its files, since there the pretext is learned within the demo's budget;
@@ -161,9 +170,19 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _stage_configs(loaded: dict[str, Any]) -> dict[str, StageConfig]:
+def plugins_of(cls: type[StageConfig]) -> Plugins:
+    """What the registry gave `cls`; a bare stage class lacks the methods' sections every config holds."""
+    if cls.PLUGINS is None:
+        raise TypeError(
+            f"{cls.__name__} is the bare schema class: pass train.methods.stage_class({cls.__name__}), "
+            "which adds the pretext methods' choices and sections"
+        )
+    return cls.PLUGINS
+
+
+def _stage_configs(loaded: dict[str, Any], plugins: Plugins) -> dict[str, StageConfig]:
     """Every stage's config from one YAML: its shared sections, then the stage's block, values checked."""
-    classes = {cls.STAGE: stage_class(cls) for cls in BASE_STAGES}
+    classes = {cls.STAGE: with_plugins(cls, plugins) for cls in BASE_STAGES}
     shared = {key: value for key, value in loaded.items() if key not in classes}
     declared = {f.name for stage_cls in classes.values() for f in dataclasses.fields(stage_cls)}
     for key in shared:
@@ -197,11 +216,13 @@ def load_config(
 ) -> C:
     """Defaults of `cls`, then the YAML file (shared sections, then this stage's block), then `overrides`
     ({"optim.lr": 0.2, ...}). Both stages' blocks are checked, so a typo anywhere in the file is an error;
-    `flags` (key -> flag) lets an error name the flag a bad value came from."""
+    `flags` (key -> flag) lets an error name the flag a bad value came from. `cls` is a stage's class
+    with the registry's plug-ins (train.methods.stage_class)."""
+    plugins = plugins_of(cls)
     path = resolve_config_path(name_or_path)
     loaded = read_yaml(path)  # its errors name the file already
     try:
-        config = _stage_configs(loaded)[cls.STAGE]
+        config = _stage_configs(loaded, plugins)[cls.STAGE]
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
     for dotted, value in (overrides or {}).items():
@@ -214,7 +235,8 @@ def config_from(
     cls: type[C], saved: dict[str, Any], overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None
 ) -> C:
     """A run's saved config (its config.yaml) with `overrides` on top, checked like `load_config`'s."""
-    config = stage_class(cls)()
+    plugins_of(cls)
+    config = cls()
     try:
         _apply(config, saved)
     except ConfigError as error:

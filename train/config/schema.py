@@ -1,15 +1,15 @@
 """The config schema: one typed dataclass per section, every field with a default and a comment; a key with
 a fixed set of values (`choice`) or a range (`checked`) declares it where it is defined.
 
-Plug-ins add sections: a pretext method registers its own (train/methods/), and `stage_class` gives a
-stage's config class with every registered section in it.
+The pretext methods add to it without this package knowing them: the layer above (the registry,
+train/methods/registry.py) hands a `Plugins` down, and `with_plugins` makes a stage's class with the
+`--method` choices and every method's own section in it. Nothing here imports a method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,8 +37,6 @@ OPTIMIZERS = ("sgd", "lars", "adamw")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # train.log_with (train/engine/tracking.py)
 # the optimizer's implementation: auto = fused on CUDA, torch's own choice elsewhere
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
-# The package whose import registers the built-in pretext methods and their config sections.
-PLUGIN_PACKAGE = "train.methods"
 
 
 class ConfigError(ValueError):
@@ -240,30 +238,44 @@ class FinetuneSection:
     holdout: float = checked(0.0, lambda f: 0 <= f < 1, "a fraction in [0, 1), e.g. 0.1 (0 = test on the test split)")
 
 
+@dataclass(frozen=True)
+class Plugins:
+    """What the layer above the config adds to it, handed down instead of imported: the pretext methods'
+    names (the default first) and their config sections, each once."""
+
+    methods: tuple[str, ...] = ()
+    sections: tuple[tuple[str, type], ...] = ()  # (section name, its dataclass; every field with a default)
+
+
 @dataclass
 class StageConfig:
     """What both stages share: the data, the optimizer, the run, the network."""
 
     STAGE: ClassVar[str] = ""  # the YAML block of this stage
+    # what `with_plugins` gave this class; None on the bare classes below, which no config is loaded into
+    PLUGINS: ClassVar[Plugins | None] = None
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)  # fine-tuning: must match the pretraining run's
 
-
-def method_names() -> list[str]:
-    return list(importlib.import_module(PLUGIN_PACKAGE).METHODS)
-
-
-def default_method() -> str:
-    return importlib.import_module(PLUGIN_PACKAGE).default_method()
+    @classmethod
+    def plugin_fields(cls, plugins: Plugins) -> list[tuple[str, type, Any]]:
+        """The fields `plugins` adds to this stage, as `dataclasses.make_dataclass` takes them."""
+        return []
 
 
 @dataclass
 class PretrainConfig(StageConfig):
     STAGE: ClassVar[str] = "pretraining"
-    method: str = choice(method_names, default_factory=default_method)  # pretext task (train/methods/)
+    method: str = ""  # pretext task (train/methods/); its choices and default come from the registry
     monitor: MonitorConfig = field(default_factory=MonitorConfig)  # what a run measures besides its loss
+
+    @classmethod
+    def plugin_fields(cls, plugins: Plugins) -> list[tuple[str, type, Any]]:
+        default = plugins.methods[0] if plugins.methods else ""
+        sections = [(name, settings, field(default_factory=settings)) for name, settings in plugins.sections]
+        return [("method", str, choice(plugins.methods, default)), *sections]
 
 
 @dataclass
@@ -273,30 +285,17 @@ class FinetuneConfig(StageConfig):
 
 
 BASE_STAGES: tuple[type[StageConfig], ...] = (PretrainConfig, FinetuneConfig)
-# stage -> {section name: its dataclass}, filled by the plug-ins that `add_section`
-PLUGIN_SECTIONS: dict[str, dict[str, type]] = {cls.STAGE: {} for cls in BASE_STAGES}
 C = TypeVar("C", bound=StageConfig)
 
 
-def add_section(stage: type[StageConfig], name: str, settings: type) -> None:
-    """Give `stage` the config section `name` (a dataclass; every field with a default)."""
-    sections = PLUGIN_SECTIONS[stage.STAGE]
-    if name in {f.name for f in dataclasses.fields(stage)}:
-        raise ValueError(f"config section {name!r} is already a key of the {stage.STAGE} config")
-    if sections.get(name, settings) is not settings:
-        raise ValueError(f"config section {name!r} is already registered as {sections[name].__name__}")
-    sections[name] = settings
-
-
-def stage_class(cls: type[C]) -> type[C]:
-    """`cls` with every registered plug-in section as a field (the built-in methods are imported first)."""
-    importlib.import_module(PLUGIN_PACKAGE)
-    return _with_sections(cls, tuple(PLUGIN_SECTIONS[cls.STAGE].items()))
+def base_stage(cls: type[StageConfig]) -> type[StageConfig]:
+    """The bare stage class under `cls` (itself, or the one `with_plugins` derived it from)."""
+    return next(base for base in cls.__mro__ if base in BASE_STAGES)
 
 
 @functools.cache
-def _with_sections(cls: type[C], sections: tuple[tuple[str, type], ...]) -> type[C]:
-    if not sections:
-        return cls
-    fields = [(name, settings, field(default_factory=settings)) for name, settings in sections]
-    return dataclasses.make_dataclass(cls.__name__, fields, bases=(cls,))
+def with_plugins(cls: type[C], plugins: Plugins) -> type[C]:
+    """The config class of `cls`'s stage with what `plugins` adds (one class per registry state)."""
+    base = base_stage(cls)
+    fields = base.plugin_fields(plugins)
+    return dataclasses.make_dataclass(base.__name__, fields, bases=(base,), namespace={"PLUGINS": plugins})

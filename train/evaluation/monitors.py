@@ -14,6 +14,7 @@ their own seeded generators and leave the model's weights and statistics as they
 from __future__ import annotations
 
 from functools import partial
+from operator import attrgetter
 
 import torch
 from accelerate import Accelerator
@@ -118,15 +119,10 @@ def build_monitors(config, method, net: nn.Module, train_source: Source, acceler
     knn = None
     if settings.knn and len(train_source.classes) > 1:  # unlabelled data: nothing to classify
         prepare = partial(model_input, config=config)
-        backbone_of = partial(submodule, prefix=method.encoder_prefix)
+        backbone_of = attrgetter("backbone")  # every pretext model's reused network (train/methods/base.py)
         train = images_at(
             train_source, size, stratified_indices(train_source.labels, settings.knn_train_images), device
         )
         test = images_at(held_out, size, stratified_indices(held_out.labels, settings.knn_test_images), device)
         knn = KnnMonitor(backbone_of, prepare, train, test, settings, accelerator)
     return Monitors(clean, knn, net, settings.every)
-
-
-def submodule(net: nn.Module, prefix: str) -> nn.Module:
-    """The part of `net` whose state-dict names start with `prefix` ("patch_net.", "backbone.")."""
-    return net.get_submodule(prefix.rstrip("."))

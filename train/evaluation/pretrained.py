@@ -11,7 +11,7 @@ import torch
 from model.classifier import POOLED_ARCHS, load_pretrained
 from train.config import ConfigError, FinetuneConfig, ModelConfig
 from train.engine.checkpoint import Checkpoints, load_checkpoint
-from train.methods import METHODS
+from train.methods import METHODS, default_parts
 from train.methods.supervised import build_model
 
 KIND_SUFFIX = "_pretrain"  # train/pretrain.py's checkpoints are kind "<method>_pretrain"
@@ -57,14 +57,15 @@ def read_pretrained(path: Path) -> Pretrained:
             f"(train/pretrain.py's, kind METHOD{KIND_SUFFIX})"
         )
     method = kind.removesuffix(KIND_SUFFIX)
-    # Checkpoints from before a key existed hold the default backbone, and their method's prefixes.
+    # Checkpoints from before a key existed hold the default backbone.
     backbone = state["config"]["model"].get("backbone", ModelConfig().backbone)
-    known = METHODS.get(method)
-    if "encoder_prefix" not in state and known is None:
+    recorded = {key: state[key] for key in ("encoder_prefix", "pool_prefix") if key in state}
+    if len(recorded) < 2 and method in METHODS:  # written before checkpoints recorded them: the method's own
+        recorded = default_parts(method).state() | recorded
+    if "encoder_prefix" not in recorded:
         raise ConfigError(f"--init {path}: pretrained by method {method!r}, which is not registered here")
-    prefix = state.get("encoder_prefix", known.encoder_prefix if known else None)
-    pool_prefix = state["pool_prefix"] if "pool_prefix" in state else (known.pool_prefix if known else None)
     saved = state["config"]["model"]
+    prefix, pool_prefix = recorded["encoder_prefix"], recorded.get("pool_prefix")
     return Pretrained(path, state["model"], int(state["step"]), method, backbone, prefix, pool_prefix, saved)
 
 

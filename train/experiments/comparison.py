@@ -25,6 +25,7 @@ from train.experiments.grid import (
     seeds_note,
     write_table,
 )
+from train.methods import stage_class
 from train.stages import finetuning
 
 matplotlib.use("Agg")
@@ -170,7 +171,7 @@ def check_before_running(args: argparse.Namespace, passthrough: list[str], colum
     for init in ("none", args.init):
         for extra in ([], selection) if selection else ([],):
             flags = [*passthrough, *extra, "--init", init, column_flag, str(values[0])]
-            config, _ = parse_args(flags, FinetuneConfig, finetuning.STABLE_FLAGS, "")
+            config, _ = parse_args(flags, stage_class(FinetuneConfig), finetuning.STABLE_FLAGS, "")
             finetuning.validate(config)
             load_init(config)
 

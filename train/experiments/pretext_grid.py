@@ -26,7 +26,7 @@ from train.experiments.grid import (
     seeds_note,
     write_table,
 )
-from train.methods import METHODS
+from train.methods import METHODS, method_parts, stage_class
 from train.stages import finetuning, pretraining
 
 COLUMNS = ("linear", "tuned")
@@ -134,7 +134,7 @@ def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
             f"model.backbone={method.model.backbone} (pretraining) cannot initialise finetune.arch={arch}; "
             f"expected {' or '.join(pretrained_backbones(arch))}"
         )
-    if arch in POOLED_ARCHS and METHODS[method.method].pool_prefix is None:
+    if arch in POOLED_ARCHS and method_parts(METHODS[method.method], method).pool_prefix is None:
         raise ConfigError(f"finetune.arch={arch} reuses a pretrained attention pooling; {method.method} has none")
     for key in BACKBONE_KEYS + (POOL_KEYS if arch in POOLED_ARCHS else ()):
         mine, theirs = getattr(method.model, key), getattr(tuning.model, key)
@@ -154,11 +154,13 @@ def check_before_running(methods: list[str], pretrain_args: list[str], column_ar
     pretraining configs."""
     configs = []
     for method in methods:
-        config, _ = parse_args([*pretrain_args, "--method", method], PretrainConfig, pretraining.stable_flags(), "")
+        config, _ = parse_args(
+            [*pretrain_args, "--method", method], stage_class(PretrainConfig), pretraining.stable_flags(), ""
+        )
         pretraining.validate(config)
         configs.append(config)
     for column in COLUMNS:
-        tuning, _ = parse_args(column_args[column], FinetuneConfig, finetuning.STABLE_FLAGS, "")
+        tuning, _ = parse_args(column_args[column], stage_class(FinetuneConfig), finetuning.STABLE_FLAGS, "")
         finetuning.validate(tuning)
         for config in configs:
             check_fit(config, tuning)

@@ -1,15 +1,27 @@
-"""The pretext methods, one module each, and their registry (train/methods/base.py).
-
-Importing this package registers the built-in methods, in the order every list shows them (the default
-first); a new method is one module with one `register(...)` call, imported here (or by whoever uses it,
-before parsing a config).
+"""The pretext methods, one module each (selfie.py, rotation.py), the contract they follow (base.py), and
+their registry (registry.py): the built-in methods listed in one tuple, `register` for others.
 """
 
-# isort: off
-from train.methods import selfie  # noqa: F401  (each module registers its methods)
-from train.methods import rotation  # noqa: F401
+from train.methods.base import Parts, PretextMethod, Task, method_parts, parts_of
+from train.methods.registry import (
+    METHODS,
+    default_method,
+    default_parts,
+    method_flags,
+    register,
+    stage_class,
+)
 
-# isort: on
-from train.methods.base import METHODS, PretextMethod, Task, default_method, method_flags, register
-
-__all__ = ["METHODS", "PretextMethod", "Task", "default_method", "method_flags", "register"]
+__all__ = [
+    "METHODS",
+    "Parts",
+    "PretextMethod",
+    "Task",
+    "default_method",
+    "default_parts",
+    "method_flags",
+    "method_parts",
+    "parts_of",
+    "register",
+    "stage_class",
+]

@@ -1,29 +1,31 @@
-"""The protocol every trained task follows, the pretext-method base class, and the method registry.
+"""A method's contract, in two parts: the required core, in `PretextMethod`, and the optional presentation
+(train/methods/presentation.py), which it inherits with defaults.
 
 The training loop (train/engine/loop.py) runs a `Task`: a pretext method during pretraining, the supervised
-classifier (train/methods/supervised.py) during fine-tuning. A pretext method is one subclass of
-`PretextMethod` in one file and one `register(TheMethod)` call; everything else derives from the registry:
-`--method` choices, config sections (`section` + `Settings`), the stable flags, the log keys, the table
-labels, the benchmark's `--method`, and what fine-tuning reads from its checkpoints.
+classifier (train/methods/supervised.py) during fine-tuning. The core of a pretext method is its `name`,
+its `metric` and `chance`, `build_model`, `inputs`, and (by default the model's own) `objective`. Optional:
+its own config section (`section`, `Settings`, `flags`, `check`), the clean-metric probe, what a loader may
+do for it, and the presentation. The registry (train/methods/registry.py) lists the methods.
 
 A pretext model's contract: `model(*method.inputs(batch, generator))` returns an object with a scalar
 `loss` and a scalar `accuracy`, and equals `model.forward_head(model.forward_features(inputs[0]),
-*inputs[1:])`, where `forward_features` runs the backbone that fine-tuning reuses (stored under
-`encoder_prefix` in the model's state dict).
+*inputs[1:])`, where `forward_features` runs `model.backbone`, the network fine-tuning reuses; a model
+with an attention pooling fine-tuning can reuse (resnet36_attn) has it as `model.pool`. Where they sit
+in the state dict (`Parts`) is derived from those attributes and recorded in every checkpoint.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from pipeline.data import Batch, Source
+from pipeline.data import Batch
 from pipeline.patches import PatchSpec
-from train.config import PretrainConfig, add_section
+from train.config.schema import PretrainConfig
+from train.methods.presentation import Presentation
 
 
 class Task(Protocol):
@@ -47,32 +49,15 @@ class Task(Protocol):
         ...
 
 
-class Pictures(Protocol):
-    """Fixed images drawn with the model's answers at every checkpoint (rank 0)."""
+class PretextMethod(Presentation):
+    """A pretext task. The core, which a method must give: `name`, `metric`, `chance` (a class attribute, or
+    set in `__init__` when it depends on the config), `build_model` and `inputs`. Everything with a default
+    body or value is optional; the presentation's defaults come from `Presentation`."""
 
-    name: str  # the files are pictures/<name>_step_XXXXXXXX.png
-
-    def write(self, model: nn.Module, path: Path) -> np.ndarray:
-        """Draw with `model` (the plain module), write the PNG to `path`, return the (H, W, 3) uint8 picture."""
-        ...
-
-
-class PretextMethod:
-    """A pretext task. Subclass it, set the class attributes, implement `build_model` and `inputs`, and
-    `register` the class. The methods with a default body are optional."""
-
+    # -- the core
     name: ClassVar[str]  # --method value and registry key; checkpoints record kind "<name>_pretrain"
-    label: ClassVar[str]  # its name in tables (train/pretext_table.py)
     metric: ClassVar[str]  # log key of its pretext accuracy
-    accuracy_name: ClassVar[str] = "pretext"  # printed as "<name> <accuracy_name> accuracy"
-    op_stage: ClassVar[str] = "input op"  # the benchmark's name for `inputs`
-    encoder_prefix: ClassVar[str] = "backbone."  # where the backbone that fine-tuning reuses is in the state dict
-    pool_prefix: ClassVar[str | None] = None  # where an attention pooling A is (resnet36_attn reuses it)
-    section: ClassVar[str | None] = None  # its config section, --<section>.key=value (shareable in a family)
-    Settings: ClassVar[type | None] = None  # that section's dataclass
-    flags: ClassVar[dict[str, tuple[str, Any, str]]] = {}  # its stable flags: flag -> (key, type, help)
-
-    chance: float  # set by __init__ (it may depend on the config)
+    chance: float  # that accuracy by guessing
 
     def __init__(self, config: PretrainConfig, device: torch.device) -> None:
         """Called after `check`, on every rank, with the training device."""
@@ -80,39 +65,39 @@ class PretextMethod:
         self.device = device
 
     @classmethod
-    def check(cls, config: PretrainConfig) -> None:
-        """Refuse, with a ConfigError naming the keys, settings that cannot work together (the model's own
-        arguments are checked by a trial build)."""
-
-    @classmethod
     def build_model(cls, config: PretrainConfig) -> nn.Module:
+        """The pretext model (see the module's docstring): `.backbone`, `forward_features`, `forward_head`."""
         raise NotImplementedError
 
     def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """The model's inputs for one loader batch, on the batch's device (see `Task.inputs`)."""
         raise NotImplementedError
 
     def objective(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(*inputs)
         return out.loss, out.accuracy
 
+    # -- optional: its own config section and command line
+    section: ClassVar[str | None] = None  # its config section, --<section>.key=value (shareable in a family)
+    Settings: ClassVar[type | None] = None  # that section's dataclass
+    flags: ClassVar[dict[str, tuple[str, Any, str]]] = {}  # its stable flags: flag -> (key, type, help)
+
+    @classmethod
+    def check(cls, config: PretrainConfig) -> None:
+        """Refuse, with a ConfigError naming the keys, settings that cannot work together (the model's own
+        arguments are checked by a trial build)."""
+
+    # -- optional: what the monitors, the loaders and an export may ask
     def clean_probe(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """Scalar figures of one group of the clean metric (train/evaluation/clean_metric.py): `loss`, `acc` and any
         of the method's own (an `..._acc` key is logged with the method's metric in place of `acc`)."""
         loss, accuracy = self.objective(model, inputs)
         return {"loss": loss, "acc": accuracy}
 
-    def settings(self) -> Any:
-        """This method's config section."""
-        return getattr(self.config, self.section) if self.section else None
-
-    def describe(self) -> str:
-        """The start-of-run summary of the task (after the image size)."""
-        return f"chance {self.chance:.1%}"
-
-    @classmethod
-    def table_label(cls, config: PretrainConfig) -> str:
-        """Its name in tables, with the settings that tell its variants apart."""
-        return cls.label
+    def loader_patch_spec(self, loader: str) -> PatchSpec | None:
+        """What a loader may do for the method: a PatchSpec lets `loader` cut and mask Selfie-style patches
+        inside its pipeline (FFCV on a CPU); None means the loader delivers images."""
+        return None
 
     @classmethod
     def backbone_input(cls, config: dict) -> tuple[str, int]:
@@ -120,40 +105,28 @@ class PretextMethod:
         "images" of data.image_size, or "patches" of a method's own size. An export records it."""
         return "images", int(config["data"]["image_size"])
 
-    def loader_patch_spec(self, loader: str) -> PatchSpec | None:
-        """What a loader may do for the method: a PatchSpec lets `loader` cut and mask Selfie-style patches
-        inside its pipeline (FFCV on a CPU); None means the loader delivers images."""
-        return None
 
-    def pictures(self, source: Source, device: torch.device) -> Pictures | None:
-        return None
+@dataclass(frozen=True)
+class Parts:
+    """Where a pretext model's reusable parts sit in its state dict; checkpoints record them (the keys
+    encoder_prefix and pool_prefix), and fine-tuning and export read them from there."""
 
+    encoder_prefix: str  # the backbone's, e.g. "backbone."
+    pool_prefix: str | None  # the attention pooling's; None: the model has none
 
-METHODS: dict[str, type[PretextMethod]] = {}
-_DEFAULT: list[str] = []
-
-
-def register(method: type[PretextMethod], default: bool = False) -> type[PretextMethod]:
-    """Make `method` a `--method` choice (`default`: the one used when none is given)."""
-    existing = METHODS.get(method.name)
-    same = existing is not None and (existing.__module__, existing.__qualname__) == (
-        method.__module__,
-        method.__qualname__,
-    )
-    if existing is not None and not same:
-        raise ValueError(f"method {method.name!r} is already registered by {existing.__module__}")
-    if method.section is not None:
-        add_section(PretrainConfig, method.section, method.Settings)
-    METHODS[method.name] = method
-    if default:
-        _DEFAULT[:] = [method.name]
-    return method
+    def state(self) -> dict[str, str | None]:
+        """As a checkpoint records them."""
+        return {"encoder_prefix": self.encoder_prefix, "pool_prefix": self.pool_prefix}
 
 
-def default_method() -> str:
-    return _DEFAULT[0] if _DEFAULT else next(iter(METHODS))
+def parts_of(model: nn.Module) -> Parts:
+    """`model`'s Parts, from its fixed attributes `backbone` and (if any) `pool`."""
+    names = {id(module): name for name, module in model.named_modules()}
+    pool = getattr(model, "pool", None)
+    return Parts(names[id(model.backbone)] + ".", names[id(pool)] + "." if pool is not None else None)
 
 
-def method_flags() -> dict[str, tuple[str, Any, str]]:
-    """Every registered method's stable flags (a family shares its own)."""
-    return {flag: spec for method in METHODS.values() for flag, spec in method.flags.items()}
+def method_parts(method: type[PretextMethod], config: PretrainConfig) -> Parts:
+    """The Parts of `method`'s model under `config`, built on the meta device (no memory, no random draws)."""
+    with torch.device("meta"):
+        return parts_of(method.build_model(config))

@@ -21,8 +21,8 @@ from torch import nn
 from model.view_classifier import ViewClassifier, build_view_classifier
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.rotation_views import NUM_ROTATIONS, ViewFormat, patch_side, rotation_views
-from train.config import ConfigError, PretrainConfig, compute_dtype
-from train.methods.base import PretextMethod, register
+from train.config.schema import ConfigError, PretrainConfig, compute_dtype
+from train.methods.base import PretextMethod
 from train.methods.pictures import (
     FRAME_LEGEND,
     picture_images,
@@ -152,8 +152,3 @@ class ViewPictures:
         picture = with_header(picture, view_titles(num_views), centers, FRAME_LEGEND)
         write_png(path, picture)
         return picture
-
-
-register(RotNet)
-register(PatchRotNet)
-register(PatchRelNet)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from model.attention_pool import PoolShape
 from model.backbones import zero_init_residual
 from model.selfie import LOGIT_SCALES, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
@@ -23,8 +24,8 @@ from pipeline.patches import (
     patchify_and_mask,
     sample_context_permutation,
 )
-from train.config import ConfigError, PretrainConfig, choice, compute_dtype
-from train.methods.base import PretextMethod, register
+from train.config.schema import ConfigError, PretrainConfig, choice, compute_dtype
+from train.methods.base import PretextMethod
 from train.methods.pictures import (
     FRAME_LEGEND,
     PATCH_COLUMNS,
@@ -96,8 +97,6 @@ class SelfieMethod(PretextMethod):
     metric = "patch_acc"
     accuracy_name = "patch-selection"
     op_stage = "patch op"
-    encoder_prefix = "patch_net."
-    pool_prefix = "pool."
     section = "selfie"
     Settings = SelfieSettings
     flags = {
@@ -139,10 +138,7 @@ class SelfieMethod(PretextMethod):
             stem=m.stem,
             grid=grid_size(config.data.image_size, config.selfie.patch_size),
             backbone=m.backbone,
-            attn_layers=m.attn_layers,
-            attn_intermediate=m.attn_intermediate,
-            attn_heads=m.attn_heads,
-            attn_dropout=m.attn_dropout,
+            pool=PoolShape(m.attn_layers, m.attn_intermediate, m.attn_heads, m.attn_dropout),
             position_kind=m.position_kind,
             position_on_context=m.position_on_context,
             logit_scale=config.selfie.logit_scale,
@@ -257,6 +253,3 @@ def patch_picture(
     finally:
         model.train(was_training)
     return render_patch_picture(images.cpu(), perm.cpu(), num_context, patch_size, out.logits.argmax(-1).cpu())
-
-
-register(SelfieMethod, default=True)

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from model.classifier import Classifier, build_classifier
+from model.attention_pool import PoolShape
+from model.classifier import Classifier, HeadShape, build_classifier
 from pipeline.data import Batch, Source
 from pipeline.patches import normalize
 from train.config import FinetuneConfig
@@ -23,13 +24,9 @@ def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
         num_classes,
         width=m.width,
         stem=m.stem,
-        attn_layers=m.attn_layers,
-        attn_intermediate=m.attn_intermediate,
-        attn_heads=m.attn_heads,
-        attn_dropout=m.attn_dropout,
+        pool=PoolShape(m.attn_layers, m.attn_intermediate, m.attn_heads, m.attn_dropout),
         frozen=ft.linear_probe,
-        head=ft.head,
-        head_hidden=ft.head_hidden,
+        head=HeadShape(ft.head, ft.head_hidden),
     )
     return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
 

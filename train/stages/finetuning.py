@@ -32,6 +32,7 @@ from train.engine.tracking import TrackerSink, start_trackers
 from train.evaluation.batch_norm import recalibrate_batch_norm
 from train.evaluation.monitors import whole_images
 from train.evaluation.pretrained import Pretrained, initialise, load_init
+from train.methods import stage_class
 from train.methods.supervised import SupervisedTask, build_model, evaluate, model_input
 
 KIND = "finetune"  # the checkpoint kind of fine-tuning runs
@@ -253,7 +254,7 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
 
 def parse(argv: list[str] | None) -> tuple[FinetuneConfig, str]:
     """The command line (sys.argv when None) -> (the checked config, the config name it started from)."""
-    return parse_args(argv, FinetuneConfig, STABLE_FLAGS, "Fine-tuning and linear evaluation")
+    return parse_args(argv, stage_class(FinetuneConfig), STABLE_FLAGS, "Fine-tuning and linear evaluation")
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,7 +23,7 @@ from train.engine.setup import RunSpec, Training, start_training
 from train.engine.tracking import TrackerSink, start_trackers
 from train.evaluation.monitors import build_monitors
 from train.evaluation.verdict import floor_of, verdict_lines
-from train.methods import METHODS, PretextMethod, method_flags
+from train.methods import METHODS, PretextMethod, method_flags, method_parts, stage_class
 
 KIND_SUFFIX = "_pretrain"  # a checkpoint's kind is "<method>_pretrain"
 
@@ -102,7 +102,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
     check_readable(source, crop=config.data.image_size)
     check_batch_fits(source, config.train.batch_size)
     run_dir = prepare_run_dir(config, config_name, accelerator)
-    state = {"encoder_prefix": method.encoder_prefix, "pool_prefix": method.pool_prefix}
+    state = method_parts(METHODS[config.method], config).state()  # where fine-tuning finds the backbone
     seed = config.train.seed  # one seed for the initial weights (every rank) and the run's streams
     spec = RunSpec(
         run_dir, config.method + KIND_SUFFIX, seed, init_seed=seed, num_images=len(source), extra_state=state
@@ -114,7 +114,7 @@ def set_up(config: PretrainConfig, config_name: str, accelerator: Accelerator) -
 
 def parse(argv: list[str] | None) -> tuple[PretrainConfig, str]:
     """The command line (sys.argv when None) -> (the checked config, the config name it started from)."""
-    return parse_args(argv, PretrainConfig, stable_flags(), "Self-supervised pretraining")
+    return parse_args(argv, stage_class(PretrainConfig), stable_flags(), "Self-supervised pretraining")
 
 
 def main(argv: list[str] | None = None) -> dict:
