@@ -37,8 +37,8 @@ from train.engine.loading import train_batches
 from train.engine.session import make_accelerator
 from train.engine.setup import prepare_training
 from train.engine.step import EagerStep, make_step
+from train.engine.task import Task
 from train.methods import method_flags, stage_class
-from train.methods.base import Task
 from train.methods.supervised import SupervisedTask
 from train.methods.supervised import build_model as build_classifier
 from train.stages import pretraining

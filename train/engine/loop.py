@@ -31,8 +31,7 @@ from train.engine.metrics import MetricWindow, NonFiniteLoss
 from train.engine.setup import Training
 from train.engine.signals import StopRequests, stopped
 from train.engine.step import make_step
-from train.methods.base import Task
-from train.methods.presentation import Pictures
+from train.engine.task import Pictures, Task
 
 
 def check_finite(net: torch.nn.Module, step: int, folder: Path) -> None:

@@ -21,8 +21,8 @@ from train.engine.metrics import JsonlLogger
 from train.engine.optim import build_optimizer, build_schedule
 from train.engine.run_folder import continue_log
 from train.engine.step import StepParts
+from train.engine.task import Task
 from train.engine.tracking import TrackerSink
-from train.methods.base import Task
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.data import Batch
-from train.methods.base import Task
+from train.engine.task import Task
 
 Optimizer = torch.optim.Optimizer
 Scheduler = torch.optim.lr_scheduler.LRScheduler

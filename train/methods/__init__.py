@@ -2,7 +2,7 @@
 their registry (registry.py): the built-in methods listed in one tuple, `register` for others.
 """
 
-from train.methods.base import Parts, PretextMethod, Task, method_parts, parts_of
+from train.methods.base import Parts, PretextMethod, method_parts, parts_of
 from train.methods.registry import (
     METHODS,
     default_method,
@@ -16,7 +16,6 @@ __all__ = [
     "METHODS",
     "Parts",
     "PretextMethod",
-    "Task",
     "default_method",
     "default_parts",
     "method_flags",

@@ -1,8 +1,8 @@
 """A method's contract, in two parts: the required core, in `PretextMethod`, and the optional presentation
 (train/methods/presentation.py), which it inherits with defaults.
 
-The training loop (train/engine/loop.py) runs a `Task`: a pretext method during pretraining, the supervised
-classifier (train/methods/supervised.py) during fine-tuning. The core of a pretext method is its `name`,
+The training loop (train/engine/loop.py) runs a `Task` (train/engine/task.py): a pretext method during
+pretraining, the supervised classifier (train/methods/supervised.py) during fine-tuning. The core of a pretext method is its `name`,
 its `metric` and `chance`, `build_model`, `inputs`, and (by default the model's own) `objective`. Optional:
 its own config section (`section`, `Settings`, `flags`, `check`), the clean-metric probe, what a loader may
 do for it, and the presentation. The registry (train/methods/registry.py) lists the methods.
@@ -17,7 +17,7 @@ in the state dict (`Parts`) is derived from those attributes and recorded in eve
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,27 +26,6 @@ from pipeline.data import Batch
 from pipeline.patches import PatchSpec
 from train.config.schema import PretrainConfig
 from train.methods.presentation import Presentation
-
-
-class Task(Protocol):
-    """What the training loop asks of what it trains."""
-
-    metric: str  # the log key of the task's accuracy (patch_acc, train_acc, ...)
-    chance: float  # that accuracy by guessing
-    op_stage: str  # the benchmark's name for `inputs` ("patch op", "view op", ...)
-
-    def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """The model's inputs for one loader batch, made on the batch's device; `generator` (on that
-        device, reseeded every step) draws any randomness (masks, views), so a resumed run redraws it."""
-        ...
-
-    def objective(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, accuracy), scalars, the loss differentiable."""
-        ...
-
-    def loader_patch_spec(self, loader: str) -> PatchSpec | None:
-        """What `loader` may do for the task: cut Selfie-style patches itself (a PatchSpec), or nothing."""
-        ...
 
 
 class PretextMethod(Presentation):

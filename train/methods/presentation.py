@@ -4,25 +4,13 @@ a default, so a new method can train, resume and be fine-tuned without any of it
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar
 
-import numpy as np
 import torch
-from torch import nn
 
 from pipeline.data import Source
 from train.config.schema import PretrainConfig
-
-
-class Pictures(Protocol):
-    """Fixed images drawn with the model's answers at every checkpoint (rank 0)."""
-
-    name: str  # the files are pictures/<name>_step_XXXXXXXX.png
-
-    def write(self, model: nn.Module, path: Path) -> np.ndarray:
-        """Draw with `model` (the plain module), write the PNG to `path`, return the (H, W, 3) uint8 picture."""
-        ...
+from train.engine.task import Pictures
 
 
 class Presentation:
