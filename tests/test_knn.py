@@ -10,7 +10,7 @@ from torch import nn
 
 from model.resnet_cifar import resnet8
 from pipeline.data import RANDOM_INIT_STREAM, derive_seed
-from train.config import MonitorConfig
+from train.config import MonitorSection
 from train.evaluation.estimates import mean_sd
 from train.evaluation.knn import KnnMonitor, knn_predict, stratified_indices
 
@@ -52,7 +52,7 @@ def toy_monitor(inits: int) -> KnnMonitor:
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.arange(40) % 4
-    settings = MonitorConfig(knn_random_inits=inits, knn_k=5, batch=20)
+    settings = MonitorSection(knn_random_inits=inits, knn_k=5, batch=20)
     fit, scored = (images[:24], labels[:24]), (images[24:], labels[24:])
     return KnnMonitor(lambda net: net, lambda x: x.float() / 255, fit, scored, settings, Accelerator(cpu=True))
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline.data import Batch
-from train.config import OptimConfig, PretrainConfig, load_config
+from train.config import OptimSection, PretrainConfig, load_config
 from train.engine.optim import build_optimizer, build_schedule, implementation_flags
 from train.engine.step import EagerStep, GraphedStep, StepParts, TrainingSnapshot, make_step
 from train.methods import METHODS, stage_class
@@ -49,7 +49,7 @@ def test_every_cpu_implementation_takes_the_same_step() -> None:
     for implementation in ("auto", "foreach", "for-loop"):
         torch.manual_seed(0)
         model = torch.nn.Linear(8, 3)
-        optimizer = build_optimizer(model, OptimConfig(implementation=implementation))
+        optimizer = build_optimizer(model, OptimSection(implementation=implementation))
         model(torch.ones(2, 8)).sum().backward()
         optimizer.step()
         results.append(model.weight.detach().clone())
@@ -258,12 +258,12 @@ def test_a_graphed_adamw_is_capturable_and_host_lr_sgd_is_refused() -> None:
     from train.config import ConfigError
 
     model = torch.nn.Linear(4, 2)
-    assert build_optimizer(model, OptimConfig(name="adamw"), cuda_graph=True).defaults["capturable"] is True
-    assert build_optimizer(model, OptimConfig(name="adamw")).defaults["capturable"] is False
+    assert build_optimizer(model, OptimSection(name="adamw"), cuda_graph=True).defaults["capturable"] is True
+    assert build_optimizer(model, OptimSection(name="adamw")).defaults["capturable"] is False
     for implementation in ("foreach", "for-loop"):
         with pytest.raises(ConfigError, match=f"optim.implementation={implementation} with train.cuda_graph=true"):
-            build_optimizer(model, OptimConfig(implementation=implementation), cuda_graph=True)
-        build_optimizer(model, OptimConfig(implementation=implementation, name="lars"), cuda_graph=True)
+            build_optimizer(model, OptimSection(implementation=implementation), cuda_graph=True)
+        build_optimizer(model, OptimSection(implementation=implementation, name="lars"), cuda_graph=True)
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from pipeline.data import Batch
 from tests.conftest import ROOT, TINY, free_port, pretrain, run_concurrently, run_script
-from train.config import OptimConfig
+from train.config import OptimSection
 from train.config.learning_rate import describe_lr, peak_lr
 from train.engine.optim import LARS, build_optimizer
 from train.engine.step import EagerStep, StepParts
@@ -61,7 +61,7 @@ def test_accumulated_micro_batches_take_the_step_of_one_large_batch() -> None:
 def test_lars_adapts_matrices_and_leaves_norms_and_biases_plain() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4))
-    optimizer = build_optimizer(model, OptimConfig(name="lars", momentum=0.0, weight_decay=0.0, lr=1.0))
+    optimizer = build_optimizer(model, OptimSection(name="lars", momentum=0.0, weight_decay=0.0, lr=1.0))
     assert isinstance(optimizer, LARS) and [g["adapt"] for g in optimizer.param_groups] == [True, False]
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     model(torch.randn(16, 8)).square().sum().backward()
@@ -74,10 +74,10 @@ def test_lars_adapts_matrices_and_leaves_norms_and_biases_plain() -> None:
 
 
 def test_adamw_and_the_linear_scaling_rule() -> None:
-    optim = OptimConfig(name="adamw", base_lr=0.3)
+    optim = OptimSection(name="adamw", base_lr=0.3)
     assert isinstance(build_optimizer(torch.nn.Linear(2, 2), optim, global_batch=1024), torch.optim.AdamW)
     assert peak_lr(optim, 1024) == pytest.approx(1.2) and "base_lr 0.3 x 1024 / 256" in describe_lr(optim, 1024)
-    assert peak_lr(OptimConfig(lr=0.05), 1024) == 0.05
+    assert peak_lr(OptimSection(lr=0.05), 1024) == 0.05
 
 
 @pytest.mark.xdist_group("torchrun")  # two processes each: one such test at a time

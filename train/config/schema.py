@@ -1,5 +1,6 @@
 """The config schema: one typed dataclass per section, every field with a default and a comment; a key with
-a fixed set of values (`choice`) or a range (`checked`) declares it where it is defined.
+a fixed set of values (`choice`) or a range (`checked`) declares it where it is defined. A section's class
+is named `<Name>Section` (a method's own too); a stage's whole config, `<Stage>Config`.
 
 The pretext methods add to it without this package knowing them: the layer above (the registry,
 train/methods/registry.py) hands a `Plugins` down, and `with_plugins` makes a stage's class with the
@@ -69,7 +70,7 @@ def non_negative(value: float) -> bool:
 
 
 @dataclass
-class DataConfig:
+class DataSection:
     path: str | None = None  # ImageNet-layout, CIFAR-10 python or IDX folder; None = built-in demo data
     # a reference recipe (cifar10, imagenet224, fmnist) trains on named data only: without data.path it is an error,
     # never a silent run of its 120k steps on the demo images
@@ -101,7 +102,7 @@ def finite_non_negative(value: float) -> bool:
 
 
 @dataclass
-class OptimConfig:
+class OptimSection:
     # sgd (Nesterov: the papers') | lars (SGD with layer-wise trust ratios; norms and biases neither decayed
     # nor adapted, as SimCLR's and solo-learn's) | adamw (decoupled weight decay)
     name: str = choice(OPTIMIZERS, "sgd")
@@ -125,7 +126,7 @@ class OptimConfig:
 
 
 @dataclass
-class RunConfig:
+class TrainSection:
     steps: int = checked(120_000, positive, "a positive number of steps")  # optimizer steps (paper: 120k)
     # global batch: images per optimizer step over all processes
     batch_size: int = checked(512, positive, "a positive number of images")
@@ -159,14 +160,14 @@ class RunConfig:
     resume: bool = False  # continue from the newest checkpoint in `out`
 
 
-def compute_dtype(run: RunConfig) -> torch.dtype:
+def compute_dtype(run: TrainSection) -> torch.dtype:
     """The dtype the model computes its convolutions in: what an input op should write (autocast would cast
     an fp32 input to it anyway, with the same rounding)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
     # encoder (model/backbones.py): resnet36 (Selfie's P) | resnet50 | resnet8 | resnet32
     backbone: str = choice(lambda: BACKBONES, "resnet36")
     # width multiplier of the backbone (resnet36 at 1.0: ResNet-50 widths, 1024-d vectors)
@@ -185,7 +186,7 @@ class ModelConfig:
 
 
 @dataclass
-class MonitorConfig:
+class MonitorSection:
     clean: bool = True  # the pretext metric on fixed clean held-out images at every log record (clean_*)
     # held-out images it scores, each under clean_masks fixed masks (or views): 512 image-masks give a
     # standard error of about 1 point; the cost is one forward of them per log record
@@ -254,10 +255,10 @@ class StageConfig:
     STAGE: ClassVar[str] = ""  # the YAML block of this stage
     # what `with_plugins` gave this class; None on the bare classes below, which no config is loaded into
     PLUGINS: ClassVar[Plugins | None] = None
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)  # fine-tuning: must match the pretraining run's
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    model: ModelSection = field(default_factory=ModelSection)  # fine-tuning: must match the pretraining run's
 
     @classmethod
     def plugin_fields(cls, plugins: Plugins) -> list[tuple[str, type, Any]]:
@@ -269,7 +270,7 @@ class StageConfig:
 class PretrainConfig(StageConfig):
     STAGE: ClassVar[str] = "pretraining"
     method: str = ""  # pretext task (train/methods/); its choices and default come from the registry
-    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # what a run measures besides its loss
+    monitor: MonitorSection = field(default_factory=MonitorSection)  # what a run measures besides its loss
 
     @classmethod
     def plugin_fields(cls, plugins: Plugins) -> list[tuple[str, type, Any]]:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from train.config import ConfigError, OptimConfig
+from train.config import ConfigError, OptimSection
 from train.config.learning_rate import SCALING_BATCH, peak_lr
 
 NO_DECAY_NAMES = ("position", "u0")  # learned embeddings and the pooling token
@@ -26,7 +26,7 @@ def implementation_flags(implementation: str, device: torch.device) -> dict[str,
 GRAPHABLE_SGD_IMPLEMENTATIONS = ("auto", "fused")
 
 
-def check_graphable(optim: OptimConfig, cuda_graph: bool) -> None:
+def check_graphable(optim: OptimSection, cuda_graph: bool) -> None:
     """The optimizer a graphed step can capture, or ConfigError (checked before anything is written)."""
     if cuda_graph and optim.name == "sgd" and optim.implementation not in GRAPHABLE_SGD_IMPLEMENTATIONS:
         raise ConfigError(
@@ -36,7 +36,7 @@ def check_graphable(optim: OptimConfig, cuda_graph: bool) -> None:
         )
 
 
-def parameter_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, optim: OptimSection) -> list[dict]:
     """[decayed conv/linear weights, everything else] (everything decayed with `optim.decay_all`). The
     second group is what LARS leaves unadapted: norm scales, biases, embeddings, u0."""
     decay, no_decay = [], []
@@ -83,7 +83,7 @@ class LARS(torch.optim.Optimizer):
 
 def build_optimizer(
     model: torch.nn.Module,
-    optim: OptimConfig,
+    optim: OptimSection,
     device: torch.device | str = "cpu",
     global_batch: int = SCALING_BATCH,
     cuda_graph: bool = False,
@@ -118,6 +118,6 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, optim: OptimConfig, steps: int
+    optimizer: torch.optim.Optimizer, optim: OptimSection, steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim.warmup_steps, steps))

@@ -12,14 +12,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, InitProcessGroupKwargs, ProjectConfiguration
 
-from train.config import GRAPHING_COMPILE_MODES, ConfigError, OptimConfig, RunConfig
+from train.config import GRAPHING_COMPILE_MODES, ConfigError, OptimSection, TrainSection
 from train.engine.optim import check_graphable
 from train.engine.tracking import check_tracker
 
 LAUNCHER_PRECISION = "ACCELERATE_MIXED_PRECISION"  # what `accelerate launch` (or `accelerate config`) chose
 
 
-def resolve_precision(run: RunConfig) -> str | None:
+def resolve_precision(run: TrainSection) -> str | None:
     """Settle `run.precision` to no | bf16 | fp16: `auto` takes the launcher's choice (else no), `fp32` is
     `no`. Returns a note when the config overrides a different launcher choice."""
     launcher = os.environ.get(LAUNCHER_PRECISION)
@@ -33,7 +33,7 @@ def resolve_precision(run: RunConfig) -> str | None:
     return None
 
 
-def check_step_options(run: RunConfig) -> None:
+def check_step_options(run: TrainSection) -> None:
     """How the step runs: options that cannot work together, refused whatever the machine."""
     if not run.cuda_graph:
         return
@@ -51,7 +51,7 @@ def check_step_options(run: RunConfig) -> None:
         raise ConfigError("train.cuda_graph=true replays one batch per step; with train.grad_accum > 1 train eagerly")
 
 
-def check_machine(run: RunConfig) -> None:
+def check_machine(run: TrainSection) -> None:
     cuda = torch.cuda.is_available()
     if run.precision == "fp16" and not cuda:
         raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 or no on this machine")
@@ -59,7 +59,7 @@ def check_machine(run: RunConfig) -> None:
         raise ConfigError("train.cuda_graph=true needs a CUDA device; on this machine train eagerly")
 
 
-def check_processes(run: RunConfig, accelerator: Accelerator) -> None:
+def check_processes(run: TrainSection, accelerator: Accelerator) -> None:
     if run.cuda_graph and accelerator.num_processes > 1:
         raise ConfigError(
             f"train.cuda_graph=true runs one process; this run has {accelerator.num_processes} (graphing the "
@@ -67,7 +67,7 @@ def check_processes(run: RunConfig, accelerator: Accelerator) -> None:
         )
 
 
-def make_accelerator(run: RunConfig, optim: OptimConfig | None = None) -> Accelerator:
+def make_accelerator(run: TrainSection, optim: OptimSection | None = None) -> Accelerator:
     note = resolve_precision(run)
     check_step_options(run)
     if optim is not None:
@@ -102,7 +102,7 @@ def make_accelerator(run: RunConfig, optim: OptimConfig | None = None) -> Accele
     return accelerator
 
 
-def per_process_batch(run: RunConfig, accelerator: Accelerator) -> int:
+def per_process_batch(run: TrainSection, accelerator: Accelerator) -> int:
     """Images per process in one micro-batch: the global batch over processes and accumulation steps."""
     parts = accelerator.num_processes * run.grad_accum
     if run.batch_size % parts:

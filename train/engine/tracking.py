@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from pipeline.atomic import write_atomic
-from train.config import ConfigError, RunConfig
+from train.config import ConfigError, TrainSection
 
 INSTALLED = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
 INSTALL = {
@@ -28,7 +28,7 @@ INSTALL = {
 }
 
 
-def check_tracker(run: RunConfig) -> None:
+def check_tracker(run: TrainSection) -> None:
     if run.log_with != "none" and not INSTALLED[run.log_with]():
         raise ConfigError(f"train.log_with={run.log_with}: {run.log_with} is not installed ({INSTALL[run.log_with]})")
 
@@ -44,7 +44,7 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_trackers(accelerator: Accelerator, run: RunConfig, folder: Path, config: dict) -> str | None:
+def start_trackers(accelerator: Accelerator, run: TrainSection, folder: Path, config: dict) -> str | None:
     """Start the configured tracker, continuing the run's tracker run when it has one (folder/trackers.json,
     also copied into every checkpoint); returns the tracker's run id, or None without a tracker."""
     if run.log_with == "none":

@@ -19,7 +19,7 @@ from model.backbones import build_backbone
 from pipeline.data import RANDOM_INIT_STREAM, DataError, derive_seed
 from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
-from train.config import ConfigError, MonitorConfig
+from train.config import ConfigError, MonitorSection
 from train.engine.checkpoint import load_checkpoint
 from train.evaluation.backbone_file import backbone_of, find_checkpoint
 from train.evaluation.batch_norm import recalibrate_batch_norm
@@ -59,7 +59,7 @@ def network_scores(monitor: KnnMonitor, backbone: nn.Module) -> Scores:
     )
 
 
-def labelled_sets(config: dict, data: str | None, settings: MonitorConfig, device: torch.device) -> tuple:
+def labelled_sets(config: dict, data: str | None, settings: MonitorSection, device: torch.device) -> tuple:
     """(fit images and labels, scored images and labels), stratified, from the data's two splits."""
     path = data if data is not None else config["data"].get("path")
     if path is None:
@@ -80,7 +80,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     config = load_checkpoint(checkpoint)["config"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    settings = MonitorConfig(knn_train_images=args.fit_images, knn_test_images=args.test_images)
+    settings = MonitorSection(knn_train_images=args.fit_images, knn_test_images=args.test_images)
     fit, scored = labelled_sets(config, args.data, settings, device)
     mean, std = info["preprocessing"]["mean"], info["preprocessing"]["std"]
     monitor = KnnMonitor(lambda net: net, partial(normalize, mean=mean, std=std), fit, scored, settings, accelerator)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from model.classifier import POOLED_ARCHS, load_pretrained
-from train.config import ConfigError, FinetuneConfig, ModelConfig
+from train.config import ConfigError, FinetuneConfig, ModelSection
 from train.engine.checkpoint import Checkpoints, load_checkpoint
 from train.methods import METHODS, default_parts
 from train.methods.supervised import build_model
@@ -58,7 +58,7 @@ def read_pretrained(path: Path) -> Pretrained:
         )
     method = kind.removesuffix(KIND_SUFFIX)
     # Checkpoints from before a key existed hold the default backbone.
-    backbone = state["config"]["model"].get("backbone", ModelConfig().backbone)
+    backbone = state["config"]["model"].get("backbone", ModelSection().backbone)
     recorded = {key: state[key] for key in ("encoder_prefix", "pool_prefix") if key in state}
     if len(recorded) < 2 and method in METHODS:  # written before checkpoints recorded them: the method's own
         recorded = default_parts(method).state() | recorded

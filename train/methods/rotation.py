@@ -34,7 +34,7 @@ from train.methods.pictures import (
 
 
 @dataclass
-class RotationSettings:
+class RotationSection:
     patch_ratio: float = 0.4  # patched views: pasted patch side / image side (paper: 0.3, 0.4, 0.5)
 
 
@@ -48,7 +48,7 @@ class RotationMethod(PretextMethod):
     accuracy_name = "view"
     op_stage = "view op"
     section = "rotation"
-    Settings = RotationSettings
+    Settings = RotationSection
     flags = {"--patch-ratio": ("rotation.patch_ratio", float, "patched views: pasted patch side / image side")}
 
     @classmethod

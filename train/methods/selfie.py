@@ -38,7 +38,7 @@ from train.methods.pictures import (
 
 
 @dataclass
-class SelfieSettings:
+class SelfieSection:
     patch_size: int = 8  # patch side in pixels; must divide data.image_size (paper: 8 on 32, 32 on 224)
     context_fraction: float = 0.75  # fraction p of patches given as context (paper: 0.75 or 0.5)
     patch_op: str = choice(PATCH_OPS, "auto")  # auto (triton on CUDA, numba on CPU) | reference | triton | numba
@@ -55,7 +55,7 @@ class SelfieSettings:
 
 def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
     """The configured patch op; on a GPU a fused kernel is first checked bitwise against the reference."""
-    settings: SelfieSettings = config.selfie
+    settings: SelfieSection = config.selfie
     try:
         name, op = select_patch_op(device, settings.patch_op)
     except ValueError as error:
@@ -98,7 +98,7 @@ class SelfieMethod(PretextMethod):
     accuracy_name = "patch-selection"
     op_stage = "patch op"
     section = "selfie"
-    Settings = SelfieSettings
+    Settings = SelfieSection
     flags = {
         "--patch-size": ("selfie.patch_size", int, "selfie: patch side in pixels; divides the image size"),
         "--context-fraction": ("selfie.context_fraction", float, "selfie: fraction of patches given as context"),
@@ -176,9 +176,9 @@ class SelfieMethod(PretextMethod):
     def backbone_input(cls, config: dict) -> tuple[str, int]:
         settings = config.get("selfie")
         return "patches", int(
-            settings.get("patch_size", SelfieSettings().patch_size)
+            settings.get("patch_size", SelfieSection().patch_size)
             if isinstance(settings, dict)
-            else SelfieSettings().patch_size
+            else SelfieSection().patch_size
         )
 
     def clean_probe(self, model: Selfie, inputs: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
