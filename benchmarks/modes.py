@@ -43,7 +43,7 @@ from train.methods.supervised import SupervisedTask
 from train.methods.supervised import build_model as build_classifier
 from train.stages import pretraining
 
-PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # benchmark name -> train.precision
+PRECISIONS = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}  # benchmark name -> speed.precision
 STAGES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}
 SYNTHETIC_POOL_BYTES = 2 * 64 * 2**20  # fresh synthetic batches cycle through this much memory (> an L2 cache)
 
@@ -55,11 +55,11 @@ def build_config(args: argparse.Namespace, batch: int) -> StageConfig:
         "data.augment": "pad_crop_flip" if args.image_size <= 64 else "random_resized_crop",
         "data.workers": args.workers,
         "train.batch_size": batch,
-        "train.precision": PRECISIONS[args.precision],
-        "train.channels_last": args.channels_last,
-        "train.compile": args.compile,
-        "train.compile_mode": args.compile_mode,
-        "train.cuda_graph": args.cuda_graph,
+        "speed.precision": PRECISIONS[args.precision],
+        "speed.channels_last": args.channels_last,
+        "speed.compile": args.compile,
+        "speed.compile_mode": args.compile_mode,
+        "speed.cuda_graph": args.cuda_graph,
         # The schedule: a short warm-up, then a horizon no benchmark reaches (the rate stays near its peak).
         "optim.warmup_steps": 10,
         "train.steps": 10**9,
@@ -93,7 +93,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, batch: int) -> None:
         self.args, self.batch = args, batch
         self.config = build_config(args, batch)
-        self.accelerator = make_accelerator(self.config.train, self.config.optim)
+        self.accelerator = make_accelerator(self.config)
         self.device = self.accelerator.device
         data = args.data if args.data != "auto" else ("demo" if args.image_size <= 64 else "jpeg")
         needs_beton = any(LOADERS[loader].reads_beton for loader in loaders_of(args.mode_list))
@@ -104,7 +104,7 @@ class Bench:
         self.net, self.model, self.optimizer = prepared.net, prepared.model, prepared.optimizer
         self.initial = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
         self.parts = prepared.step_parts(self.task, self.config.optim.grad_clip)
-        self.run_step = make_step(self.parts, self.config.train.cuda_graph)
+        self.run_step = make_step(self.parts, self.config.speed.cuda_graph)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
 
     def _task_and_build(self) -> tuple[Task, Callable[[], torch.nn.Module]]:

@@ -54,8 +54,7 @@ from benchmarks.modes import MODES, PRECISIONS, STAGES, Bench, build_config
 from model.classifier import ARCHS
 from pipeline.loaders import LOADERS
 from train.config import COMPILE_MODES, ConfigError, to_dict
-from train.engine.optim import check_graphable
-from train.engine.session import check_step_options, resolve_precision
+from train.config.checks import check_config
 from train.methods import METHODS, default_method, method_flags
 from train.stages import pretraining
 
@@ -247,10 +246,10 @@ def arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32")
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (train.compile)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (speed.compile)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default="default", help="torch.compile's mode")
     parser.add_argument(
-        "--cuda-graph", action="store_true", help="replay the step from a CUDA graph (train.cuda_graph)"
+        "--cuda-graph", action="store_true", help="replay the step from a CUDA graph (speed.cuda_graph)"
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes/threads")
     parser.add_argument(
@@ -408,13 +407,11 @@ def write_json(path: Path, record: dict) -> None:
 
 def check_arguments(args: argparse.Namespace) -> None:
     """What `gpu_check.sh --dry-run` runs: every batch size's config resolves and passes the checks a run
-    makes before it starts (config keys and values, step options, the optimizer a graph can capture, the
+    makes before it starts (config keys and values, train/config/checks.py's checks of several keys, the
     method's own), and every loader mode's package is installed. No data, model or device is touched."""
     for batch in args.batch:
         config = build_config(args, batch)
-        resolve_precision(config.train)
-        check_step_options(config.train)
-        check_graphable(config.optim, config.train.cuda_graph)
+        check_config(config)  # the stage's validate runs it too; fine-tuning's checks are only these
         if args.stage == "pretrain":
             pretraining.validate(config)
     loaders = {m: m.removeprefix("no-model:") for m in args.mode_list}

@@ -6,8 +6,8 @@ A 1x1 convolution with stride s reads only every s-th pixel, so it equals the st
 kernel of a strided 1x1 convolution (`jit_avx2_1x1_convolution_bwd_weights_t`, its path that copies the
 strided input to unit stride) when the input is channels-last with 2 to 7 channels, fewer than the kernel's
 8-float block (seen at stride 2; valgrind names the kernel). CPUs without AVX-512 run that kernel; a tiny-
-width ResNet reaches it whenever its convolutions are channels-last: `--train.channels_last`, or
-`--train.compile`, whose inductor turns convolutions channels-last. Such runs died of heap corruption (issue
+width ResNet reaches it whenever its convolutions are channels-last: `--speed.channels_last`, or
+`--speed.compile`, whose inductor turns convolutions channels-last. Such runs died of heap corruption (issue
 21). CUDA has no such kernel and keeps the strided convolution.
 """
 

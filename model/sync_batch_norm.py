@@ -1,4 +1,4 @@
-"""Batch norm over the global batch of several processes (train.sync_bn).
+"""Batch norm over the global batch of several processes (distributed.sync_bn).
 
 On CUDA it is torch's own `SyncBatchNorm`. torch's runs on accelerators only, so on CPU processes (the gloo
 backend: tests, CPU clusters) `GlobalBatchNorm2d` does the same: per channel, the sum and the sum of squares

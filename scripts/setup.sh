@@ -37,7 +37,7 @@ fi
 # A default Accelerate config (this machine, one process) unless one exists: `accelerate launch` then
 # starts without its warning about defaults. The run's own config still decides its precision. Without a
 # GPU, `use_cpu: false`: the run is on the CPU either way, but `use_cpu: true` makes every launch warn that
-# it chose --num_cpu_threads_per_process (the trainer sets its own thread count, train.cpu_threads). A
+# it chose --num_cpu_threads_per_process (the trainer sets its own thread count, speed.cpu_threads). A
 # config of ours from before this (use_cpu true on a machine without a GPU) is mended the same way.
 .venv/bin/accelerate config default >/dev/null 2>&1 || true
 .venv/bin/python - <<'PY' || true

@@ -25,9 +25,9 @@ TINY = [
     "--model.attn_layers=1",
     "--data.workers=0",
     "--batch-size=8",
-    "--train.log_every=5",
-    "--train.checkpoint_every=20",
-    "--train.cpu_threads=1",
+    "--log.every=5",
+    "--checkpoint.every=20",
+    "--speed.cpu_threads=1",
     "--steps",
     STEPS,
 ]

@@ -46,8 +46,8 @@ TINY = [
     "--model.attn_layers=1",
     "--data.workers=0",
     "--batch-size=8",
-    "--train.log_every=1",
-    "--train.cpu_threads=1",
+    "--log.every=1",
+    "--speed.cpu_threads=1",
 ]
 
 

@@ -190,8 +190,8 @@ def test_the_benchmark_sets_up_through_the_trainers_path(demo_root, monkeypatch)
 
 
 def test_the_benchmark_speaks_the_trainers_vocabulary() -> None:
-    args = throughput.parse_args(["--batch-size", "8,16", "--model.attn_layers=1", "--train.cpu_threads", "1"])
-    assert args.batch == [8, 16] and args.set == ["model.attn_layers=1", "train.cpu_threads=1"]
+    args = throughput.parse_args(["--batch-size", "8,16", "--model.attn_layers=1", "--speed.cpu_threads", "1"])
+    assert args.batch == [8, 16] and args.set == ["model.attn_layers=1", "speed.cpu_threads=1"]
     assert throughput.parse_args(["--precision", "fp32"]).precision == "fp32"
     with pytest.raises(SystemExit):
         throughput.parse_args(["--bogus"])
@@ -223,8 +223,8 @@ def test_the_json_holds_every_batch_size_measured_before_a_failure(tmp_path, dem
     ("flags", "message"),
     [
         (["--set", "model.bogus=1"], "unknown config key 'model.bogus'"),
-        (["--cuda-graph", "--set", "optim.implementation=for-loop"], "optim.implementation=for-loop with train"),
-        (["--cuda-graph", "--precision", "fp16"], "train.cuda_graph=true with train.precision=fp16"),
+        (["--cuda-graph", "--set", "optim.implementation=for-loop"], "optim.implementation=for-loop with speed"),
+        (["--cuda-graph", "--precision", "fp16"], "speed.cuda_graph=true with speed.precision=fp16"),
         (["--image-size", "224", "--patch-size", "30"], "patch"),
     ],
 )

@@ -1,4 +1,4 @@
-"""`--train.compile` end to end: every pretext method and the fine-tuning stage, compiled on a cold cache
+"""`--speed.compile` end to end: every pretext method and the fine-tuning stage, compiled on a cold cache
 (tests/conftest.py gives the session a fresh one), run to the end and match the eager run.
 
 Both runs use oneDNN's AVX2 kernels (`ONEDNN_MAX_CPU_ISA=AVX2`): what a CPU without AVX-512 runs, and
@@ -49,10 +49,10 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_a_compiled_run_ends_and_matches_eager(tmp_path: Path, demo_root: Path, stage: str) -> None:
     script, extra = STAGES[stage]
-    common = [*TINY, *extra, "--data", str(demo_root), "--steps", str(STEPS), f"--train.checkpoint_every={STEPS}"]
+    common = [*TINY, *extra, "--data", str(demo_root), "--steps", str(STEPS), f"--checkpoint.every={STEPS}"]
     runs = {compiled: tmp_path / f"compile_{compiled}" for compiled in ("false", "true")}
     calls = [
-        partial(script, [*common, f"--train.compile={compiled}", "--out", str(run)], tmp_path, env=AVX2_KERNELS)
+        partial(script, [*common, f"--speed.compile={compiled}", "--out", str(run)], tmp_path, env=AVX2_KERNELS)
         for compiled, run in runs.items()
     ]
     for result in run_concurrently(calls):

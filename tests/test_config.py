@@ -130,7 +130,7 @@ CHOICE_KEYS = [(stage, key, allowed) for stage, (cls, _) in STAGES.items() for k
 
 def test_every_fixed_set_key_is_declared_as_a_choice() -> None:
     keys = {key for _, key, _ in CHOICE_KEYS}
-    expected = {"method", "model.backbone", "model.stem", "data.loader", "data.augment", "train.precision"}
+    expected = {"method", "model.backbone", "model.stem", "data.loader", "data.augment", "speed.precision"}
     expected |= {"finetune.arch", "finetune.head", "selfie.patch_op", "model.position_kind"}
     assert expected <= keys
 
@@ -153,12 +153,12 @@ def test_a_bad_choice_exits_2_naming_the_key_and_its_values_before_any_folder_ex
 
 def test_command_line_values_are_read_by_the_keys_type() -> None:
     config, _ = parse_args(
-        ["--train.precision=no", "--optim.weight_decay=1e-4", "--optim.lr=1.0e30", "--data.path=1e3"],
+        ["--speed.precision=no", "--optim.weight_decay=1e-4", "--optim.lr=1.0e30", "--data.path=1e3"],
         PretrainConfig,
         STABLE_FLAGS,
         "test",
     )
-    assert config.train.precision == "no" and config.optim.weight_decay == 1e-4 and config.optim.lr == 1e30
+    assert config.speed.precision == "no" and config.optim.weight_decay == 1e-4 and config.optim.lr == 1e30
     assert config.data.path == "1e3"  # a string key keeps the text
 
 
@@ -242,3 +242,32 @@ def test_the_fashion_mnist_demo_is_the_reference_recipe_cut_short() -> None:
     assert demo.data.path == str(config_module.SYSTEM_FASHION_MNIST) and not demo.data.require_path
     assert demo.model == reference.model and demo.selfie == reference.selfie and demo.optim == reference.optim
     assert demo.train.steps == 240 and demo.monitor == reference.monitor
+
+
+def test_an_old_key_in_a_yaml_names_its_new_place(tmp_path: Path) -> None:
+    """Keys that left `train:` (issue 24): a user's YAML that still has one is refused, naming the new key."""
+    shared, block = tmp_path / "shared.yaml", tmp_path / "block.yaml"
+    shared.write_text("train:\n  steps: 10\n  precision: bf16\n")
+    block.write_text("pretraining:\n  train:\n    keep_checkpoints: 3\n")
+    cls = stage_class(schema.PretrainConfig)
+    with pytest.raises(ConfigError, match=f"{shared}: config key train.precision moved to speed.precision$"):
+        load_config(cls, str(shared))
+    with pytest.raises(
+        ConfigError, match="config key pretraining.train.keep_checkpoints moved to pretraining.checkpoint.keep"
+    ):
+        load_config(cls, str(block))
+    with pytest.raises(ConfigError, match="config key train.sync_bn moved to distributed.sync_bn"):
+        load_config(cls, "demo", {"train.sync_bn": True})
+
+
+def test_a_saved_config_in_the_old_layout_loads_into_the_new_one() -> None:
+    """A run folder's config.yaml written before the split: every moved key lands in its new place."""
+    old = {"train": {"steps": 7, "precision": "bf16", "log_every": 3, "log_with": "tensorboard", "keep_checkpoints": 4}}
+    old["train"] |= {"collective_timeout": 60, "cpu_threads": 1}
+    config = schema.config_from(stage_class(schema.PretrainConfig), old, {"train.steps": 9})
+    assert (config.train.steps, config.speed.precision, config.speed.cpu_threads) == (9, "bf16", 1)
+    assert (config.log.every, config.log.tracker, config.checkpoint.keep) == (3, "tensorboard", 4)
+    assert config.distributed.collective_timeout == 60
+    assert old["train"]["precision"] == "bf16"  # the saved dict itself is left as it was
+    with pytest.raises(ConfigError, match="config key train.precision moved to speed.precision"):
+        schema.config_from(stage_class(schema.PretrainConfig), old, {"train.precision": "no"})

@@ -183,8 +183,8 @@ def test_a_linear_probe_leaves_the_pretrained_backbone_untouched(
 
 @pytest.mark.slow
 def test_kill_then_resume_gives_the_same_model(tmp_path: Path, demo_root: Path) -> None:
-    common = [*TINY, "--data", str(demo_root), "--steps", "40", "--train.checkpoint_every=4", "--seeds", "1"]
-    common += ["--train.keep_checkpoints=20"]
+    common = [*TINY, "--data", str(demo_root), "--steps", "40", "--checkpoint.every=4", "--seeds", "1"]
+    common += ["--checkpoint.keep=20"]
     straight = tmp_path / "straight"
     assert finetune([*common, "--out", str(straight)], tmp_path).returncode == 0
     killed = tmp_path / "killed"

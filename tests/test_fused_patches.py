@@ -124,7 +124,7 @@ def test_the_run_time_check_covers_the_dtype_the_step_writes(monkeypatch, precis
 
     checked = []
     monkeypatch.setattr(selfie, "agrees_with_reference", lambda op, device, *args, **kwargs: checked.append(kwargs))
-    overrides = {"train.precision": precision, "train.channels_last": True, "selfie.patch_op": "triton"}
+    overrides = {"speed.precision": precision, "speed.channels_last": True, "selfie.patch_op": "triton"}
     config = load_config(stage_class(PretrainConfig), "demo", overrides)
     with pytest.raises(selfie.ConfigError, match="differs from the reference"):  # the stand-in answered None
         selfie.choose_patch_op(config, torch.device("cuda"), 12)

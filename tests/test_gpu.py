@@ -198,7 +198,7 @@ def test_the_triton_op_passes_its_run_time_check_in_bf16_channels_last() -> None
     from train.methods import stage_class
     from train.methods.selfie import choose_patch_op
 
-    overrides = {"train.precision": "bf16", "train.channels_last": True, "selfie.patch_op": "triton"}
+    overrides = {"speed.precision": "bf16", "speed.channels_last": True, "selfie.patch_op": "triton"}
     config = load_config(stage_class(PretrainConfig), "demo", overrides)
     assert choose_patch_op(config, torch.device("cuda"), 12)[0] == "triton"
 
@@ -213,9 +213,9 @@ def test_pretraining_with_a_cuda_graph_and_compile_resumes_at_the_right_step(tmp
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "train" / "pretrain.py"
-    common = ["--model.width=0.25", "--steps", "6", "--train.checkpoint_every=3", "--train.keep_checkpoints=5"]
-    common += ["--train.precision=bf16", "--train.channels_last=true", "--batch-size", "32", "--train.log_every=1"]
-    common += ["--train.cuda_graph=true"]
+    common = ["--model.width=0.25", "--steps", "6", "--checkpoint.every=3", "--checkpoint.keep=5"]
+    common += ["--speed.precision=bf16", "--speed.channels_last=true", "--batch-size", "32", "--log.every=1"]
+    common += ["--speed.cuda_graph=true"]
 
     def train(out: Path, *extra: str) -> list[float]:
         result = subprocess.run([sys.executable, str(script), *common, *extra, "--out", str(out)], capture_output=True)
@@ -224,7 +224,7 @@ def test_pretraining_with_a_cuda_graph_and_compile_resumes_at_the_right_step(tmp
         return [r["loss"] for r in records if "loss" in r]
 
     straight = train(tmp_path / "straight")
-    for name, extra in (("graphed", ()), ("compiled", ("--train.compile=true",))):
+    for name, extra in (("graphed", ()), ("compiled", ("--speed.compile=true",))):
         train(tmp_path / name, *extra)
         (tmp_path / name / "checkpoints" / "step_00000006.pt").unlink()
         losses = train(tmp_path / name, *extra, "--resume")

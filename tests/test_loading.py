@@ -9,7 +9,8 @@ import torch
 
 from pipeline.loaders import LOADERS
 from train.config import ConfigError, PretrainConfig, load_config
-from train.engine.loading import check_loader_options, train_batches
+from train.config.checks import check_loader_options
+from train.engine.loading import train_batches
 
 
 def test_a_pad_mode_the_loader_lacks_is_refused_at_parse_time_with_the_loaders_that_have_it() -> None:

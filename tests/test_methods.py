@@ -86,7 +86,7 @@ TOY = [*TINY, *SMALL_MONITORS, "--method", "toy_roll", "--model.backbone=resnet8
 def keep_threads():
     threads = torch.get_num_threads()
     yield
-    torch.set_num_threads(threads)  # the runs set one thread (--train.cpu_threads=1)
+    torch.set_num_threads(threads)  # the runs set one thread (--speed.cpu_threads=1)
 
 
 def log_of(run: Path) -> list[dict]:
@@ -134,8 +134,8 @@ def test_the_toy_resumes_bit_for_bit_and_initialises_fine_tuning(tmp_path: Path,
         str(demo_root),
         "--steps",
         "4",
-        "--train.checkpoint_every=2",
-        "--train.keep_checkpoints=5",
+        "--checkpoint.every=2",
+        "--checkpoint.keep=5",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     pretrain.main([*common, "--out", str(straight)])

@@ -52,8 +52,8 @@ def test_a_run_logs_clean_and_knn_figures_with_errors_and_the_baselines(
     tmp_path: Path, demo_root: Path, capsys
 ) -> None:
     run = tmp_path / "run"
-    args = [*SMALL, *SMALL_CLEAN, "--data.workers=0", "--batch-size=8", "--train.cpu_threads=1", "--steps", "4"]
-    args += ["--train.log_every=2", "--train.checkpoint_every=4", "--monitor.knn_train_images=64"]
+    args = [*SMALL, *SMALL_CLEAN, "--data.workers=0", "--batch-size=8", "--speed.cpu_threads=1", "--steps", "4"]
+    args += ["--log.every=2", "--checkpoint.every=4", "--monitor.knn_train_images=64"]
     pretrain.main([*args, "--monitor.knn_test_images=32", "--data", str(demo_root), "--out", str(run)])
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert set(records[0]) == {"step", "knn_acc_random", "knn_acc_random_sd", "knn_random_inits"} | {
@@ -85,8 +85,8 @@ def test_the_clean_metric_is_sane_from_the_first_step(tmp_path: Path, demo_root:
     12, 69 and 2,056 over the first three steps (training loss 3.3, 6.4, 3.1); with each batch's own
     statistics it stays in the range of the training loss, finite from step 1."""
     run = tmp_path / "run"
-    args = [*SMALL, *SMALL_CLEAN, "--data.workers=0", "--batch-size=8", "--train.cpu_threads=1", "--steps", "3"]
-    pretrain.main([*args, "--train.log_every=1", "--monitor.knn=false", "--data", str(demo_root), "--out", str(run)])
+    args = [*SMALL, *SMALL_CLEAN, "--data.workers=0", "--batch-size=8", "--speed.cpu_threads=1", "--steps", "3"]
+    pretrain.main([*args, "--log.every=1", "--monitor.knn=false", "--data", str(demo_root), "--out", str(run)])
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     highest = 0.0

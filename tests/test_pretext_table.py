@@ -8,7 +8,7 @@ import yaml
 
 from tests.conftest import ROOT, run_concurrently, run_script
 
-COMMON = "--batch-size 8 --data.workers=0 --train.cpu_threads=1 --model.width=0.25"
+COMMON = "--batch-size 8 --data.workers=0 --speed.cpu_threads=1 --model.width=0.25"
 PRETRAIN = f"{COMMON} --steps 2 --model.attn_layers=1 --model.attn_heads=4 --model.attn_intermediate=32"
 FINETUNE = f"{COMMON} --steps 2 --finetune.head_hidden=16 --finetune.eval_batch_size=200"
 
@@ -62,7 +62,7 @@ def test_bad_input_is_refused_before_any_run(tmp_path: Path) -> None:
         (["--pretrain", "--patch-ratio 1.5"], "patch"),
         (["--pretrain", "--model.backbone=resnet32"], "model.backbone=resnet32 (pretraining) cannot initialise"),
         (["--finetune", "--model.width=0.5"], "model.width: 1.0 for pretraining but 0.5 for fine-tuning"),
-        (["--pretrain", "--train.precision=bf16"], "train.precision: bf16 for pretraining but no for fine-tuning"),
+        (["--pretrain", "--speed.precision=bf16"], "speed.precision: bf16 for pretraining but no for fine-tuning"),
         (["--methods", "rotnet", "--finetune", "--arch resnet36_attn"], "model.backbone=resnet8 (pretraining)"),
     ]
     runs = [partial(table, [*args, "--out", str(tmp_path / "table")], tmp_path) for args, _ in cases]

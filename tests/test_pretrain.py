@@ -38,7 +38,7 @@ def read_log(run: Path) -> list[dict]:
 def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root: Path) -> None:
     run = tmp_path / "run"
     result = pretrain(
-        [*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "4", "--train.checkpoint_every=2"], tmp_path
+        [*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "4", "--checkpoint.every=2"], tmp_path
     )
     assert result.returncode == 0, result.stderr
     assert "patch-selection accuracy" in result.stdout and "chance 25.0%" in result.stdout
@@ -79,8 +79,8 @@ def test_kill_then_resume_continues_at_the_right_step_with_the_same_state(tmp_pa
         str(demo_root),
         "--steps",
         "40",
-        "--train.checkpoint_every=4",
-        "--train.keep_checkpoints=10",
+        "--checkpoint.every=4",
+        "--checkpoint.keep=10",
     ]
     straight = tmp_path / "straight"
     assert pretrain([*common, "--out", str(straight)], tmp_path).returncode == 0
@@ -294,7 +294,7 @@ def test_every_rotation_method_trains_with_every_loader(
 ) -> None:
     run = tmp_path / "run"
     args = [*TINY, "--method", method, "--model.backbone=resnet8", "--loader", loader, "--steps", "3"]
-    args += ["--data", str(demo_data_for(loader, demo_root)), "--out", str(run), "--train.checkpoint_every=3"]
+    args += ["--data", str(demo_data_for(loader, demo_root)), "--out", str(run), "--checkpoint.every=3"]
     result = pretrain(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     views = 4 if method == "rotnet" else 8
@@ -316,8 +316,8 @@ def test_every_rotation_method_trains_with_every_loader(
 def test_a_compiled_run_resumes_bit_for_bit(tmp_path: Path, demo_root: Path) -> None:
     """torch.compile (inductor, on the CPU) changes how the step runs, not where a resume continues: a run
     killed after its step-2 checkpoint and resumed compiled ends with the uninterrupted run's weights."""
-    common = [*TINY, "--method", "rotnet", "--model.backbone=resnet8", "--steps", "4", "--train.compile=true"]
-    common += ["--train.checkpoint_every=2", "--train.keep_checkpoints=5", "--data", str(demo_root)]
+    common = [*TINY, "--method", "rotnet", "--model.backbone=resnet8", "--steps", "4", "--speed.compile=true"]
+    common += ["--checkpoint.every=2", "--checkpoint.keep=5", "--data", str(demo_root)]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     runs = [partial(pretrain, [*common, "--out", str(out)], tmp_path, timeout=600) for out in (straight, resumed)]
     for result in run_concurrently(runs):

@@ -36,6 +36,8 @@ def models(run: Path) -> dict[str, dict[str, torch.Tensor]]:
 BAD_VALUES = [
     (["--model.stem=bogus"], "model.stem 'bogus': expected one of imagenet, small"),
     (["--model.width=0"], "model.width 0.0: expected a positive multiplier"),
+    (["--train.precision=bf16"], "config key train.precision moved to speed.precision"),
+    (["--train.log_with", "tensorboard"], "config key train.log_with moved to log.tracker"),
     (["--model.width=-1"], "model.width -1.0: expected a positive multiplier"),
     (["--model.attn_heads=7"], "model settings do not build --method selfie"),
     (["--model.position_kind=bogus"], "model.position_kind 'bogus': expected one of auto, full, rowcol"),
@@ -50,7 +52,7 @@ BAD_VALUES = [
     (["--data.std=[0.2, 0, 0.2]"], "data.std (0.2, 0.0, 0.2): expected three positive numbers"),
     (["--data.image_size=0"], "data.image_size 0: expected a positive number of pixels"),
     (["--batch-size", "4096"], "fewer than one global batch of 4096"),
-    (["--train.precision=fp8"], "train.precision 'fp8': expected one of auto, no, fp32, bf16, fp16"),
+    (["--speed.precision=fp8"], "speed.precision 'fp8': expected one of auto, no, fp32, bf16, fp16"),
 ]
 
 
@@ -123,7 +125,7 @@ def test_links_back_into_the_tree_and_sixteen_bit_images(tmp_path: Path, demo_ro
 
 def test_a_torn_log_line_does_not_stop_a_resume(tmp_path: Path, demo_root: Path) -> None:
     run = tmp_path / "run"
-    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--train.checkpoint_every=2"]
+    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--checkpoint.every=2"]
     assert pretrain([*args, "--steps", "2"], tmp_path).returncode == 0
     with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 1.2')  # killed while appending
@@ -136,7 +138,7 @@ def test_a_torn_log_line_does_not_stop_a_resume(tmp_path: Path, demo_root: Path)
 def test_a_diverging_update_is_never_checkpointed(tmp_path: Path, demo_root: Path) -> None:
     run = tmp_path / "run"
     args = [*TINY, "--data", str(demo_root), "--out", str(run), "--lr", "1e38", "--optim.warmup_steps=1"]
-    result = pretrain([*args, "--steps", "6", "--train.checkpoint_every=1"], tmp_path)
+    result = pretrain([*args, "--steps", "6", "--checkpoint.every=1"], tmp_path)
     assert result.returncode == 1 and "non-finite" in result.stderr and "Traceback" not in result.stderr
     for name, state in models(run).items():
         assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), name
@@ -156,11 +158,11 @@ def test_a_failed_checkpoint_write_is_one_line(tmp_path: Path, demo_root: Path) 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Path, demo_root: Path) -> None:
     run = tmp_path / "run"
-    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--train.checkpoint_every=2"]
-    assert pretrain([*args, "--steps", "4", "--train.keep_checkpoints=5"], tmp_path).returncode == 0
+    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--checkpoint.every=2"]
+    assert pretrain([*args, "--steps", "4", "--checkpoint.keep=5"], tmp_path).returncode == 0
     newest = run / "checkpoints" / "step_00000004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
-    resumed = pretrain([*args, "--steps", "4", "--resume", "--train.keep_checkpoints=5"], tmp_path)
+    resumed = pretrain([*args, "--steps", "4", "--resume", "--checkpoint.keep=5"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"skipping {newest}" in resumed.stdout
     assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3, 4]
@@ -168,7 +170,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Pa
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_after_a_checkpoint_and_the_resume_is_bit_exact(tmp_path: Path, demo_root: Path, signum) -> None:
-    common = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--steps", "12", "--train.checkpoint_every=100"]
+    common = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--steps", "12", "--checkpoint.every=100"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     script = str(ROOT / "train" / "pretrain.py")
     process = subprocess.Popen([sys.executable, script, *common, "--out", str(stopped)], cwd=tmp_path,
@@ -199,7 +201,7 @@ def test_a_wedged_peer_ends_the_job_within_the_timeout(tmp_path: Path, demo_root
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     args = [torchrun, "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "train" / "pretrain.py")]
     args += [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--out", str(tmp_path / "run"), "--steps", "400"]
-    process = subprocess.Popen([*args, "--train.collective_timeout=10"], cwd=tmp_path, stdout=subprocess.PIPE,
+    process = subprocess.Popen([*args, "--distributed.collective_timeout=10"], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
@@ -215,7 +217,7 @@ def test_a_wedged_peer_ends_the_job_within_the_timeout(tmp_path: Path, demo_root
     finally:
         subprocess.run(["kill", "-9", str(wedged)])
     assert process.returncode != 0 and time.time() - started < 90
-    assert "train.collective_timeout" in stderr, (stdout[-3000:], stderr[-1500:])
+    assert "distributed.collective_timeout" in stderr, (stdout[-3000:], stderr[-1500:])
 
 
 def photo(path: Path, width: int, height: int) -> None:
@@ -313,3 +315,55 @@ def test_a_sigterm_under_torchrun_prints_one_resume_hint_with_the_launcher(tmp_p
     hints = [line for line in stderr.splitlines() if "resume with:" in line]
     assert len(hints) == 1, stderr[-3000:]
     assert f"resume with: {torchrun} --nproc_per_node 2 " in hints[0] and hints[0].endswith("--resume"), hints[0]
+
+
+# The `train:` section before issue 24 split it: old key -> (its section now, its name there).
+OLD_TRAIN_KEYS = {
+    "precision": ("speed", "precision"),
+    "channels_last": ("speed", "channels_last"),
+    "compile": ("speed", "compile"),
+    "compile_mode": ("speed", "compile_mode"),
+    "cuda_graph": ("speed", "cuda_graph"),
+    "cudnn_benchmark": ("speed", "cudnn_benchmark"),
+    "cpu_threads": ("speed", "cpu_threads"),
+    "log_every": ("log", "every"),
+    "print_every": ("log", "print_every"),
+    "log_with": ("log", "tracker"),
+    "tracker_project": ("log", "tracker_project"),
+    "checkpoint_every": ("checkpoint", "every"),
+    "keep_checkpoints": ("checkpoint", "keep"),
+    "sync_bn": ("distributed", "sync_bn"),
+    "collective_timeout": ("distributed", "collective_timeout"),
+}
+
+
+def in_old_layout(config: dict) -> dict:
+    """A resolved config as the code before the split wrote it: every run key under `train:`."""
+    config = {key: dict(value) if isinstance(value, dict) else value for key, value in config.items()}
+    for old, (section, name) in OLD_TRAIN_KEYS.items():
+        config["train"][old] = config[section].pop(name)
+    for section in {section for section, _ in OLD_TRAIN_KEYS.values()}:
+        assert not config.pop(section), section  # every key of the new sections was under train:
+    return config
+
+
+def test_a_run_written_in_the_old_layout_resumes_bit_for_bit(tmp_path: Path, demo_root: Path) -> None:
+    """A run folder (config.yaml and checkpoint) from before `train:` was split resumes from its own config,
+    given only --out and --resume, and ends where the uninterrupted run ends."""
+    import yaml
+
+    common = [*TINY, "--data", str(demo_root), "--checkpoint.every=2", "--checkpoint.keep=5"]
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert pretrain([*common, "--steps", "4", "--out", str(straight)], tmp_path).returncode == 0
+    assert pretrain([*common, "--steps", "2", "--out", str(old)], tmp_path).returncode == 0
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    (old / "config.yaml").write_text(yaml.safe_dump(in_old_layout(saved), sort_keys=False))
+    checkpoint = old / "checkpoints" / "step_00000002.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    torch.save({**state, "config": in_old_layout(state["config"])}, checkpoint)
+    resumed = pretrain(["--out", str(old), "--resume", "--steps", "4"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = models(straight)["step_00000004.pt"], models(old)["step_00000004.pt"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rewritten = yaml.safe_load((old / "config.yaml").read_text())
+    assert "precision" not in rewritten["train"] and rewritten["checkpoint"] == {"every": 2, "keep": 5}

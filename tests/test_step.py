@@ -61,7 +61,7 @@ def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str 
     """A tiny model of `method` with its step on `device`, from fixed weights (`overrides`: config keys)."""
     config = load_config(stage_class(PretrainConfig), "demo", {**TINY, "method": method, "model.attn_dropout": 0.0,
                                                    "model.backbone": "resnet36" if method == "selfie" else "resnet8",
-                                                   "train.precision": precision, **overrides})  # fmt: skip
+                                                   "speed.precision": precision, **overrides})  # fmt: skip
     torch.manual_seed(0)
     model = build_model(config).to(device)
     optimizer = build_optimizer(model, config.optim, torch.device(device), cuda_graph=cuda_graph)
@@ -261,7 +261,7 @@ def test_a_graphed_adamw_is_capturable_and_host_lr_sgd_is_refused() -> None:
     assert build_optimizer(model, OptimSection(name="adamw"), cuda_graph=True).defaults["capturable"] is True
     assert build_optimizer(model, OptimSection(name="adamw")).defaults["capturable"] is False
     for implementation in ("foreach", "for-loop"):
-        with pytest.raises(ConfigError, match=f"optim.implementation={implementation} with train.cuda_graph=true"):
+        with pytest.raises(ConfigError, match=f"optim.implementation={implementation} with speed.cuda_graph=true"):
             build_optimizer(model, OptimSection(implementation=implementation), cuda_graph=True)
         build_optimizer(model, OptimSection(implementation=implementation, name="lars"), cuda_graph=True)
 
@@ -269,15 +269,15 @@ def test_a_graphed_adamw_is_capturable_and_host_lr_sgd_is_refused() -> None:
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--train.cuda_graph=true", "--train.precision=fp16"], "train.cuda_graph=true with train.precision=fp16"),
-        (["--train.cuda_graph=true", "--optim.implementation=foreach"], "optim.implementation=foreach with train"),
-        (["--train.cuda_graph=true", "--optim.implementation=for-loop"], "the tensor learning rate on the host"),
-        (["--train.cuda_graph=true", "--train.compile=true", "--train.compile_mode=reduce-overhead"], "cannot sit"),
-        (["--train.compile_mode=fast"], "train.compile_mode 'fast': expected one of default, reduce-overhead"),
+        (["--speed.cuda_graph=true", "--speed.precision=fp16"], "speed.cuda_graph=true with speed.precision=fp16"),
+        (["--speed.cuda_graph=true", "--optim.implementation=foreach"], "optim.implementation=foreach with speed"),
+        (["--speed.cuda_graph=true", "--optim.implementation=for-loop"], "the tensor learning rate on the host"),
+        (["--speed.cuda_graph=true", "--speed.compile=true", "--speed.compile_mode=reduce-overhead"], "cannot sit"),
+        (["--speed.compile_mode=fast"], "speed.compile_mode 'fast': expected one of default, reduce-overhead"),
         (["--optim.implementation=magic"], "optim.implementation 'magic': expected one of auto, fused, foreach"),
     ]
     + (
-        [(["--train.cuda_graph=true"], "train.cuda_graph=true needs a CUDA device")]
+        [(["--speed.cuda_graph=true"], "speed.cuda_graph=true needs a CUDA device")]
         if not torch.cuda.is_available()
         else []
     ),
@@ -294,3 +294,17 @@ def test_step_options_that_cannot_work_are_refused_before_any_folder(
     error = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(error) == 1 and message in error[0], error
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fp16_from_the_launcher_with_a_cuda_graph_is_refused_from_the_config_alone(monkeypatch) -> None:
+    """precision auto takes `accelerate launch`'s choice: fp16 there cannot run a graphed step either, and the
+    check needs no device (train/config/checks.py)."""
+    from train.config import ConfigError
+    from train.config.checks import LAUNCHER_PRECISION, check_config
+
+    config = load_config(stage_class(PretrainConfig), "demo", {"speed.cuda_graph": True, "speed.precision": "auto"})
+    monkeypatch.setenv(LAUNCHER_PRECISION, "bf16")
+    check_config(config)
+    monkeypatch.setenv(LAUNCHER_PRECISION, "fp16")
+    with pytest.raises(ConfigError, match=f"speed.precision=auto \\({LAUNCHER_PRECISION}=fp16\\)"):
+        check_config(config)

@@ -107,8 +107,8 @@ def test_tensorboard_receives_every_record_and_a_resume_continues_it(tmp_path: P
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--train.log_with=tensorboard"]
-    first = pretrain([*args, "--steps", "2", "--train.checkpoint_every=2"], tmp_path)
+    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--log.tracker=tensorboard"]
+    first = pretrain([*args, "--steps", "2", "--checkpoint.every=2"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     again = pretrain([*args, "--steps", "4", "--resume"], tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -143,13 +143,13 @@ def test_footguns_a_new_user_hits(tmp_path: Path, demo_root: Path) -> None:
     assert reference.returncode == 2 and "reference recipe" in reference.stderr and "--data" in reference.stderr
     assert not (tmp_path / "c10").exists()
     run = tmp_path / "run"
-    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--train.precision=fp32", "--optim.warmup_steps=50"]
+    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--speed.precision=fp32", "--optim.warmup_steps=50"]
     first = pretrain([*args, "--steps", "2"], tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "warmup_steps=50 is longer than the run's 2 steps" in first.stdout
-    resumed = pretrain(["--out", str(run), "--resume", "--train.cpu_threads=1"], tmp_path)  # nothing else given
+    resumed = pretrain(["--out", str(run), "--resume", "--speed.cpu_threads=1"], tmp_path)  # nothing else given
     assert resumed.returncode == 0 and "nothing to do: the checkpoint is at step 2 of 2" in resumed.stdout
-    longer = pretrain(["--out", str(run), "--resume", "--steps", "3", "--train.cpu_threads=1"], tmp_path)
+    longer = pretrain(["--out", str(run), "--resume", "--steps", "3", "--speed.cpu_threads=1"], tmp_path)
     assert longer.returncode == 0 and "horizon changes from 2 to 3 steps" in longer.stdout, longer.stderr[-2000:]
     script = str(ROOT / "train" / "pretrain.py")
     printed = run_script([script, "--print-config", "--optim.name=lars", "--optim.base_lr=0.3"], tmp_path)
@@ -174,10 +174,8 @@ def test_footguns_a_new_user_hits(tmp_path: Path, demo_root: Path) -> None:
 def test_a_tracker_that_is_not_installed_is_one_clear_line(tmp_path: Path, demo_root: Path) -> None:
     if importlib.util.find_spec("wandb") is not None:
         pytest.skip("wandb is installed here")
-    result = pretrain(
-        [*TINY, "--data", str(demo_root), "--out", str(tmp_path / "r"), "--train.log_with=wandb"], tmp_path
-    )
-    assert result.returncode == 2 and "train.log_with=wandb: wandb is not installed" in result.stderr
+    result = pretrain([*TINY, "--data", str(demo_root), "--out", str(tmp_path / "r"), "--log.tracker=wandb"], tmp_path)
+    assert result.returncode == 2 and "log.tracker=wandb: wandb is not installed" in result.stderr
     assert not (tmp_path / "r").exists() and "Traceback" not in result.stderr
 
 
@@ -190,8 +188,7 @@ def test_the_time_left_follows_the_recent_pace_not_the_warm_up(monkeypatch, caps
     clock = iter([0.0, 100.0, 101.0, 102.0])
     monkeypatch.setattr(train.engine.loop.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(train.engine.loop.sys.stdout, "isatty", lambda: False)
-    run = SimpleNamespace(print_every=0, steps=100)
-    lines = train.engine.loop.ProgressLines(run, "acc", 0, SimpleNamespace(is_main_process=True))
+    lines = train.engine.loop.ProgressLines(0, 100, "acc", 0, SimpleNamespace(is_main_process=True))
     for done in (10, 20, 30):
         lines.line(done, {"loss": 1.0, "acc": 0.5, "images_per_s": 10.0})
     printed = capsys.readouterr().out.splitlines()

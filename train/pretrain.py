@@ -7,7 +7,7 @@ Launch:
     python train/pretext_table.py                                         # all methods, Table 1 on the demo
     accelerate launch train/pretrain.py --config cifar10 --data /data/cifar-10-batches-py
     accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 \\
-        --data /data/imagenet --out runs/in224 --train.sync_bn=true --train.log_with=tensorboard
+        --data /data/imagenet --out runs/in224 --distributed.sync_bn=true --log.tracker=tensorboard
     accelerate launch train/pretrain.py --out runs/in224 --resume         # everything else from the run itself
     accelerate launch --multi_gpu --num_processes 8 train/pretrain.py --config imagenet224 --loader dali \\
         --data /data/imagenet --out runs/in224-dali                         # nvJPEG decode on the GPUs

@@ -9,7 +9,8 @@ Precedence: dataclass defaults < the YAML's shared sections < its block for this
 in either stage's block. Every value is checked when the config is parsed, before anything is written.
 
     schema.py        the sections (dataclasses), their allowed values, how the methods' sections join them
-    loading.py       YAML + overrides -> a checked config; the default config
+    loading.py       YAML + overrides -> a checked config; the default config; keys that moved
+    checks.py        what several keys must satisfy together (cuda_graph and precision, ...)
     command_line.py  --config, the stable flags and --section.key=value -> a config
     yaml_strict.py   the YAML reader (no duplicate keys, no aliases)
 """
@@ -21,6 +22,7 @@ from train.config.loading import (
     config_from,
     default_config_name,
     load_config,
+    moved_keys,
     nest,
     read_yaml,
     resolve_config_path,
@@ -31,15 +33,19 @@ from train.config.schema import (
     CONFIG_DIR,
     GRAPHING_COMPILE_MODES,
     C,
+    CheckpointSection,
     ConfigError,
     DataSection,
+    DistributedSection,
     FinetuneConfig,
     FinetuneSection,
+    LogSection,
     ModelSection,
     MonitorSection,
     OptimSection,
     Plugins,
     PretrainConfig,
+    SpeedSection,
     StageConfig,
     TrainSection,
     allowed_values,
@@ -57,8 +63,11 @@ __all__ = [
     "GRAPHING_COMPILE_MODES",
     "SYSTEM_FASHION_MNIST",
     "C",
+    "CheckpointSection",
     "ConfigError",
     "DataSection",
+    "DistributedSection",
+    "LogSection",
     "FinetuneConfig",
     "FinetuneSection",
     "ModelSection",
@@ -66,6 +75,7 @@ __all__ = [
     "OptimSection",
     "Plugins",
     "PretrainConfig",
+    "SpeedSection",
     "TrainSection",
     "StageConfig",
     "allowed_values",
@@ -77,6 +87,7 @@ __all__ = [
     "config_from",
     "default_config_name",
     "load_config",
+    "moved_keys",
     "nest",
     "read_yaml",
     "resolve_config_path",

@@ -1,6 +1,6 @@
 """The command line of the entry scripts: `--config NAME`, the stable flags (`--lr`, `--steps`, ...) and
 `--section.key=value` overrides, parsed into a checked config (train/config/schema.py). A value is read by its
-key's type, not as YAML: `--train.precision=no` is the string "no", `--optim.weight_decay=1e-4` a number.
+key's type, not as YAML: `--speed.precision=no` is the string "no", `--optim.weight_decay=1e-4` a number.
 """
 
 from __future__ import annotations

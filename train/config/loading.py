@@ -4,6 +4,7 @@ without --config takes."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import types
@@ -18,6 +19,7 @@ from train.config import yaml_strict
 from train.config.schema import (
     BASE_STAGES,
     CONFIG_DIR,
+    MOVED_KEYS,
     C,
     ConfigError,
     Plugins,
@@ -101,6 +103,29 @@ def _apply(config: Any, updates: dict[str, Any], prefix: str = "") -> None:
             _apply(current, value, key + ".")
         else:
             setattr(config, name, _coerce(value, hints[name], key))
+
+
+def moved_keys(tree: dict[str, Any], refuse: bool, prefix: str = "") -> dict[str, Any]:
+    """`tree` (sections of keys, as a YAML or a checkpoint holds them) in the current layout. A key that
+    moved (MOVED_KEYS, old dotted key -> new) is taken to its new place: a run folder's config.yaml or a
+    checkpoint written before the move still loads. With `refuse` (what a user wrote), it is a ConfigError
+    naming the new key instead (under `prefix`: a stage's block)."""
+    tree = copy.deepcopy(tree)
+    for old, new in MOVED_KEYS.items():
+        *path, name = old.split(".")
+        parent = tree
+        for part in path:
+            parent = parent.get(part) if isinstance(parent, dict) else None
+        if not isinstance(parent, dict) or name not in parent:
+            continue
+        if refuse:
+            raise ConfigError(f"config key {prefix}{old} moved to {prefix}{new}")
+        *path, name_now = new.split(".")
+        target = tree
+        for part in path:
+            target = target.setdefault(part, {})
+        target[name_now] = parent.pop(name)
+    return tree
 
 
 def check_values(config: Any, flags: dict[str, str] | None = None, prefix: str = "") -> None:
@@ -197,8 +222,8 @@ def _stage_configs(loaded: dict[str, Any], plugins: Plugins) -> dict[str, StageC
             raise ConfigError(f"config key {stage}: expected a section of keys, got {block!r}")
         names = {f.name for f in dataclasses.fields(stage_cls)}
         config = stage_cls()
-        _apply(config, {key: value for key, value in shared.items() if key in names})
-        _apply(config, block, f"{stage}.")
+        _apply(config, moved_keys({key: value for key, value in shared.items() if key in names}, refuse=True))
+        _apply(config, moved_keys(block, refuse=True, prefix=f"{stage}."), f"{stage}.")
         check_values(config, prefix=f"{stage}.")
         built[stage] = config
     return built
@@ -226,7 +251,7 @@ def load_config(
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
     for dotted, value in (overrides or {}).items():
-        _apply(config, nest(dotted, value))
+        _apply(config, moved_keys(nest(dotted, value), refuse=True))
     check_values(config, flags)
     return config
 
@@ -238,11 +263,11 @@ def config_from(
     plugins_of(cls)
     config = cls()
     try:
-        _apply(config, saved)
+        _apply(config, moved_keys(saved, refuse=False))  # a run written before a key moved
     except ConfigError as error:
         raise ConfigError(f"the run's config.yaml: {error}") from error
     for dotted, value in (overrides or {}).items():
-        _apply(config, nest(dotted, value))
+        _apply(config, moved_keys(nest(dotted, value), refuse=True))
     check_values(config, flags)
     return config
 

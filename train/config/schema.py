@@ -31,11 +31,11 @@ from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 # auto = what `accelerate launch` / `accelerate config` chose, else no; fp32 is another name for no
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
-# torch.compile modes; the two that capture CUDA graphs of their own cannot sit inside train.cuda_graph's
+# torch.compile modes; the two that capture CUDA graphs of their own cannot sit inside speed.cuda_graph's
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 OPTIMIZERS = ("sgd", "lars", "adamw")
-TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # train.log_with (train/engine/tracking.py)
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # log.tracker (train/engine/tracking.py)
 # the optimizer's implementation: auto = fused on CUDA, torch's own choice elsewhere
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
@@ -127,24 +127,25 @@ class OptimSection:
 
 @dataclass
 class TrainSection:
+    """What the run trains: its horizon, batch and seed, and where it writes."""
+
     steps: int = checked(120_000, positive, "a positive number of steps")  # optimizer steps (paper: 120k)
     # global batch: images per optimizer step over all processes
     batch_size: int = checked(512, positive, "a positive number of images")
     seed: int = checked(0, non_negative, "an integer >= 0")  # drives data order, augmentation, masks, init
+    # optimizer steps are taken every grad_accum micro-batches of batch_size / grad_accum images each
+    grad_accum: int = checked(1, positive, "a positive number of micro-batches")
+    out: str | None = None  # run folder; None = runs/<config>-<timestamp>
+    resume: bool = False  # continue from the newest checkpoint in `out`
+
+
+@dataclass
+class SpeedSection:
+    """How the step executes on the machine, not what it computes (up to floating-point rounding)."""
+
     # autocast through Accelerate: no (= fp32) | bf16 | fp16 | auto (the launcher's choice, else no); a
     # value given here wins over the launcher's, and the run says so when they differ
     precision: str = choice(PRECISIONS, "auto")
-    # optimizer steps are taken every grad_accum micro-batches of batch_size / grad_accum images each
-    grad_accum: int = checked(1, positive, "a positive number of micro-batches")
-    sync_bn: bool = False  # several processes: batch-norm statistics over the global batch, not each rank's
-    # seconds a process waits for its peers in a collective before the job ends with an error (a wedged node)
-    collective_timeout: int = checked(300, positive, "a positive number of seconds")
-    log_with: str = choice(TRACKERS, "none")  # experiment tracker that also receives every log record
-    tracker_project: str = "selfie-trainer"  # the tracker's project (W&B project, MLflow experiment, TB folder)
-    # steps between plain progress lines when stdout is not a terminal (a batch job's log); 0 = every log record
-    print_every: int = checked(0, non_negative, "a number of steps >= 0")
-    # intra-op threads per process on a CPU; 0 = available cores / local processes
-    cpu_threads: int = checked(0, non_negative, "a number of threads >= 0")
     channels_last: bool = False  # NHWC patches and weights (faster convolutions on tensor-core GPUs)
     compile: bool = False  # torch.compile the model (the first steps compile; then fewer, fused kernels)
     compile_mode: str = choice(COMPILE_MODES, "default")  # torch.compile's mode
@@ -152,18 +153,65 @@ class TrainSection:
     # per step instead of ~1,000 (CUDA, one process, precision no or bf16)
     cuda_graph: bool = False
     cudnn_benchmark: bool = True  # CUDA: let cuDNN time its algorithms for the step's (static) shapes
-    log_every: int = checked(10, positive, "a positive number of steps")  # steps between log.jsonl records
+    # intra-op threads per process on a CPU; 0 = available cores / local processes
+    cpu_threads: int = checked(0, non_negative, "a number of threads >= 0")
+
+
+@dataclass
+class LogSection:
+    """What a run reports while it trains, and where."""
+
+    every: int = checked(10, positive, "a positive number of steps")  # steps between log.jsonl records
+    # steps between plain progress lines when stdout is not a terminal (a batch job's log); 0 = every log record
+    print_every: int = checked(0, non_negative, "a number of steps >= 0")
+    tracker: str = choice(TRACKERS, "none")  # experiment tracker that also receives every log record
+    tracker_project: str = "selfie-trainer"  # the tracker's project (W&B project, MLflow experiment, TB folder)
+
+
+@dataclass
+class CheckpointSection:
     # steps between checkpoints; a killed run loses at most this many
-    checkpoint_every: int = checked(1000, positive, "a positive number of steps")
-    keep_checkpoints: int = checked(2, positive, "a positive count")  # newest checkpoints kept on disk
-    out: str | None = None  # run folder; None = runs/<config>-<timestamp>
-    resume: bool = False  # continue from the newest checkpoint in `out`
+    every: int = checked(1000, positive, "a positive number of steps")
+    keep: int = checked(2, positive, "a positive count")  # newest checkpoints kept on disk
 
 
-def compute_dtype(run: TrainSection) -> torch.dtype:
+@dataclass
+class DistributedSection:
+    """Settings that matter only with several processes."""
+
+    sync_bn: bool = False  # batch-norm statistics over the global batch, not each rank's
+    # seconds a process waits for its peers in a collective before the job ends with an error (a wedged node)
+    collective_timeout: int = checked(300, positive, "a positive number of seconds")
+
+
+# Keys that moved (old dotted key -> new): a run folder's config.yaml or checkpoint written before reads in
+# the new layout; a user who types an old key is told the new one (train/config/loading.py, moved_keys).
+MOVED_KEYS: dict[str, str] = {
+    f"train.{old}": new
+    for old, new in (
+        ("precision", "speed.precision"),
+        ("channels_last", "speed.channels_last"),
+        ("compile", "speed.compile"),
+        ("compile_mode", "speed.compile_mode"),
+        ("cuda_graph", "speed.cuda_graph"),
+        ("cudnn_benchmark", "speed.cudnn_benchmark"),
+        ("cpu_threads", "speed.cpu_threads"),
+        ("log_every", "log.every"),
+        ("print_every", "log.print_every"),
+        ("log_with", "log.tracker"),
+        ("tracker_project", "log.tracker_project"),
+        ("checkpoint_every", "checkpoint.every"),
+        ("keep_checkpoints", "checkpoint.keep"),
+        ("sync_bn", "distributed.sync_bn"),
+        ("collective_timeout", "distributed.collective_timeout"),
+    )
+}
+
+
+def compute_dtype(speed: SpeedSection) -> torch.dtype:
     """The dtype the model computes its convolutions in: what an input op should write (autocast would cast
     an fp32 input to it anyway, with the same rounding)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision, torch.float32)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(speed.precision, torch.float32)
 
 
 @dataclass
@@ -250,7 +298,8 @@ class Plugins:
 
 @dataclass
 class StageConfig:
-    """What both stages share: the data, the optimizer, the run, the network."""
+    """What both stages share: the data, the optimizer, the run (its schedule, speed, logging, checkpoints
+    and processes), the network."""
 
     STAGE: ClassVar[str] = ""  # the YAML block of this stage
     # what `with_plugins` gave this class; None on the bare classes below, which no config is loaded into
@@ -258,6 +307,10 @@ class StageConfig:
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     train: TrainSection = field(default_factory=TrainSection)
+    speed: SpeedSection = field(default_factory=SpeedSection)
+    log: LogSection = field(default_factory=LogSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     model: ModelSection = field(default_factory=ModelSection)  # fine-tuning: must match the pretraining run's
 
     @classmethod

@@ -38,7 +38,7 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(
-            f"error: a collective with the other processes failed or waited past train.collective_timeout "
+            f"error: a collective with the other processes failed or waited past distributed.collective_timeout "
             f"(a peer stopped answering?): {first[:300]}; the newest checkpoint is intact, --resume continues",
             file=sys.stderr,
         )

@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from accelerate import Accelerator, PartialState
 
 from pipeline.data import Batch, DataError, Source
-from pipeline.loader_request import EvalRequest, TrainRequest, pad_mode_matters
+from pipeline.loader_request import EvalRequest, TrainRequest
 from pipeline.loaders import LOADERS
 from pipeline.patches import PatchSpec
-from train.config import ConfigError, StageConfig
+from train.config import StageConfig
 
 
 def open_data(config: StageConfig, split: str) -> tuple[Source, str]:
@@ -20,23 +20,6 @@ def open_data(config: StageConfig, split: str) -> tuple[Source, str]:
     with PartialState().main_process_first():  # one process builds (or converts) the demo data
         path = config.data.path or str(backend.demo(config.data.cache_dir))
     return backend.open(path, split), path
-
-
-def check_loader_options(config: StageConfig) -> None:
-    """Data settings that cannot work (a reference recipe without its data, an option the configured
-    loader cannot honour), refused before anything runs."""
-    data, backend = config.data, LOADERS[config.data.loader]
-    if data.require_path and data.path is None:
-        raise ConfigError(
-            "this config is a reference recipe (data.require_path=true): it trains on named data, so give "
-            "--data DATA_DIR; the built-in demo data is --config demo's"
-        )
-    if pad_mode_matters(data.augment, data.pad) and data.pad_mode not in backend.pad_modes:
-        raise ConfigError(
-            f"data.pad_mode={data.pad_mode}: the {data.loader} loader pads with {' or '.join(backend.pad_modes)} "
-            f"only; loaders with {data.pad_mode} padding: "
-            f"{', '.join(name for name, b in LOADERS.items() if data.pad_mode in b.pad_modes)}"
-        )
 
 
 def check_batch_fits(source: Source, global_batch: int) -> None:

@@ -59,11 +59,11 @@ ETA_LINES = 5  # progress lines whose pace estimates the time left
 
 
 class ProgressLines:
-    """When stdout is not a terminal (a batch job's log), a plain line every `train.print_every` steps
-    (every log record at 0): step, loss, the task's accuracy, images/s and the time left (rank 0)."""
+    """When stdout is not a terminal (a batch job's log), a plain line every `every` steps (log.print_every;
+    every log record at 0): step, loss, the task's accuracy, images/s and the time left (rank 0)."""
 
-    def __init__(self, run, metric: str, start_step: int, accelerator: Accelerator) -> None:
-        self.run, self.metric, self.start_step = run, metric, start_step
+    def __init__(self, every: int, steps: int, metric: str, start_step: int, accelerator: Accelerator) -> None:
+        self.every, self.steps, self.metric, self.start_step = every, steps, metric, start_step
         self.enabled = accelerator.is_main_process and not sys.stdout.isatty()
         self.printed = start_step
         # (time, step) at the last few lines: the time left comes from the recent pace, so the first
@@ -71,16 +71,16 @@ class ProgressLines:
         self.recent: deque[tuple[float, int]] = deque([(time.perf_counter(), start_step)], maxlen=ETA_LINES)
 
     def line(self, done: int, record: dict[str, Any]) -> None:
-        if not self.enabled or done - self.printed < self.run.print_every:
+        if not self.enabled or done - self.printed < self.every:
             return
         self.printed = done
         self.recent.append((time.perf_counter(), done))
         if len(self.recent) > 2 and self.recent[0][1] == self.start_step:
             self.recent.popleft()
         (then, before), (now, _) = self.recent[0], self.recent[-1]
-        left = (now - then) / (done - before) * (self.run.steps - done)
+        left = (now - then) / (done - before) * (self.steps - done)
         print(
-            f"step {done}/{self.run.steps}: loss {record['loss']:.4f}, {self.metric} {record[self.metric]:.1%}, "
+            f"step {done}/{self.steps}: loss {record['loss']:.4f}, {self.metric} {record[self.metric]:.1%}, "
             f"{record['images_per_s']:,.0f} images/s, {left / 60:.1f} min left",
             flush=True,
         )
@@ -112,8 +112,9 @@ class Loop:
         self.window = MetricWindow(training.accelerator, training.logger, self.run.batch_size, hint)
         self.generator = torch.Generator(device=training.accelerator.device)
         self.last: dict[str, Any] = {}
-        self.run_step = make_step(training.step_parts(task, config.optim.grad_clip), config.train.cuda_graph)
-        self.report = ProgressLines(config.train, task.metric, training.start_step, training.accelerator)
+        self.run_step = make_step(training.step_parts(task, config.optim.grad_clip), config.speed.cuda_graph)
+        every, steps = config.log.print_every, config.train.steps
+        self.report = ProgressLines(every, steps, task.metric, training.start_step, training.accelerator)
 
     def step(self, step: int, batches: list[Batch]) -> None:
         """One optimizer step on the micro-batches of one batch (one, unless train.grad_accum > 1)."""
@@ -136,9 +137,9 @@ class Loop:
     def after(self, done: int, hooks: Hooks, progress: tqdm, title: str, stops: StopRequests) -> None:
         """A finished step's log record, hook and checkpoint when due. A stop signal makes the step a
         checkpoint step (several processes agree at a log step) and ends the run after it."""
-        run, main = self.run, self.t.accelerator.is_main_process
-        checkpoint_due = done % run.checkpoint_every == 0 or done == run.steps
-        logging = done % run.log_every == 0 or checkpoint_due
+        config, main = self.config, self.t.accelerator.is_main_process
+        checkpoint_due = done % config.checkpoint.every == 0 or done == config.train.steps
+        logging = done % config.log.every == 0 or checkpoint_due
         signum = stops.agreed(self.t.accelerator) if logging or self.t.accelerator.num_processes == 1 else None
         checkpoint_due = checkpoint_due or signum is not None
         if logging or checkpoint_due:

@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from train.config import ConfigError, OptimSection
+from train.config import OptimSection
+from train.config.checks import check_graphable
 from train.config.learning_rate import SCALING_BATCH, peak_lr
 
 NO_DECAY_NAMES = ("position", "u0")  # learned embeddings and the pooling token
@@ -19,21 +20,6 @@ def implementation_flags(implementation: str, device: torch.device) -> dict[str,
     if implementation == "auto":
         return {"fused": True} if device.type == "cuda" else {}
     return {"fused": implementation == "fused", "foreach": implementation == "foreach"}
-
-
-# torch's SGD in its foreach and for-loop forms reads a tensor learning rate on the host (an `alpha`
-# argument), which a CUDA graph cannot capture; the fused form reads it on the device.
-GRAPHABLE_SGD_IMPLEMENTATIONS = ("auto", "fused")
-
-
-def check_graphable(optim: OptimSection, cuda_graph: bool) -> None:
-    """The optimizer a graphed step can capture, or ConfigError (checked before anything is written)."""
-    if cuda_graph and optim.name == "sgd" and optim.implementation not in GRAPHABLE_SGD_IMPLEMENTATIONS:
-        raise ConfigError(
-            f"optim.implementation={optim.implementation} with train.cuda_graph=true: torch's {optim.implementation} "
-            "SGD reads the tensor learning rate on the host, which a CUDA graph cannot capture; use "
-            "optim.implementation=fused (or auto)"
-        )
 
 
 def parameter_groups(model: torch.nn.Module, optim: OptimSection) -> list[dict]:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.atomic import write_atomic
-from train.config import ConfigError, StageConfig, to_dict
+from train.config import ConfigError, StageConfig, moved_keys, to_dict
 from train.engine.checkpoint import CHECKPOINT_PATTERN, newest_readable
 from train.engine.run_lock import acquire, read_holder
 
@@ -32,19 +32,19 @@ RESUMABLE_KEYS = frozenset(
         "train.steps",
         "train.out",
         "train.resume",
-        "train.log_every",
-        "train.checkpoint_every",
-        "train.keep_checkpoints",
-        "train.cpu_threads",
-        "train.collective_timeout",
-        "train.print_every",
-        "train.log_with",
-        "train.tracker_project",
+        "log.every",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "speed.cpu_threads",
+        "distributed.collective_timeout",
+        "log.print_every",
+        "log.tracker",
+        "log.tracker_project",
         # How the step is executed, not what it computes (up to floating-point rounding).
-        "train.compile",
-        "train.compile_mode",
-        "train.cuda_graph",
-        "train.cudnn_benchmark",
+        "speed.compile",
+        "speed.compile_mode",
+        "speed.cuda_graph",
+        "speed.cudnn_benchmark",
         "optim.implementation",
         # What the run measures, not what it trains.
         "monitor.clean",
@@ -164,7 +164,8 @@ def prepare_run_dir(
         readable, state = newest_readable(found, quiet=not accelerator.is_main_process)
         if readable is None:
             raise ConfigError(f"--resume: none of the checkpoints in {latest.parent} loads")
-        check_resumable(state["config"], to_dict(config), readable, resumable_keys, "", to_dict(type(config)()))
+        saved = moved_keys(state["config"], refuse=False)  # a checkpoint written before a key moved
+        check_resumable(saved, to_dict(config), readable, resumable_keys, "", to_dict(type(config)()))
     elif latest is not None:
         raise ConfigError(
             f"--out {folder} already holds checkpoints; pass --resume to continue that run or choose another --out"

@@ -44,19 +44,19 @@ def prepare_training(
     config: StageConfig, accelerator: Accelerator, build: Callable[[], torch.nn.Module], init_seed: int
 ) -> Prepared:
     """Build under `init_seed`, the optimizer at the config's peak lr and its warm-up-cosine schedule over
-    train.steps, prepared by Accelerate (and torch.compile with train.compile)."""
+    train.steps, prepared by Accelerate (and torch.compile with speed.compile)."""
     torch.manual_seed(init_seed)
     net = build()
-    if config.train.sync_bn and accelerator.num_processes > 1:
+    if config.distributed.sync_bn and accelerator.num_processes > 1:
         net = synchronise_batch_norm(net, accelerator.device)
-    run = config.train
-    optimizer = build_optimizer(net, config.optim, accelerator.device, run.batch_size, run.cuda_graph)
-    scheduler = build_schedule(optimizer, config.optim, run.steps)
+    speed = config.speed
+    optimizer = build_optimizer(net, config.optim, accelerator.device, config.train.batch_size, speed.cuda_graph)
+    scheduler = build_schedule(optimizer, config.optim, config.train.steps)
     # The loader is not prepared: it shards by global rank itself (pipeline.data) and must not be
     # re-sharded; the scheduler is not prepared so that it steps once per optimizer step.
     model, optimizer = accelerator.prepare(net, optimizer)
-    if run.compile:
-        model = torch.compile(model, mode=run.compile_mode)
+    if speed.compile:
+        model = torch.compile(model, mode=speed.compile_mode)
     return Prepared(accelerator, model, net, optimizer, scheduler)
 
 
@@ -86,7 +86,7 @@ class Training(Prepared):
     start_step: int
     # added to every checkpoint dict, and read back from the one a run resumed from (a tracker's run id)
     extra_state: dict[str, Any] = field(default_factory=dict)
-    tracker: TrackerSink | None = None  # where log records and pictures also go (train.log_with)
+    tracker: TrackerSink | None = None  # where log records and pictures also go (log.tracker)
 
 
 def start_training(
@@ -96,7 +96,7 @@ def start_training(
     restore; the log continues at the restored step."""
     prepared = prepare_training(config, accelerator, build, spec.init_seed)
     torch.manual_seed(derive_seed(spec.seed, accelerator.process_index))  # per-rank dropout
-    checkpoints = Checkpoints(spec.folder / "checkpoints", config.train.keep_checkpoints)
+    checkpoints = Checkpoints(spec.folder / "checkpoints", config.checkpoint.keep)
     logger = JsonlLogger(spec.folder / "log.jsonl", accelerator.is_main_process)
     training = Training(
         **{f.name: getattr(prepared, f.name) for f in fields(Prepared)},

@@ -142,7 +142,7 @@ class GraphedStep:
             self.outputs = self.update()
 
     def __call__(self, batches: list[Batch], generator: torch.Generator, stage: Stage = _no_stage) -> StepResult:
-        (batch,) = batches  # one batch per step: train.grad_accum > 1 with train.cuda_graph is refused
+        (batch,) = batches  # one batch per step: train.grad_accum > 1 with speed.cuda_graph is refused
         with stage(self.parts.task.op_stage):
             inputs = self.parts.task.inputs(batch, generator)
         if self.graph is None:
@@ -196,6 +196,6 @@ class TrainingSnapshot:
 
 
 def make_step(parts: StepParts, cuda_graph: bool) -> EagerStep | GraphedStep:
-    """The step a run executes: graphed (train.cuda_graph) or eager. Either is called with a list of
+    """The step a run executes: graphed (speed.cuda_graph) or eager. Either is called with a list of
     micro-batches (one, unless train.grad_accum > 1), a generator for the input op's draws, and `stage`."""
     return (GraphedStep if cuda_graph else EagerStep)(parts)

@@ -1,4 +1,4 @@
-"""Experiment trackers through Accelerate (`train.log_with`): TensorBoard, Weights & Biases, MLflow.
+"""Experiment trackers through Accelerate (`log.tracker`): TensorBoard, Weights & Biases, MLflow.
 
 Every log.jsonl record's numbers also go to the tracker at the record's step, the pictures drawn at each
 checkpoint too, and the resolved config as the run's hyperparameters. The tracker's run id is kept in the
@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
 from pipeline.atomic import write_atomic
-from train.config import ConfigError, TrainSection
+from train.config import ConfigError, LogSection
 
 INSTALLED = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
 INSTALL = {
@@ -28,9 +28,10 @@ INSTALL = {
 }
 
 
-def check_tracker(run: TrainSection) -> None:
-    if run.log_with != "none" and not INSTALLED[run.log_with]():
-        raise ConfigError(f"train.log_with={run.log_with}: {run.log_with} is not installed ({INSTALL[run.log_with]})")
+def check_tracker(log: LogSection) -> None:
+    """The configured tracker's package is installed on this machine."""
+    if log.tracker != "none" and not INSTALLED[log.tracker]():
+        raise ConfigError(f"log.tracker={log.tracker}: {log.tracker} is not installed ({INSTALL[log.tracker]})")
 
 
 def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -44,24 +45,24 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_trackers(accelerator: Accelerator, run: TrainSection, folder: Path, config: dict) -> str | None:
+def start_trackers(accelerator: Accelerator, log: LogSection, resume: bool, folder: Path, config: dict) -> str | None:
     """Start the configured tracker, continuing the run's tracker run when it has one (folder/trackers.json,
     also copied into every checkpoint); returns the tracker's run id, or None without a tracker."""
-    if run.log_with == "none":
+    if log.tracker == "none":
         return None
     record = folder / "trackers.json"
-    saved = json.loads(record.read_text()) if run.resume and record.is_file() else {}
-    run_id = saved.get("run_id") if saved.get("log_with") == run.log_with else None
+    saved = json.loads(record.read_text()) if resume and record.is_file() else {}
+    run_id = saved.get("run_id") if saved.get("log_with") == log.tracker else None
     accelerator.project_configuration.logging_dir = str(folder / "trackers")
     kwargs = {
         "wandb": {"id": run_id, "resume": "allow"} if run_id else {},
         "mlflow": {"run_id": run_id} if run_id else {},
     }
-    accelerator.init_trackers(run.tracker_project, None, kwargs)
-    store_hyperparameters(accelerator, run.log_with, flat(config), resumed=run_id is not None)
-    run_id = tracker_run_id(accelerator, run.log_with, folder)
-    if accelerator.is_main_process:
-        write_atomic(record, json.dumps({"log_with": run.log_with, "run_id": run_id}).encode())
+    accelerator.init_trackers(log.tracker_project, None, kwargs)
+    store_hyperparameters(accelerator, log.tracker, flat(config), resumed=run_id is not None)
+    run_id = tracker_run_id(accelerator, log.tracker, folder)
+    if accelerator.is_main_process:  # "log_with": the name trackers.json has always had
+        write_atomic(record, json.dumps({"log_with": log.tracker, "run_id": run_id}).encode())
     return run_id
 
 

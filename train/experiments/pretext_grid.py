@@ -141,10 +141,10 @@ def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
         if mine != theirs:
             raise ConfigError(f"model.{key}: {mine!r} for pretraining but {theirs!r} for fine-tuning; expected one")
     # Every run shares this process, and Accelerate keeps the first run's mixed precision.
-    resolve_precision(method.train), resolve_precision(tuning.train)  # auto is the launcher's choice
-    if method.train.precision != tuning.train.precision:
+    resolve_precision(method.speed), resolve_precision(tuning.speed)  # auto is the launcher's choice
+    if method.speed.precision != tuning.speed.precision:
         raise ConfigError(
-            f"train.precision: {method.train.precision} for pretraining but {tuning.train.precision} for "
+            f"speed.precision: {method.speed.precision} for pretraining but {tuning.speed.precision} for "
             "fine-tuning; pretext_table.py runs both stages in one process, so they need one precision"
         )
 

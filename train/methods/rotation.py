@@ -86,7 +86,7 @@ class RotationMethod(PretextMethod):
     def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         """(views, labels) of every image of the batch."""
         data = self.config.data
-        form = ViewFormat(data.mean, data.std, compute_dtype(self.config.train), self.config.train.channels_last)
+        form = ViewFormat(data.mean, data.std, compute_dtype(self.config.speed), self.config.speed.channels_last)
         views = rotation_views(batch.images, self.num_views, self.config.rotation.patch_ratio, form, generator)
         return views.views, views.labels
 

@@ -71,8 +71,8 @@ def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: i
         num_context=num_context,
         mean=data.mean,
         std=data.std,
-        dtype=compute_dtype(config.train),  # the dtype the step asks for: bf16 has its own rounding path
-        channels_last=config.train.channels_last,
+        dtype=compute_dtype(config.speed),  # the dtype the step asks for: bf16 has its own rounding path
+        channels_last=config.speed.channels_last,
     )
     if same:
         return name, op
@@ -119,7 +119,7 @@ class SelfieMethod(PretextMethod):
         """A loader that can cut patches itself (FFCV on the CPU) runs the numba patch op inside its
         pipeline (its threads emit patches ready for P); everywhere else the patch op runs in the step."""
         config = self.config
-        if "patch_spec" not in LOADERS[loader].options or self.patch_op_name != "numba" or config.train.channels_last:
+        if "patch_spec" not in LOADERS[loader].options or self.patch_op_name != "numba" or config.speed.channels_last:
             return None
         return PatchSpec(config.selfie.patch_size, self.num_context, tuple(config.data.mean), tuple(config.data.std))
 
@@ -167,8 +167,8 @@ class SelfieMethod(PretextMethod):
                 self.num_context,
                 data.mean,
                 data.std,
-                dtype=compute_dtype(self.config.train),
-                channels_last=self.config.train.channels_last,
+                dtype=compute_dtype(self.config.speed),
+                channels_last=self.config.speed.channels_last,
             )
         return patches, perm[:, : self.num_context], perm[:, self.num_context :]
 

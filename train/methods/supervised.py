@@ -28,12 +28,12 @@ def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
         frozen=ft.linear_probe,
         head=HeadShape(ft.head, ft.head_hidden),
     )
-    return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
+    return model.to(memory_format=torch.channels_last) if config.speed.channels_last else model
 
 
 def model_input(images: torch.Tensor, config: FinetuneConfig) -> torch.Tensor:
     x = normalize(images, config.data.mean, config.data.std)
-    return x.contiguous(memory_format=torch.channels_last) if config.train.channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if config.speed.channels_last else x
 
 
 class SupervisedTask:

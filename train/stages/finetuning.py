@@ -20,9 +20,10 @@ from pipeline.atomic import write_atomic
 from pipeline.data import INIT_STREAM, DataError, Source, check_readable, derive_seed
 from pipeline.subsets import SubsetSource, holdout_split, select_labeled_subset
 from train.config import FinetuneConfig, to_dict
+from train.config.checks import check_config
 from train.config.command_line import RUN_FLAGS, parse_args
 from train.config.learning_rate import describe_lr, warmup_warning
-from train.engine.loading import check_loader_options, open_data, train_batches
+from train.engine.loading import open_data, train_batches
 from train.engine.loop import Hooks, TrainingData, fit
 from train.engine.run_folder import RESUMABLE_KEYS, prepare_run_dir, record_invocation
 from train.engine.run_lock import releasing_locks
@@ -54,7 +55,7 @@ STABLE_FLAGS = {
 
 def validate(config: FinetuneConfig) -> None:
     """Check what can be checked before any work starts (every key's values are checked when parsed)."""
-    check_loader_options(config)
+    check_config(config)
     check_model_builds(lambda: build_model(config, num_classes=1), f"--arch {config.finetune.arch}")
 
 
@@ -163,8 +164,8 @@ def finetune_seed(run: SeedRun, seed: int, subset: np.ndarray) -> dict:
     # The whole training set's size is recorded: the labelled subset is drawn from it.
     spec = RunSpec(seed_dir, KIND, seed, init_seed=init_seed, num_images=len(splits.train), extra_state=state)
     training = start_training(config, accelerator, build, spec)
-    if config.train.log_with != "none":
-        training.tracker = training.logger.sink = TrackerSink(accelerator, config.train.log_with, f"seed_{seed}/")
+    if config.log.tracker != "none":
+        training.tracker = training.logger.sink = TrackerSink(accelerator, config.log.tracker, f"seed_{seed}/")
     if ft.linear_probe and ft.recalibrate_bn and run.pretrained is not None and training.start_step == 0:
         recalibrate_probe(training, config, splits)
     evaluation = TestEvaluation(training, splits.evaluation, config)
@@ -232,7 +233,7 @@ def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Spli
         f"classes; evaluated on {splits.evaluation_name} ({len(splits.evaluation)} images); {ft.seeds} seed(s) "
         f"from {run.seed}; {run.steps} steps of {run.batch_size} images ({per_process} per process, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}), {config.optim.name} "
-        f"{describe_lr(config.optim, run.batch_size)}, precision {run.precision}; run folder {run.out}"
+        f"{describe_lr(config.optim, run.batch_size)}, precision {config.speed.precision}; run folder {run.out}"
     )
 
 
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(config: FinetuneConfig, config_name: str) -> dict:
     """Fine-tune every seed of `config` into its run folder; returns the folder and the seeds' summary."""
     validate(config)
-    accelerator = make_accelerator(config.train, config.optim)
+    accelerator = make_accelerator(config)
     per_process_batch(config.train, accelerator)
     splits, config.data.path = open_splits(config)  # config.yaml records where the data is
     seeds = [config.train.seed + k for k in range(config.finetune.seeds)]
@@ -275,7 +276,7 @@ def run(config: FinetuneConfig, config_name: str) -> dict:
     keys, pattern = FINETUNE_RESUMABLE_KEYS, "seed_*/checkpoints/step_*.pt"
     run_dir = prepare_run_dir(config, f"finetune-{config_name}", accelerator, pattern, keys)
     record_invocation(run_dir, accelerator, 0)
-    tracker_id = start_trackers(accelerator, config.train, run_dir, to_dict(config))
+    tracker_id = start_trackers(accelerator, config.log, config.train.resume, run_dir, to_dict(config))
     for text in (describe(config, pretrained, splits, accelerator), warmup_warning(config.optim, config.train.steps)):
         if text:
             accelerator.print(text)

@@ -11,10 +11,11 @@ from accelerate import Accelerator
 
 from pipeline.data import Source, check_readable
 from train.config import PretrainConfig, to_dict
+from train.config.checks import check_config
 from train.config.command_line import RUN_FLAGS, parse_args
 from train.config.learning_rate import describe_lr, warmup_warning
 from train.engine.curves import read_log
-from train.engine.loading import check_batch_fits, check_loader_options, open_data, train_batches
+from train.engine.loading import check_batch_fits, open_data, train_batches
 from train.engine.loop import Hooks, TrainingData, fit
 from train.engine.run_folder import prepare_run_dir, record_invocation
 from train.engine.run_lock import releasing_locks
@@ -35,27 +36,27 @@ def stable_flags() -> dict:
 
 def build_model(config: PretrainConfig) -> torch.nn.Module:
     model = METHODS[config.method].build_model(config)
-    return model.to(memory_format=torch.channels_last) if config.train.channels_last else model
+    return model.to(memory_format=torch.channels_last) if config.speed.channels_last else model
 
 
 def validate(config: PretrainConfig) -> type[PretextMethod]:
     """Everything that can be checked before any work starts; returns the method's class."""
     method = METHODS[config.method]
-    check_loader_options(config)
+    check_config(config)
     method.check(config)
     check_model_builds(lambda: method.build_model(config), f"--method {config.method}")
     return method
 
 
 def describe(config: PretrainConfig, method: PretextMethod, training: Training, source: Source, batch: int) -> str:
-    run, accelerator = config.train, training.accelerator
+    run, accelerator, precision = config.train, training.accelerator, config.speed.precision
     parameters = sum(p.numel() for p in training.net.parameters()) / 1e6
     accumulated = f", {run.grad_accum} micro-batches of {batch}" if run.grad_accum > 1 else f" ({batch} per process)"
     return (
         f"{config.method}: {len(source)} images from {config.data.path}; {config.data.image_size}px, "
         f"{method.describe()}; {accelerator.num_processes} process(es) on {accelerator.device}, {run.batch_size} "
         f"images/step{accumulated}, {config.optim.name} {describe_lr(config.optim, run.batch_size)}, precision "
-        f"{run.precision}; {config.model.backbone} backbone, {parameters:.2f}M parameters; run folder {run.out}"
+        f"{precision}; {config.model.backbone} backbone, {parameters:.2f}M parameters; run folder {run.out}"
     )
 
 
@@ -74,10 +75,10 @@ def width_note(config: PretrainConfig) -> str | None:
 
 def start_tracking(config: PretrainConfig, training: Training) -> None:
     """The configured tracker, continuing the run's tracker run on a resume; records and pictures go to it."""
-    run_id = start_trackers(training.accelerator, config.train, training.folder, to_dict(config))
-    if config.train.log_with != "none":
+    run_id = start_trackers(training.accelerator, config.log, config.train.resume, training.folder, to_dict(config))
+    if config.log.tracker != "none":
         training.extra_state["tracker_run_id"] = run_id
-        training.tracker = TrackerSink(training.accelerator, config.train.log_with)
+        training.tracker = TrackerSink(training.accelerator, config.log.tracker)
         training.logger.sink = training.tracker
 
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(config: PretrainConfig, config_name: str) -> dict:
     """Train `config` into its run folder; returns the run folder and the last log record."""
     validate(config)
-    accelerator = make_accelerator(config.train, config.optim)
+    accelerator = make_accelerator(config)
     method, training, source, batch = set_up(config, config_name, accelerator)
     start_tracking(config, training)
     notes = (warmup_warning(config.optim, config.train.steps), width_note(config))
