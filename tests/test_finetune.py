@@ -268,14 +268,14 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         (["--data", str(no_test_split)], "no test split"),
         (["--data", str(other_classes)], "the test split's 11 classes differ from the training split's 10"),
         (["--model.stem=tiny"], "model.stem 'tiny': expected one of imagenet, small"),
-        (["--model.attn_heads=7", "--arch", "resnet36_attn"], "model settings do not build --arch resnet36_attn"),
+        (["--selfie.attn_heads=7", "--arch", "resnet36_attn"], "model settings do not build --arch resnet36_attn"),
         (
             ["--init", str(wrong_kind / "seed_0" / "checkpoints" / "step_00000002.pt")],
             "a 'finetune' checkpoint; expected",
         ),
         (["--init", str(wrong_kind)], "a fine-tuning run folder; expected a pretraining run folder"),
         (["--init", str(pretrained_run), "--model.width=0.25"], "pretrained with model.width=0.125"),
-        (["--init", str(pretrained_run), "--arch", "resnet36_attn", "--model.attn_heads=8"], "model.attn_heads=4"),
+        (["--init", str(pretrained_run), "--arch", "resnet36_attn", "--selfie.attn_heads=8"], "its attention pooling is PoolShape(layers=1, intermediate=32, heads=4"),
         (["--init", str(tmp_path / "nowhere")], "no such file or folder"),
         (["--init", str(pretrained_run), "--linear-probe"], "resnet50's stage 4 is not pretrained"),
         (
