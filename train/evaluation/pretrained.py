@@ -104,7 +104,7 @@ def check_pool_fits(pretrained: Pretrained, config: FinetuneConfig) -> None:
     if theirs is not None and dataclasses.replace(theirs, dropout=mine.dropout) != mine:
         raise ConfigError(
             f"--init {pretrained.path}: its attention pooling is {theirs} but this run's is {mine}; use the "
-            f"pretraining run's --config or its {pretrained.method} section's keys"
+            f"pretraining run's --config or its {METHODS[pretrained.method].section} section's values"
         )
 
 

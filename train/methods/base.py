@@ -4,8 +4,9 @@
 The training loop (train/engine/loop.py) runs a `Task` (train/engine/task.py): a pretext method during
 pretraining, the supervised classifier (train/methods/supervised.py) during fine-tuning. The core of a pretext
 method is its `name`, its `metric` and `chance`, `build_model`, `inputs`, and (by default the model's own)
-`objective`. Optional: its own config section (`section`, `Settings`, `flags`, `check`), the clean-metric
-probe, what a loader may do for it, and the presentation. The registry (train/methods/registry.py) lists the methods.
+`objective`. Optional: its own config section (`section`, `Settings`, `flags`, `check`, `moved_keys`), the
+shape of an attention pooling fine-tuning rebuilds (`pool_shape`), the clean-metric probe, what a loader
+may do for it, and the presentation. The registry (train/methods/registry.py) lists the methods.
 
 A pretext model's contract: `model(*method.inputs(batch, generator))` returns an object with a scalar
 `loss` and a scalar `accuracy`, and equals `model.forward_head(model.forward_features(inputs[0]),
