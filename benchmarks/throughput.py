@@ -253,7 +253,7 @@ def arguments() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="loader processes/threads")
     parser.add_argument(
-        "--set", action="append", default=[], help="any config key, e.g. model.attn_layers=1 (or --model.attn_layers=1)"
+        "--set", action="append", default=[], help="any config key, e.g. model.width=0.5 (or --model.width=0.5)"
     )
     parser.add_argument(
         "--data", default="auto", help="auto (demo at <=64 px, else the JPEG set) | jpeg | demo | folder"

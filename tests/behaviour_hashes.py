@@ -20,9 +20,9 @@ import torch
 STEPS = "20"
 TINY = [
     "--model.width=0.125",
-    "--model.attn_heads=4",
-    "--model.attn_intermediate=32",
-    "--model.attn_layers=1",
+    "--selfie.attn_heads=4",
+    "--selfie.attn_intermediate=32",
+    "--selfie.attn_layers=1",
     "--data.workers=0",
     "--batch-size=8",
     "--log.every=5",

@@ -41,9 +41,9 @@ T = TypeVar("T")
 # A Selfie small enough that a few steps take a second on one CPU core.
 TINY = [
     "--model.width=0.125",
-    "--model.attn_heads=4",
-    "--model.attn_intermediate=32",
-    "--model.attn_layers=1",
+    "--selfie.attn_heads=4",
+    "--selfie.attn_intermediate=32",
+    "--selfie.attn_layers=1",
     "--data.workers=0",
     "--batch-size=8",
     "--log.every=1",

@@ -57,7 +57,7 @@ def test_loader_benchmark_times_every_backend(tmp_path, capsys: pytest.CaptureFi
 @pytest.mark.needs_loader("ffcv")
 @pytest.mark.needs_loader("dali")
 def test_throughput_benchmark_runs_every_mode(tmp_path, demo_root, capsys: pytest.CaptureFixture) -> None:
-    tiny = ["--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--set", "model.attn_intermediate=32"]
+    tiny = ["--set", "selfie.attn_layers=1", "--set", "selfie.attn_heads=4", "--set", "selfie.attn_intermediate=32"]
     record = throughput.main(
         [
             *tiny,
@@ -127,7 +127,7 @@ def test_every_registered_method_and_loader_has_its_modes() -> None:
 
 
 def test_a_batch_sweep_and_the_fine_tuning_step(tmp_path, demo_root) -> None:
-    args = ["--width", "0.125", "--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--workers", "1"]
+    args = ["--width", "0.125", "--set", "selfie.attn_layers=1", "--set", "selfie.attn_heads=4", "--workers", "1"]
     args += [
         "--warmup",
         "1",
@@ -157,7 +157,7 @@ def test_the_naive_baseline_computes_the_step_the_trainer_computes(demo_root) ->
     import torch
 
     args = throughput.parse_args(["--batch", "4", "--width", "0.125", "--cache", str(demo_root.parent)])
-    args.set = ["model.attn_layers=1", "model.attn_heads=4", "model.attn_intermediate=32"]
+    args.set = ["selfie.attn_layers=1", "selfie.attn_heads=4", "selfie.attn_intermediate=32"]
     bench = modes.Bench(args, 4)
     bench.net.eval()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
@@ -182,7 +182,7 @@ def test_the_benchmark_sets_up_through_the_trainers_path(demo_root, monkeypatch)
 
     monkeypatch.setattr(modes, "prepare_training", recording)
     args = throughput.parse_args(["--batch", "4", "--width", "0.125", "--cache", str(demo_root.parent)])
-    args.set = ["model.attn_layers=1", "model.attn_heads=4", "model.attn_intermediate=32"]
+    args.set = ["selfie.attn_layers=1", "selfie.attn_heads=4", "selfie.attn_intermediate=32"]
     bench = modes.Bench(args, 4)
     assert calls == [bench.config] and bench.parts.optimizer is bench.optimizer
     factor = bench.parts.scheduler.lr_lambdas[0]
@@ -190,8 +190,8 @@ def test_the_benchmark_sets_up_through_the_trainers_path(demo_root, monkeypatch)
 
 
 def test_the_benchmark_speaks_the_trainers_vocabulary() -> None:
-    args = throughput.parse_args(["--batch-size", "8,16", "--model.attn_layers=1", "--speed.cpu_threads", "1"])
-    assert args.batch == [8, 16] and args.set == ["model.attn_layers=1", "speed.cpu_threads=1"]
+    args = throughput.parse_args(["--batch-size", "8,16", "--selfie.attn_layers=1", "--speed.cpu_threads", "1"])
+    assert args.batch == [8, 16] and args.set == ["selfie.attn_layers=1", "speed.cpu_threads=1"]
     assert throughput.parse_args(["--precision", "fp32"]).precision == "fp32"
     with pytest.raises(SystemExit):
         throughput.parse_args(["--bogus"])
@@ -208,7 +208,7 @@ def test_the_json_holds_every_batch_size_measured_before_a_failure(tmp_path, dem
 
     monkeypatch.setattr(throughput, "run_mode", out_of_memory_at_4)
     path = tmp_path / "sweep.json"
-    args = ["--width", "0.125", "--set", "model.attn_layers=1", "--set", "model.attn_heads=4", "--workers", "1"]
+    args = ["--width", "0.125", "--set", "selfie.attn_layers=1", "--set", "selfie.attn_heads=4", "--workers", "1"]
     args += ["--warmup", "1", "--window", "1", "--windows", "1", "--profile-steps", "0"]
     args += ["--cache", str(demo_root.parent), "--modes", "synthetic", "--batch", "2,4", "--json", str(path)]
     with pytest.raises(torch.cuda.OutOfMemoryError):

@@ -13,12 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.conftest import TINY, pretrain
 from train import export
 from train.config import ConfigError
 from train.engine.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from train.engine.cli import run_cli
+from train.methods.selfie import MOVED_KEYS
 from train.stages import finetuning as finetune
 from train.stages import pretraining as pretrain_module
 from train.upgrade_checkpoint import main as upgrade_main
@@ -176,3 +178,21 @@ def test_an_export_whose_tensors_are_under_another_prefix_is_one_line(run: Path,
     torch.save(state, path)
     line = refused(export.main, [str(path), "--format", "torch", "--out", str(tmp_path / "p.pt")], capsys)
     assert "backbone does not load: tensors" in line and "missing (e.g." in line, line
+
+
+def test_a_run_folder_in_the_old_key_layout_resumes_bit_exact(tmp_path: Path, demo_root: Path) -> None:
+    """A run whose config.yaml holds Selfie's keys where the shared model section held them (before issue 24)
+    resumes from it, each key in its new place, and reaches the weights of a run never stopped."""
+    common = [*TINY, "--data", str(demo_root), "--checkpoint.every=2"]
+    straight, old = tmp_path / "straight", tmp_path / "old"
+    assert pretrain([*common, "--steps", "4", "--out", str(straight)], tmp_path).returncode == 0
+    assert pretrain([*common, "--steps", "2", "--out", str(old)], tmp_path).returncode == 0
+    saved = yaml.safe_load((old / "config.yaml").read_text())
+    for key in MOVED_KEYS.values():
+        saved["model"][key.split(".")[1]] = saved["selfie"].pop(key.split(".")[1])
+    (old / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert saved["model"]["attn_heads"] == 4  # TINY's, not the default: the resume must read it from there
+    resumed = pretrain(["--data", str(demo_root), "--out", str(old), "--resume", "--steps", "4"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = (torch.load(run / "checkpoints" / "step_00000004.pt", weights_only=True)["model"] for run in (straight, old))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -21,7 +21,7 @@ from train.evaluation.monitors import whole_images
 from train.methods import stage_class
 from train.stages import pretraining as pretrain
 
-SMALL = ["--model.width=0.125", "--model.attn_heads=4", "--model.attn_intermediate=32", "--model.attn_layers=1"]
+SMALL = ["--model.width=0.125", "--selfie.attn_heads=4", "--selfie.attn_intermediate=32", "--selfie.attn_layers=1"]
 GROUPS = ["--monitor.clean_images=8", "--monitor.clean_masks=2", "--monitor.clean_chunk=4"]
 
 

@@ -29,7 +29,7 @@ TOLERANCE = {"rtol": 1e-3, "atol": 1e-4}
 # run (inductor's own random stream) and the eager one draw nothing differently.
 STAGES = {
     **{
-        method: (pretrain, ["--method", method, "--model.backbone=resnet8", "--model.attn_dropout=0"])
+        method: (pretrain, ["--method", method, "--model.backbone=resnet8", "--selfie.attn_dropout=0"])
         for method in METHODS
     },
     "finetune": (finetune, ["--arch", "resnet8", "--seeds", "1", "--finetune.eval_batch_size=200"]),

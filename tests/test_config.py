@@ -56,8 +56,8 @@ def test_paper_settings_in_builtin_configs() -> None:
     assert (cifar.data.image_size, cifar.selfie.patch_size, cifar.train.batch_size) == (32, 8, 512)
     assert (imagenet.data.image_size, imagenet.selfie.patch_size, imagenet.train.batch_size) == (224, 32, 1024)
     for config in (cifar, imagenet):
-        assert config.model.width == 1.0 and config.model.attn_heads == 32
-        assert config.model.attn_intermediate == 640 and config.model.attn_layers == 3
+        assert config.model.width == 1.0 and config.selfie.attn_heads == 32
+        assert config.selfie.attn_intermediate == 640 and config.selfie.attn_layers == 3
         assert config.optim.momentum == 0.9 and config.optim.nesterov and config.optim.weight_decay == 1e-4
         assert config.optim.warmup_steps == 100 and config.train.steps == 120_000
     assert imagenet.data.augment == "random_resized_crop" and imagenet.model.stem == "imagenet"
@@ -71,7 +71,7 @@ def test_flags_and_dotted_overrides() -> None:
         "0.3",
         "--steps",
         "7",
-        "--model.position_on_context=false",
+        "--selfie.position_on_context=false",
         "--data.crop_scale",
         "[0.2, 1.0]",
         "--resume",
@@ -81,7 +81,7 @@ def test_flags_and_dotted_overrides() -> None:
     config, name = parse_args(argv, PretrainConfig, STABLE_FLAGS, "test")
     assert name == "demo"
     assert config.optim.lr == 0.3 and config.train.steps == 7 and config.train.resume
-    assert config.model.position_on_context is False and config.data.crop_scale == (0.2, 1.0)
+    assert config.selfie.position_on_context is False and config.data.crop_scale == (0.2, 1.0)
 
 
 def test_unknown_and_mistyped_keys_are_named(tmp_path: Path) -> None:
@@ -99,6 +99,42 @@ def test_unknown_and_mistyped_keys_are_named(tmp_path: Path) -> None:
         load_config(PretrainConfig, "nonesuch")
     with pytest.raises(SystemExit):
         parse_args(["stray"], PretrainConfig, STABLE_FLAGS, "test")
+
+
+# Selfie's keys as the shared model section held them before they moved into its own section (issue 24).
+OLD_LAYOUT = {"model": {"width": 0.5, "attn_heads": 4, "attn_layers": 1, "position_on_context": False}}
+
+
+@pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig], ids=["pretraining", "finetuning"])
+def test_a_saved_config_in_the_old_layout_loads_into_the_new_one(cls: type) -> None:
+    """A run folder's config.yaml written before Selfie's keys moved: each old key lands in its new place."""
+    config = config_module.config_from(cls, OLD_LAYOUT, {"optim.lr": 0.2})
+    assert config.model.width == 0.5 and config.optim.lr == 0.2
+    assert (config.selfie.attn_heads, config.selfie.attn_layers, config.selfie.position_on_context) == (4, 1, False)
+    assert config.selfie.attn_intermediate == 640  # not in the file: the default, as before
+    assert "attn_heads" not in to_dict(config)["model"]
+
+
+def test_a_moved_key_typed_is_one_error_naming_its_new_place(tmp_path: Path) -> None:
+    message = "config key model.attn_heads moved to selfie.attn_heads"
+    for cls in (PretrainConfig, FinetuneConfig):
+        with pytest.raises(ConfigError, match=message):
+            parse_args(["--model.attn_heads=4"], cls, {}, "test")
+    shared, block = tmp_path / "shared.yaml", tmp_path / "block.yaml"
+    shared.write_text("model:\n  width: 0.5\n  attn_heads: 4\n")
+    block.write_text("pretraining:\n  model:\n    position_kind: full\n")
+    with pytest.raises(ConfigError, match=f"shared.yaml: {message}$"):
+        load_config(PretrainConfig, str(shared))
+    with pytest.raises(
+        ConfigError, match="block.yaml: config key pretraining.model.position_kind moved to pretraining.selfie"
+    ):
+        load_config(FinetuneConfig, str(block))
+    with pytest.raises(ConfigError, match="config key model.attn_dropout moved to selfie.attn_dropout"):
+        config_module.config_from(PretrainConfig, OLD_LAYOUT, {"model.attn_dropout": 0.0})  # on a resume
+
+
+def test_the_shared_config_holds_no_method_key() -> None:
+    assert {f.name for f in dataclasses.fields(schema.ModelSection)} == {"backbone", "width", "stem"}
 
 
 def test_to_dict_round_trips() -> None:
@@ -131,7 +167,7 @@ CHOICE_KEYS = [(stage, key, allowed) for stage, (cls, _) in STAGES.items() for k
 def test_every_fixed_set_key_is_declared_as_a_choice() -> None:
     keys = {key for _, key, _ in CHOICE_KEYS}
     expected = {"method", "model.backbone", "model.stem", "data.loader", "data.augment", "speed.precision"}
-    expected |= {"finetune.arch", "finetune.head", "selfie.patch_op", "model.position_kind"}
+    expected |= {"finetune.arch", "finetune.head", "selfie.patch_op", "selfie.position_kind"}
     assert expected <= keys
 
 
@@ -260,7 +296,7 @@ def test_an_old_key_in_a_yaml_names_its_new_place(tmp_path: Path) -> None:
         load_config(cls, "demo", {"train.sync_bn": True})
 
 
-def test_a_saved_config_in_the_old_layout_loads_into_the_new_one() -> None:
+def test_a_saved_config_in_the_old_train_layout_loads_into_the_new_one() -> None:
     """A run folder's config.yaml written before the split: every moved key lands in its new place."""
     old = {"train": {"steps": 7, "precision": "bf16", "log_every": 3, "log_with": "tensorboard", "keep_checkpoints": 4}}
     old["train"] |= {"collective_timeout": 60, "cpu_threads": 1}

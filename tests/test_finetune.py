@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.attention_pool import PoolShape
 from model.classifier import ARCHS, pretrained_backbones
 from pipeline.beton_writer import ConvertOptions, convert
 from pipeline.loaders import LOADERS
@@ -154,6 +155,20 @@ def test_a_checkpoint_that_does_not_record_its_parts_finds_them_on_the_methods_m
         read_pretrained(tmp_path / "unknown.pt")
 
 
+def test_a_checkpoint_in_the_old_key_layout_gives_its_attention_poolings_shape(
+    tmp_path: Path, pretrained_run: Path
+) -> None:
+    """A checkpoint whose config holds Selfie's keys in the shared model section (before issue 24): its A's
+    shape is read from there, not taken as the default."""
+    state = torch.load(sorted((pretrained_run / "checkpoints").glob("*.pt"))[-1], weights_only=True)
+    settings = state["config"].pop("selfie")
+    state["config"]["model"] |= {key: settings[key] for key in ("attn_layers", "attn_intermediate", "attn_heads")}
+    torch.save(state, tmp_path / "old.pt")
+    old = read_pretrained(tmp_path / "old.pt")
+    assert old.pool == PoolShape(layers=1, intermediate=32, heads=4)  # TINY's
+    assert old.model_config == {"backbone": "resnet36", "width": 0.125, "stem": "small"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet36", "resnet36_attn"])
 def test_a_linear_probe_leaves_the_pretrained_backbone_untouched(
@@ -268,14 +283,18 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         (["--data", str(no_test_split)], "no test split"),
         (["--data", str(other_classes)], "the test split's 11 classes differ from the training split's 10"),
         (["--model.stem=tiny"], "model.stem 'tiny': expected one of imagenet, small"),
-        (["--model.attn_heads=7", "--arch", "resnet36_attn"], "model settings do not build --arch resnet36_attn"),
+        (["--selfie.attn_heads=7", "--arch", "resnet36_attn"], "model settings do not build --arch resnet36_attn"),
         (
             ["--init", str(wrong_kind / "seed_0" / "checkpoints" / "step_00000002.pt")],
             "a 'finetune' checkpoint; expected",
         ),
         (["--init", str(wrong_kind)], "a fine-tuning run folder; expected a pretraining run folder"),
         (["--init", str(pretrained_run), "--model.width=0.25"], "pretrained with model.width=0.125"),
-        (["--init", str(pretrained_run), "--arch", "resnet36_attn", "--model.attn_heads=8"], "model.attn_heads=4"),
+        (
+            ["--init", str(pretrained_run), "--arch", "resnet36_attn", "--selfie.attn_heads=8"],
+            "its attention pooling is PoolShape(layers=1, intermediate=32, heads=4, dropout=0.1) but this run's is "
+            "PoolShape(layers=1, intermediate=32, heads=8",
+        ),
         (["--init", str(tmp_path / "nowhere")], "no such file or folder"),
         (["--init", str(pretrained_run), "--linear-probe"], "resnet50's stage 4 is not pretrained"),
         (

@@ -9,7 +9,7 @@ import yaml
 from tests.conftest import ROOT, run_concurrently, run_script
 
 COMMON = "--batch-size 8 --data.workers=0 --speed.cpu_threads=1 --model.width=0.25"
-PRETRAIN = f"{COMMON} --steps 2 --model.attn_layers=1 --model.attn_heads=4 --model.attn_intermediate=32"
+PRETRAIN = f"{COMMON} --steps 2 --selfie.attn_layers=1 --selfie.attn_heads=4 --selfie.attn_intermediate=32"
 FINETUNE = f"{COMMON} --steps 2 --finetune.head_hidden=16 --finetune.eval_batch_size=200"
 
 

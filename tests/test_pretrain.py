@@ -153,7 +153,7 @@ def test_two_processes_stay_in_sync_and_read_disjoint_shards(tmp_path: Path, dem
     config = load_config(
         stage_class(PretrainConfig),
         "demo",
-        {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1},
+        {"model.width": 0.125, "selfie.attn_heads": 4, "selfie.attn_intermediate": 32, "selfie.attn_layers": 1},
     )
     initial = dict(build_model(config).named_parameters())
     assert any(not torch.equal(initial[n], rank0["params"][n]) for n in initial)

@@ -14,7 +14,7 @@ from train.engine.step import EagerStep, GraphedStep, StepParts, TrainingSnapsho
 from train.methods import METHODS, stage_class
 from train.stages.pretraining import build_model
 
-TINY = {"model.width": 0.125, "model.attn_heads": 4, "model.attn_intermediate": 32, "model.attn_layers": 1}
+TINY = {"model.width": 0.125, "selfie.attn_heads": 4, "selfie.attn_intermediate": 32, "selfie.attn_layers": 1}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -59,7 +59,7 @@ def test_every_cpu_implementation_takes_the_same_step() -> None:
 
 def setup(device: str, cuda_graph: bool, method: str = "selfie", precision: str = "no", **overrides):
     """A tiny model of `method` with its step on `device`, from fixed weights (`overrides`: config keys)."""
-    config = load_config(stage_class(PretrainConfig), "demo", {**TINY, "method": method, "model.attn_dropout": 0.0,
+    config = load_config(stage_class(PretrainConfig), "demo", {**TINY, "method": method, "selfie.attn_dropout": 0.0,
                                                    "model.backbone": "resnet36" if method == "selfie" else "resnet8",
                                                    "speed.precision": precision, **overrides})  # fmt: skip
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_dropout_inside_the_graph_draws_fresh_masks_at_every_replay() -> None:
     """Attention dropout captured in the graph: each replay advances the CUDA generator and draws new
     dropout masks (not the capture's, baked in). With the learning rate at zero the weights stay put, so
     the same batch under the same patch masks can differ between replays only through dropout."""
-    model, step, optimizer = setup("cuda", True, "selfie", **{"model.attn_dropout": 0.5})
+    model, step, optimizer = setup("cuda", True, "selfie", **{"selfie.attn_dropout": 0.5})
     step.parts.scheduler.base_lrs = [0.0] * len(optimizer.param_groups)
     for group in optimizer.param_groups:
         group["lr"] = 0.0

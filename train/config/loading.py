@@ -105,29 +105,6 @@ def _apply(config: Any, updates: dict[str, Any], prefix: str = "") -> None:
             setattr(config, name, _coerce(value, hints[name], key))
 
 
-def moved_keys(tree: dict[str, Any], refuse: bool, prefix: str = "") -> dict[str, Any]:
-    """`tree` (sections of keys, as a YAML or a checkpoint holds them) in the current layout. A key that
-    moved (MOVED_KEYS, old dotted key -> new) is taken to its new place: a run folder's config.yaml or a
-    checkpoint written before the move still loads. With `refuse` (what a user wrote), it is a ConfigError
-    naming the new key instead (under `prefix`: a stage's block)."""
-    tree = copy.deepcopy(tree)
-    for old, new in MOVED_KEYS.items():
-        *path, name = old.split(".")
-        parent = tree
-        for part in path:
-            parent = parent.get(part) if isinstance(parent, dict) else None
-        if not isinstance(parent, dict) or name not in parent:
-            continue
-        if refuse:
-            raise ConfigError(f"config key {prefix}{old} moved to {prefix}{new}")
-        *path, name_now = new.split(".")
-        target = tree
-        for part in path:
-            target = target.setdefault(part, {})
-        target[name_now] = parent.pop(name)
-    return tree
-
-
 def check_values(config: Any, flags: dict[str, str] | None = None, prefix: str = "") -> None:
     """Every `choice` and `checked` key of `config` holds an allowed value, or ConfigError names the key
     (and the stable flag it came from, in `flags`: key -> flag) and what it allows."""
@@ -205,6 +182,52 @@ def plugins_of(cls: type[StageConfig]) -> Plugins:
     return cls.PLUGINS
 
 
+def moved_key_renames(plugins: Plugins) -> dict[str, str]:
+    """Every config key that moved, old dotted key -> new dotted key: the run settings the `train` section
+    gave to sections of their own (MOVED_KEYS), and the methods' (keys a method took into its own section)."""
+    return {**MOVED_KEYS, **dict(plugins.moved)}
+
+
+def _subtree(tree: dict[str, Any], path: list[str]) -> dict[str, Any] | None:
+    for part in path:
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return None
+    return tree
+
+
+def move_old_keys(saved: dict[str, Any], cls: type[StageConfig]) -> dict[str, Any]:
+    """A run's saved config (config.yaml, a checkpoint's) in the current layout: each moved key at its new
+    place, silently; one whose new section `cls`'s stage lacks is dropped."""
+    sections = {f.name for f in dataclasses.fields(cls)}
+    saved = copy.deepcopy(saved)
+    for old, new in moved_key_renames(plugins_of(cls)).items():
+        *path, name = old.split(".")
+        parent = _subtree(saved, path)
+        if parent is None or name not in parent:
+            continue
+        value = parent.pop(name)
+        *where, key = new.split(".")
+        if where[0] in sections:
+            target = saved
+            for part in where:
+                target = target.setdefault(part, {})
+            target.setdefault(key, value)
+    return saved
+
+
+def refuse_old_keys(given: dict[str, Any], cls: type[StageConfig], prefix: str = "") -> None:
+    """A user's config (a YAML's sections, a command line's overrides) holds no moved key: one is a
+    ConfigError naming its new place."""
+    sections = {f.name for f in dataclasses.fields(cls)}
+    for old, new in moved_key_renames(plugins_of(cls)).items():
+        *path, name = old.split(".")
+        parent = _subtree(given, path)
+        if parent is not None and name in parent:
+            lacking = "" if new.split(".")[0] in sections else f", which {cls.STAGE} does not have"
+            raise ConfigError(f"config key {prefix}{old} moved to {prefix}{new}{lacking}")
+
+
 def _stage_configs(loaded: dict[str, Any], plugins: Plugins) -> dict[str, StageConfig]:
     """Every stage's config from one YAML: its shared sections, then the stage's block, values checked."""
     classes = {cls.STAGE: with_plugins(cls, plugins) for cls in BASE_STAGES}
@@ -222,8 +245,11 @@ def _stage_configs(loaded: dict[str, Any], plugins: Plugins) -> dict[str, StageC
             raise ConfigError(f"config key {stage}: expected a section of keys, got {block!r}")
         names = {f.name for f in dataclasses.fields(stage_cls)}
         config = stage_cls()
-        _apply(config, moved_keys({key: value for key, value in shared.items() if key in names}, refuse=True))
-        _apply(config, moved_keys(block, refuse=True, prefix=f"{stage}."), f"{stage}.")
+        mine = {key: value for key, value in shared.items() if key in names}
+        refuse_old_keys(mine, stage_cls)
+        refuse_old_keys(block, stage_cls, f"{stage}.")
+        _apply(config, mine)
+        _apply(config, block, f"{stage}.")
         check_values(config, prefix=f"{stage}.")
         built[stage] = config
     return built
@@ -234,6 +260,13 @@ def nest(dotted: str, value: Any) -> dict[str, Any]:
     for part in reversed(dotted.split(".")):
         value = {part: value}
     return value
+
+
+def _apply_overrides(config: StageConfig, overrides: dict[str, Any] | None) -> None:
+    """{"optim.lr": 0.2, ...} onto `config`; an old key is refused, naming its new place."""
+    for dotted, value in (overrides or {}).items():
+        refuse_old_keys(nest(dotted, value), type(config))
+        _apply(config, nest(dotted, value))
 
 
 def load_config(
@@ -250,8 +283,7 @@ def load_config(
         config = _stage_configs(loaded, plugins)[cls.STAGE]
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from error
-    for dotted, value in (overrides or {}).items():
-        _apply(config, moved_keys(nest(dotted, value), refuse=True))
+    _apply_overrides(config, overrides)
     check_values(config, flags)
     return config
 
@@ -260,14 +292,12 @@ def config_from(
     cls: type[C], saved: dict[str, Any], overrides: dict[str, Any] | None = None, flags: dict[str, str] | None = None
 ) -> C:
     """A run's saved config (its config.yaml) with `overrides` on top, checked like `load_config`'s."""
-    plugins_of(cls)
     config = cls()
     try:
-        _apply(config, moved_keys(saved, refuse=False))  # a run written before a key moved
+        _apply(config, move_old_keys(saved, cls))
     except ConfigError as error:
         raise ConfigError(f"the run's config.yaml: {error}") from error
-    for dotted, value in (overrides or {}).items():
-        _apply(config, moved_keys(nest(dotted, value), refuse=True))
+    _apply_overrides(config, overrides)
     check_values(config, flags)
     return config
 

@@ -22,7 +22,6 @@ import torch
 from model.backbones import BACKBONES
 from model.classifier import ARCHS, HEADS
 from model.resnet_v2 import STEMS
-from model.selfie import POSITION_KINDS
 from pipeline.augment import PAD_MODES
 from pipeline.data import AUGMENTS
 from pipeline.loaders import LOADERS
@@ -185,7 +184,7 @@ class DistributedSection:
 
 
 # Keys that moved (old dotted key -> new): a run folder's config.yaml or checkpoint written before reads in
-# the new layout; a user who types an old key is told the new one (train/config/loading.py, moved_keys).
+# the new layout; a user who types an old key is told the new one (train/config/loading.py, moved_key_renames).
 MOVED_KEYS: dict[str, str] = {
     f"train.{old}": new
     for old, new in (
@@ -221,16 +220,6 @@ class ModelSection:
     # width multiplier of the backbone (resnet36 at 1.0: ResNet-50 widths, 1024-d vectors)
     width: float = checked(1.0, positive, "a positive multiplier")
     stem: str = choice(STEMS, "small")  # small (3x3 stride 1, for 8x8 patches) | imagenet (7x7 stride 2 + max-pool)
-    attn_layers: int = checked(3, positive, "a positive number of blocks")  # attention pooling blocks (paper: 3)
-    # feed-forward size inside each block (paper: 640)
-    attn_intermediate: int = checked(640, positive, "a positive size")
-    # attention heads (paper: 32); must divide the patch vector size
-    attn_heads: int = checked(32, positive, "a positive number of heads")
-    # on attention weights and before each residual (paper: 0.1)
-    attn_dropout: float = checked(0.1, lambda p: 0 <= p < 1, "a probability in [0, 1)")
-    # auto (per-position up to 4x4 grids, row+column above) | full | rowcol
-    position_kind: str = choice(POSITION_KINDS, "auto")
-    position_on_context: bool = True  # add position embeddings to context patches before A
 
 
 @dataclass
@@ -294,6 +283,12 @@ class Plugins:
 
     methods: tuple[str, ...] = ()
     sections: tuple[tuple[str, type], ...] = ()  # (section name, its dataclass; every field with a default)
+    # (old dotted key, new dotted key) of keys a method took into its own section: a run's saved config.yaml
+    # in the old layout still loads, and a user who types the old key is told the new one
+    moved: tuple[tuple[str, str], ...] = ()
+    # the sections fine-tuning has too: those that size a network it rebuilds (Selfie's attention pooling,
+    # for resnet36_attn), so one YAML section sizes it in both stages
+    finetune_sections: tuple[tuple[str, type], ...] = ()
 
 
 @dataclass
@@ -311,7 +306,7 @@ class StageConfig:
     log: LogSection = field(default_factory=LogSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
-    model: ModelSection = field(default_factory=ModelSection)  # fine-tuning: must match the pretraining run's
+    model: ModelSection = field(default_factory=ModelSection)
 
     @classmethod
     def plugin_fields(cls, plugins: Plugins) -> list[tuple[str, type, Any]]:
@@ -336,6 +331,10 @@ class PretrainConfig(StageConfig):
 class FinetuneConfig(StageConfig):
     STAGE: ClassVar[str] = "finetuning"
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+
+    @classmethod
+    def plugin_fields(cls, plugins: Plugins) -> list[tuple[str, type, Any]]:
+        return [(name, settings, field(default_factory=settings)) for name, settings in plugins.finetune_sections]
 
 
 BASE_STAGES: tuple[type[StageConfig], ...] = (PretrainConfig, FinetuneConfig)

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from pipeline.atomic import write_atomic
-from train.config import ConfigError, StageConfig, moved_keys, to_dict
+from train.config import ConfigError, StageConfig, move_old_keys, to_dict
 from train.engine.checkpoint import CHECKPOINT_PATTERN, newest_readable
 from train.engine.run_lock import acquire, read_holder
 
@@ -164,7 +164,7 @@ def prepare_run_dir(
         readable, state = newest_readable(found, quiet=not accelerator.is_main_process)
         if readable is None:
             raise ConfigError(f"--resume: none of the checkpoints in {latest.parent} loads")
-        saved = moved_keys(state["config"], refuse=False)  # a checkpoint written before a key moved
+        saved = move_old_keys(state["config"], type(config))  # a checkpoint written before a key moved
         check_resumable(saved, to_dict(config), readable, resumable_keys, "", to_dict(type(config)()))
     elif latest is not None:
         raise ConfigError(

@@ -3,21 +3,23 @@ architecture before any work starts (a run folder means its newest checkpoint)."
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from model.attention_pool import PoolShape
 from model.classifier import POOLED_ARCHS, load_pretrained
-from train.config import ConfigError, FinetuneConfig, ModelSection
+from train.config import ConfigError, FinetuneConfig, ModelSection, PretrainConfig, move_old_keys, to_dict
 from train.engine.checkpoint import Checkpoints, load_checkpoint
 from train.methods import METHODS, default_parts
+from train.methods.registry import pool_shape, stage_class
 from train.methods.supervised import build_model
 
 KIND_SUFFIX = "_pretrain"  # train/pretrain.py's checkpoints are kind "<method>_pretrain"
-# Model keys that shape what a checkpoint provides: the backbone's for every arch, A's too for resnet36_attn.
+# Model keys that shape the backbone a checkpoint provides (A's shape, for resnet36_attn, is its method's).
 BACKBONE_KEYS = ("width", "stem")
-POOL_KEYS = ("attn_layers", "attn_intermediate", "attn_heads")
 
 
 class Pretrained(NamedTuple):
@@ -29,6 +31,7 @@ class Pretrained(NamedTuple):
     encoder_prefix: str  # where the backbone's tensors are in `model`
     pool_prefix: str | None  # where its attention pooling A is (None: it has none)
     model_config: dict  # the pretraining run's model section
+    pool: PoolShape | None  # its attention pooling's shape, as its method reads it from the run's config
 
 
 def checkpoint_of(init: str) -> Path:
@@ -57,16 +60,18 @@ def read_pretrained(path: Path) -> Pretrained:
             f"(train/pretrain.py's, kind METHOD{KIND_SUFFIX})"
         )
     method = kind.removesuffix(KIND_SUFFIX)
+    config = move_old_keys(state["config"], stage_class(PretrainConfig))
     # Checkpoints from before a key existed hold the default backbone.
-    backbone = state["config"]["model"].get("backbone", ModelSection().backbone)
+    backbone = config["model"].get("backbone", ModelSection().backbone)
     recorded = {key: state[key] for key in ("encoder_prefix", "pool_prefix") if key in state}
     if len(recorded) < 2 and method in METHODS:  # written before checkpoints recorded them: the method's own
         recorded = default_parts(method).state() | recorded
     if "encoder_prefix" not in recorded:
         raise ConfigError(f"--init {path}: pretrained by method {method!r}, which is not registered here")
-    saved = state["config"]["model"]
     prefix, pool_prefix = recorded["encoder_prefix"], recorded.get("pool_prefix")
-    return Pretrained(path, state["model"], int(state["step"]), method, backbone, prefix, pool_prefix, saved)
+    pool = METHODS[method].pool_shape(config) if method in METHODS else None
+    step = int(state["step"])
+    return Pretrained(path, state["model"], step, method, backbone, prefix, pool_prefix, config["model"], pool)
 
 
 def check_fit(pretrained: Pretrained, config: FinetuneConfig) -> None:
@@ -78,18 +83,29 @@ def check_fit(pretrained: Pretrained, config: FinetuneConfig) -> None:
             f"--init {path}: --linear-probe freezes the backbone, and resnet50's stage 4 is not pretrained "
             f"(the checkpoint holds a resnet36); use --arch resnet36 (its pooled features){with_pool}"
         )
-    keys = BACKBONE_KEYS + (POOL_KEYS if ft.arch in POOLED_ARCHS else ())
-    for key in keys:
+    for key in BACKBONE_KEYS:
         if saved_model.get(key) != getattr(config.model, key):
             raise ConfigError(
                 f"--init {path}: pretrained with model.{key}={saved_model.get(key)!r} but this run has "
                 f"model.{key}={getattr(config.model, key)!r}; use the pretraining run's --config or "
                 f"--model.{key}={saved_model.get(key)}"
             )
+    if ft.arch in POOLED_ARCHS:
+        check_pool_fits(pretrained, config)
     try:  # a trial load on the CPU, so a broken checkpoint stops the run before any work starts
         initialise(build_model(config, num_classes=1), config, pretrained)
     except ValueError as error:
         raise ConfigError(f"--init {path}: does not fit --arch {ft.arch}: {error}") from error
+
+
+def check_pool_fits(pretrained: Pretrained, config: FinetuneConfig) -> None:
+    """This run's attention pooling has the pretrained one's shape (its dropout is this run's choice)."""
+    theirs, mine = pretrained.pool, pool_shape(to_dict(config))
+    if theirs is not None and dataclasses.replace(theirs, dropout=mine.dropout) != mine:
+        raise ConfigError(
+            f"--init {pretrained.path}: its attention pooling is {theirs} but this run's is {mine}; use the "
+            f"pretraining run's --config or its {METHODS[pretrained.method].section} section's values"
+        )
 
 
 def initialise(model: torch.nn.Module, config: FinetuneConfig, pretrained: Pretrained) -> torch.nn.Module:

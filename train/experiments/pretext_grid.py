@@ -5,17 +5,17 @@ its command line."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from model.classifier import POOLED_ARCHS, pretrained_backbones
-from train.config import ConfigError, FinetuneConfig, PretrainConfig
+from train.config import ConfigError, FinetuneConfig, PretrainConfig, to_dict
 from train.config.command_line import parse_args
 from train.engine.run_folder import read_records
 from train.engine.session import resolve_precision
-from train.evaluation.pretrained import BACKBONE_KEYS, POOL_KEYS
+from train.evaluation.pretrained import BACKBONE_KEYS
 from train.experiments.grid import (
     RUN_OWNED,
     cell,
@@ -27,6 +27,7 @@ from train.experiments.grid import (
     write_table,
 )
 from train.methods import METHODS, method_parts, stage_class
+from train.methods.registry import pool_shape
 from train.stages import finetuning, pretraining
 
 COLUMNS = ("linear", "tuned")
@@ -93,7 +94,7 @@ def arguments() -> argparse.ArgumentParser:
     return parser
 
 
-@dataclass
+@dataclasses.dataclass
 class PretextGrid:
     """pretext_table.py's command line, parsed."""
 
@@ -136,10 +137,14 @@ def check_fit(method: PretrainConfig, tuning: FinetuneConfig) -> None:
         )
     if arch in POOLED_ARCHS and method_parts(METHODS[method.method], method).pool_prefix is None:
         raise ConfigError(f"finetune.arch={arch} reuses a pretrained attention pooling; {method.method} has none")
-    for key in BACKBONE_KEYS + (POOL_KEYS if arch in POOLED_ARCHS else ()):
+    for key in BACKBONE_KEYS:
         mine, theirs = getattr(method.model, key), getattr(tuning.model, key)
         if mine != theirs:
             raise ConfigError(f"model.{key}: {mine!r} for pretraining but {theirs!r} for fine-tuning; expected one")
+    if arch in POOLED_ARCHS:
+        mine, theirs = METHODS[method.method].pool_shape(to_dict(method)), pool_shape(to_dict(tuning))
+        if mine is not None and dataclasses.replace(mine, dropout=theirs.dropout) != theirs:
+            raise ConfigError(f"attention pooling: {mine} for pretraining but {theirs} for fine-tuning; expected one")
     # Every run shares this process, and Accelerate keeps the first run's mixed precision.
     resolve_precision(method.speed), resolve_precision(tuning.speed)  # auto is the launcher's choice
     if method.speed.precision != tuning.speed.precision:

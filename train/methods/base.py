@@ -4,8 +4,9 @@
 The training loop (train/engine/loop.py) runs a `Task` (train/engine/task.py): a pretext method during
 pretraining, the supervised classifier (train/methods/supervised.py) during fine-tuning. The core of a pretext
 method is its `name`, its `metric` and `chance`, `build_model`, `inputs`, and (by default the model's own)
-`objective`. Optional: its own config section (`section`, `Settings`, `flags`, `check`), the clean-metric
-probe, what a loader may do for it, and the presentation. The registry (train/methods/registry.py) lists the methods.
+`objective`. Optional: its own config section (`section`, `Settings`, `flags`, `check`, `moved_keys`), the
+shape of an attention pooling fine-tuning rebuilds (`pool_shape`), the clean-metric probe, what a loader
+may do for it, and the presentation. The registry (train/methods/registry.py) lists the methods.
 
 A pretext model's contract: `model(*method.inputs(batch, generator))` returns an object with a scalar
 `loss` and a scalar `accuracy`, and equals `model.forward_head(model.forward_features(inputs[0]),
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from model.attention_pool import PoolShape
 from pipeline.data import Batch
 from pipeline.patches import PatchSpec
 from train.config.schema import PretrainConfig
@@ -60,6 +62,9 @@ class PretextMethod(Presentation):
     section: ClassVar[str | None] = None  # its config section, --<section>.key=value (shareable in a family)
     Settings: ClassVar[type | None] = None  # that section's dataclass
     flags: ClassVar[dict[str, tuple[str, Any, str]]] = {}  # its stable flags: flag -> (key, type, help)
+    # keys it took from a shared section into its own, old dotted key -> new ("model.x" -> "<section>.x"):
+    # saved configs in the old layout still load, and the old key typed is refused naming the new one
+    moved_keys: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def check(cls, config: PretrainConfig) -> None:
@@ -76,6 +81,12 @@ class PretextMethod(Presentation):
     def loader_patch_spec(self, loader: str) -> PatchSpec | None:
         """What a loader may do for the method: a PatchSpec lets `loader` cut and mask Selfie-style patches
         inside its pipeline (FFCV on a CPU); None means the loader delivers images."""
+        return None
+
+    @classmethod
+    def pool_shape(cls, config: dict) -> PoolShape | None:
+        """The shape of its model's attention pooling (`model.pool`) under a checkpoint's config (in the
+        current layout), which fine-tuning rebuilds to reuse it; None: it has none."""
         return None
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from model.attention_pool import PAPER_POOL, PoolShape
 from train.config.schema import C, Plugins, PretrainConfig, base_stage, with_plugins
 from train.methods.base import Parts, PretextMethod, method_parts
 from train.methods.rotation import PatchRelNet, PatchRotNet, RotNet
@@ -51,9 +52,28 @@ def method_flags() -> dict[str, tuple[str, Any, str]]:
 
 
 def plugins() -> Plugins:
-    """What the registry adds to the config: the method names and their sections (a family's once)."""
+    """What the registry adds to the config: the method names, their sections (a family's once) and the keys
+    they moved into them."""
     sections = {method.section: method.Settings for method in METHODS.values() if method.section is not None}
-    return Plugins(tuple(METHODS), tuple(sections.items()))
+    moved = {old: new for method in METHODS.values() for old, new in method.moved_keys.items()}
+    pooled = {name: settings for name, settings in sections.items() if _pooling_method(name) is not None}
+    return Plugins(tuple(METHODS), tuple(sections.items()), tuple(moved.items()), tuple(pooled.items()))
+
+
+def _pooling_method(section: str) -> type[PretextMethod] | None:
+    """The method of `section` whose model has an attention pooling its section sizes, if one has."""
+    owners = [method for method in METHODS.values() if method.section == section]
+    return next((method for method in owners if method.pool_shape({}) is not None), None)
+
+
+def pool_shape(config: dict) -> PoolShape:
+    """The attention pooling a config (a dict, current layout) sizes: its first pooling method's section's,
+    else the paper's."""
+    for method in METHODS.values():
+        shape = method.pool_shape(config) if method.section in config else None
+        if shape is not None:
+            return shape
+    return PAPER_POOL
 
 
 def default_parts(name: str) -> Parts:

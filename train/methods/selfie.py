@@ -13,7 +13,7 @@ from torch import nn
 
 from model.attention_pool import PoolShape
 from model.backbones import zero_init_residual
-from model.selfie import LOGIT_SCALES, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
+from model.selfie import LOGIT_SCALES, POSITION_KINDS, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
 from pipeline.loaders import LOADERS
@@ -24,7 +24,7 @@ from pipeline.patches import (
     patchify_and_mask,
     sample_context_permutation,
 )
-from train.config.schema import ConfigError, PretrainConfig, choice, compute_dtype
+from train.config.schema import ConfigError, PretrainConfig, checked, choice, compute_dtype, positive
 from train.methods.base import PretextMethod
 from train.methods.pictures import (
     FRAME_LEGEND,
@@ -51,6 +51,25 @@ class SelfieSection:
     # every residual branch of P starts at zero (each block the identity; model/backbones.py): against the
     # plain logits' early blow-up, the paper's objective kept
     zero_init_residual: bool = False
+    # the attention pooling A (fine-tuning's resnet36_attn reuses it with this shape)
+    attn_layers: int = checked(3, positive, "a positive number of blocks")  # Transformer blocks (paper: 3)
+    # feed-forward size inside each block (paper: 640)
+    attn_intermediate: int = checked(640, positive, "a positive size")
+    # attention heads (paper: 32); must divide the patch vector size
+    attn_heads: int = checked(32, positive, "a positive number of heads")
+    # on attention weights and before each residual (paper: 0.1)
+    attn_dropout: float = checked(0.1, lambda p: 0 <= p < 1, "a probability in [0, 1)")
+    # auto (per-position up to 4x4 grids, row+column above) | full | rowcol
+    position_kind: str = choice(POSITION_KINDS, "auto")
+    position_on_context: bool = True  # add position embeddings to context patches before A
+
+    def pool(self) -> PoolShape:
+        return PoolShape(self.attn_layers, self.attn_intermediate, self.attn_heads, self.attn_dropout)
+
+
+POOL_FIELDS = ("attn_layers", "attn_intermediate", "attn_heads", "attn_dropout")  # PoolShape's, in its order
+# Keys that were the shared model section's before they were Selfie's (a config.yaml of then still loads).
+MOVED_KEYS = {f"model.{key}": f"selfie.{key}" for key in (*POOL_FIELDS, "position_kind", "position_on_context")}
 
 
 def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
@@ -103,6 +122,7 @@ class SelfieMethod(PretextMethod):
         "--patch-size": ("selfie.patch_size", int, "selfie: patch side in pixels; divides the image size"),
         "--context-fraction": ("selfie.context_fraction", float, "selfie: fraction of patches given as context"),
     }
+    moved_keys = MOVED_KEYS
 
     @classmethod
     def check(cls, config: PretrainConfig) -> None:
@@ -132,17 +152,17 @@ class SelfieMethod(PretextMethod):
 
     @classmethod
     def _build(cls, config: PretrainConfig) -> Selfie:
-        m = config.model
+        m, settings = config.model, config.selfie
         return build_selfie(
             width=m.width,
             stem=m.stem,
-            grid=grid_size(config.data.image_size, config.selfie.patch_size),
+            grid=grid_size(config.data.image_size, settings.patch_size),
             backbone=m.backbone,
-            pool=PoolShape(m.attn_layers, m.attn_intermediate, m.attn_heads, m.attn_dropout),
-            position_kind=m.position_kind,
-            position_on_context=m.position_on_context,
-            logit_scale=config.selfie.logit_scale,
-            query=config.selfie.query,
+            pool=settings.pool(),
+            position_kind=settings.position_kind,
+            position_on_context=settings.position_on_context,
+            logit_scale=settings.logit_scale,
+            query=settings.query,
         )
 
     def describe(self) -> str:
@@ -171,6 +191,12 @@ class SelfieMethod(PretextMethod):
                 channels_last=self.config.speed.channels_last,
             )
         return patches, perm[:, : self.num_context], perm[:, self.num_context :]
+
+    @classmethod
+    def pool_shape(cls, config: dict) -> PoolShape:
+        settings = config.get(cls.section)
+        saved, defaults = settings if isinstance(settings, dict) else {}, SelfieSection()
+        return PoolShape(*(saved.get(key, getattr(defaults, key)) for key in POOL_FIELDS))
 
     @classmethod
     def backbone_input(cls, config: dict) -> tuple[str, int]:

@@ -9,22 +9,23 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from model.attention_pool import PoolShape
 from model.classifier import Classifier, HeadShape, build_classifier
 from pipeline.data import Batch, Source
 from pipeline.patches import normalize
-from train.config import FinetuneConfig
+from train.config import FinetuneConfig, to_dict
 from train.engine.loading import eval_batches
+from train.methods.registry import pool_shape
 
 
 def build_model(config: FinetuneConfig, num_classes: int) -> Classifier:
+    """The classifier; an arch with an attention pooling sizes it as the config's method section says."""
     m, ft = config.model, config.finetune
     model = build_classifier(
         ft.arch,
         num_classes,
         width=m.width,
         stem=m.stem,
-        pool=PoolShape(m.attn_layers, m.attn_intermediate, m.attn_heads, m.attn_dropout),
+        pool=pool_shape(to_dict(config)),
         frozen=ft.linear_probe,
         head=HeadShape(ft.head, ft.head_hidden),
     )
