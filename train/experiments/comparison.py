@@ -239,11 +239,19 @@ def run(comparison: Comparison) -> dict:
     arch = results["arch"] + (" linear probe" if results["linear_probe"] else "")
     title = args.title or f"{arch} on {data}: supervised vs. pretrained ({args.init})"
     summary = {"title": title, "columns": labels, "values": values, "cells": cells, "init": args.init}
-    chance, measured_on = 100 / results["classes"], results["evaluated_on"].split(" (")[0]
-    summary |= {"chance": chance, "measured_on": results["evaluated_on"]}
+    chance = 100 / results["classes"]
+    summary |= {"chance": chance, "measured_on": results["evaluated_on"], "per_class": bool(args.per_class)}
+    write_comparison(out, summary)
+    return {"out": str(out), "cells": cells}
+
+
+def write_comparison(out: Path, summary: dict) -> None:
+    """OUT/table.md, OUT/table.json and OUT/accuracy_vs_labels.png from a comparison's summary (the
+    dict table.json holds: title, columns, values, cells, chance, measured_on, per_class)."""
+    cells, labels, title, chance = summary["cells"], summary["columns"], summary["title"], summary["chance"]
+    measured_on = summary["measured_on"].split(" (")[0]
     if write_table(out, format_table(cells, labels, title, chance, measured_on), summary):
-        name = "labelled images per class" if args.per_class else "fraction of labels"
-        label_axis = LabelAxis([float(v) for v in values], name)
+        name = "labelled images per class" if summary.get("per_class") else "fraction of labels"
+        label_axis = LabelAxis([float(v) for v in summary["values"]], name)
         plot_comparison(cells, labels, label_axis, out / "accuracy_vs_labels.png", title, chance, measured_on)
         print(f"wrote {out / 'table.md'}, {out / 'table.json'}, {out / 'accuracy_vs_labels.png'}")
-    return {"out": str(out), "cells": cells}
