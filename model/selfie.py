@@ -5,7 +5,8 @@ Forward, for a group-major patch tensor (see `pipeline.patches`):
   u = A(h_context + pos(context))         (B, D); the position term can be switched off
   v_j = u + pos(j)                        for every masked position j of the image
   logits[b, j, k] = s * v_j . h_k         over the masked patches k of the *same* image (s = 1, the
-                                          paper's; or 1/sqrt(D); or learned)
+                                          paper's; or 1/sqrt(D); or learned; or 1/sqrt(D)
+                                          rising to 1 over the first training steps)
   loss = cross-entropy(logits, k = j), averaged over all masked positions of the batch.
 
 The query v_j above is the paper's (`query="paper"`). Its u term is the same for every masked slot of an
@@ -32,8 +33,9 @@ from pipeline.patches import split_context_masked
 POSITION_KINDS = ("auto", "full", "rowcol")
 # How the patch-selection logits are scaled: plain v.h (the paper's), by 1/sqrt(D) (dot-product attention's
 # scale, logits of unit order at any width), or by a learned temperature that starts at 1/sqrt(D).
-LOGIT_SCALES = ("plain", "sqrt_d", "learned")
+LOGIT_SCALES = ("plain", "sqrt_d", "learned", "warmup")
 QUERY_KINDS = ("paper", "attend")  # v_j = u + pos(j) | A over the context with one u0 + pos(j) token per slot
+# `warmup` keeps the paper's plain logits after a start at 1/sqrt(D) (against the plain logits' early blow-up).
 # Grids up to this side learn one vector per position (4x4 on 32x32 images, paper §2.2); larger
 # grids learn row + column vectors (7 + 7 on 224x224 instead of 49).
 FULL_POSITION_MAX_GRID = 4
@@ -100,6 +102,7 @@ class Selfie(nn.Module):
         position_on_context: bool = True,
         logit_scale: str = "plain",
         query: str = "paper",
+        logit_warmup: int = 500,
     ) -> None:
         super().__init__()
         if logit_scale not in LOGIT_SCALES:
@@ -116,6 +119,11 @@ class Selfie(nn.Module):
         if logit_scale == "learned":  # log of the scale, so it stays positive; no weight decay (a scalar)
             self.log_logit_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
         self.fixed_scale = dim**-0.5 if logit_scale == "sqrt_d" else None
+        if logit_scale == "warmup":  # training forwards seen, a buffer: it resumes, and a CUDA graph replays it
+            if logit_warmup < 1:
+                raise ValueError(f"logit warm-up must be a positive number of forwards, got {logit_warmup}")
+            self.register_buffer("logit_warmup_seen", torch.zeros(()))
+            self.logit_warmup, self.start_scale = logit_warmup, dim**-0.5
 
     @property
     def backbone(self) -> nn.Module:
@@ -126,6 +134,9 @@ class Selfie(nn.Module):
     def logit_scale(self) -> torch.Tensor | float | None:
         if self.logit_scale_kind == "learned":
             return self.log_logit_scale.float().exp()
+        if self.logit_scale_kind == "warmup":  # 1/sqrt(D) rising linearly to 1, the paper's, then kept
+            progress = (self.logit_warmup_seen / self.logit_warmup).clamp(max=1.0)
+            return self.start_scale + (1.0 - self.start_scale) * progress
         return self.fixed_scale
 
     def forward_features(self, patches: torch.Tensor) -> torch.Tensor:
@@ -136,7 +147,10 @@ class Selfie(nn.Module):
         """features (B * N, D) of a group-major patch tensor; context_pos (B, Nc), masked_pos (B, Nm) int64:
         A pools the context, each masked position's query picks among the image's masked patches."""
         context, masked = self.encode_context(features, context_pos)
-        return patch_selection_loss(self.queries(context, masked_pos), masked, self.logit_scale())
+        output = patch_selection_loss(self.queries(context, masked_pos), masked, self.logit_scale())
+        if self.logit_scale_kind == "warmup" and self.training:  # monitors (eval mode) do not advance it
+            self.logit_warmup_seen.add_(1)
+        return output
 
     def encode_context(self, features: torch.Tensor, context_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(what the queries read of the context, the masked patches' features (B, Nm, D)). What they read

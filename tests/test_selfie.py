@@ -162,3 +162,31 @@ def test_selfie_names_p_and_a_as_every_pretext_model_does() -> None:
     assert model.backbone is model.patch_net
     assert parts_of(model) == Parts("patch_net.", "pool.")
     assert any(name.startswith("patch_net.") for name in model.state_dict())
+
+
+def selfie_scaled(logit_scale: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)  # every scale gets the same weights (the warm-up's counter draws nothing)
+    pool = PoolShape(layers=2, intermediate=16, heads=4, dropout=0.0)
+    return build_selfie(width=0.125, grid=4, pool=pool, logit_scale=logit_scale, **kwargs).train()
+
+
+def test_the_logit_warmup_starts_at_sqrt_d_and_ends_at_the_papers_plain_logits() -> None:
+    warm, plain, sqrt_d = selfie_scaled("warmup", logit_warmup=3), selfie_scaled("plain"), selfie_scaled("sqrt_d")
+    batch = masked_batch()
+    first = warm(*batch).logits
+    torch.testing.assert_close(first, sqrt_d(*batch).logits)
+    warm.eval()
+    for _ in range(2):  # the monitors' forwards (eval mode) leave the warm-up where it is
+        warm(*batch)
+    warm.train()
+    second = warm(*batch).logits  # one of three forwards seen: a third of the way from 1/sqrt(D) to 1
+    start = plain.patch_net.num_features**-0.5
+    torch.testing.assert_close(second, plain(*batch).logits * (start + (1 - start) / 3))
+    warm(*batch)
+    for _ in range(2):  # three forwards seen and after: the paper's plain logits, kept
+        torch.testing.assert_close(warm(*batch).logits, plain(*batch).logits)
+    resumed = selfie_scaled("warmup", logit_warmup=3)
+    resumed.load_state_dict(warm.state_dict())  # the counter is in the checkpoint
+    assert resumed.logit_warmup_seen.item() == 5
+    with pytest.raises(ValueError, match="positive number of forwards"):
+        selfie_scaled("warmup", logit_warmup=0)

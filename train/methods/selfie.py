@@ -43,8 +43,10 @@ class SelfieSection:
     context_fraction: float = 0.75  # fraction p of patches given as context (paper: 0.75 or 0.5)
     patch_op: str = choice(PATCH_OPS, "auto")  # auto (triton on CUDA, numba on CPU) | reference | triton | numba
     # logits of the patch selection: plain v.h (the paper's) | sqrt_d (times 1/sqrt(D)) | learned (a
-    # temperature learned from 1/sqrt(D))
+    # temperature learned from 1/sqrt(D)) | warmup (1/sqrt(D) rising to the paper's 1 over logit_warmup_steps)
     logit_scale: str = choice(LOGIT_SCALES, "plain")
+    # logit_scale=warmup: training steps from 1/sqrt(D) to plain logits (counted in micro-batches x grad_accum)
+    logit_warmup_steps: int = checked(500, positive, "a positive number of steps")
     # each masked slot's query: paper (v = u + pos_j, §2) | attend (A over the context with one u0 + pos_j
     # token per slot, so the context can tell the slots apart; model/selfie.py)
     query: str = choice(QUERY_KINDS, "paper")
@@ -163,6 +165,7 @@ class SelfieMethod(PretextMethod):
             position_on_context=settings.position_on_context,
             logit_scale=settings.logit_scale,
             query=settings.query,
+            logit_warmup=settings.logit_warmup_steps * config.train.grad_accum,  # the model counts forwards
         )
 
     def describe(self) -> str:
