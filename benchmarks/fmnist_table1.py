@@ -68,7 +68,7 @@ class Plan:
 
 
 FULL = Plan(
-    data="", query="attend", epochs=20, fractions=(0.01, 0.05, 0.1, 0.2, 1.0), seeds=5, lrs=(0.02, 0.05, 0.1, 0.2),
+    data="", query="attend", epochs=20, fractions=(0.01, 0.05, 0.1, 0.2, 1.0), seeds=5, lrs=(0.05, 0.1, 0.2),
     finetune_steps=1000, speed=GRAPHED, budget_s=540, pretrain_limit_s=170,
 )  # fmt: skip
 SMOKE_MONITORS = ("--monitor.knn_train_images=100", "--monitor.knn_test_images=100", "--monitor.clean_images=64")
