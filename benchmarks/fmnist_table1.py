@@ -77,14 +77,16 @@ SMOKE = replace(
     speed=(), budget_s=900, pretrain_limit_s=300, pretrain_extra=SMOKE_MONITORS,
 )  # fmt: skip
 MERGE_S, RESERVE_S = 30, 20  # reading the cells back into one table; archiving and the summary
+GRID_MIN_S = 60  # what the pretraining always leaves to the grid
+PHASE_MIN_S = 30  # no pretraining starts with less
 
 
-def pretrain_args(plan: Plan, folder: Path, workers: int) -> list[str]:
+def pretrain_args(plan: Plan, folder: Path, workers: int, speed: tuple[str, ...]) -> list[str]:
     every = max(1, min(1000, plan.pretrain_steps // 4))
     return [
         "train/pretrain.py", "--config", "fmnist", "--data", plan.data, "--steps", str(plan.pretrain_steps),
         "--out", str(folder), f"--log.every={every}", f"--checkpoint.every={every}", f"--data.workers={workers}",
-        *QUERIES[plan.query], *plan.speed, *plan.pretrain_extra,
+        *QUERIES[plan.query], *speed, *plan.pretrain_extra,
     ]  # fmt: skip
 
 
@@ -163,19 +165,29 @@ class Call:
     python: str
     started: float
     phases: list[Phase]
+    init: Path | None = None  # the pretraining run the grid starts from, once there is one
 
     def left_s(self) -> int:
         return int(self.plan.budget_s - (time.monotonic() - self.started))
 
 
 def pretrain(call: Call) -> Path | None:
-    """The pretraining, cut at its share of the budget; its folder when it left a checkpoint."""
-    folder = call.work / "pretraining"
-    workers = max(1, (os.cpu_count() or 2) - 2)
-    limit = min(call.plan.pretrain_limit_s, call.left_s() - MERGE_S - RESERVE_S - 60)
-    phase = Phase("pretraining", pretrain_args(call.plan, folder, workers), limit)
-    call.phases += run_phases([phase], call.python, call.work)
-    return folder if any((folder / "checkpoints").glob("step_*.pt")) else None
+    """The pretraining, cut at its share of the budget (retried eagerly if it failed graphed without a
+    checkpoint); the folder of the run that left a checkpoint, if one did."""
+    workers, plan = max(1, (os.cpu_count() or 2) - 2), call.plan
+    attempts = [("pretraining", plan.speed)] + ([("pretraining-eager", EAGER)] if plan.speed == GRAPHED else [])
+    for name, speed in attempts:
+        folder, share = call.work / name, plan.pretrain_limit_s - (time.monotonic() - call.started)
+        limit = int(min(share, call.left_s() - MERGE_S - RESERVE_S - GRID_MIN_S))
+        if limit < PHASE_MIN_S or STOPPED.is_set():
+            return None
+        phase = Phase(name, pretrain_args(plan, folder, workers, speed), limit)
+        call.phases += run_phases([phase], call.python, call.work)
+        if any((folder / "checkpoints").glob("step_*.pt")):
+            return folder
+        if phase.cut:
+            return None
+    return None
 
 
 def grid(call: Call, init: Path) -> dict[float, Path]:
@@ -232,6 +244,16 @@ def pretraining_lines(folder: Path, planned_steps: int) -> list[str]:
     return lines
 
 
+def cells_lines(columns: Path) -> list[str]:
+    """Each column's finished fine-tuning runs (a cut column's table is not written; its runs say how far
+    it got)."""
+    lines = []
+    for folder in sorted(columns.glob("*")):
+        done = sorted(run.parent.name for run in folder.glob("*/results.json"))
+        lines.append(f"- column {folder.name}: {len(done)} runs finished ({', '.join(done) or 'none'})")
+    return lines
+
+
 def summary_markdown(call: Call, columns: dict[float, Path]) -> str:
     plan = call.plan
     lines = [
@@ -243,8 +265,9 @@ def summary_markdown(call: Call, columns: dict[float, Path]) -> str:
         f"steps; speed flags {' '.join(plan.speed) or 'none'}; budget {plan.budget_s} s",
         f"- wall time {time.monotonic() - call.started:.0f} s",
         *(f"- {phase.line()}" for phase in call.phases),
-        *pretraining_lines(call.work / "pretraining", plan.pretrain_steps),
+        *pretraining_lines(call.init or call.work / "pretraining", plan.pretrain_steps),
         f"- columns finished: {', '.join(f'{f:g}' for f in sorted(columns)) or 'none'}",
+        *cells_lines(call.work / "columns"),
     ]
     table = call.out / "table.md"
     return "\n".join(lines) + "\n\n" + (table.read_text() if columns and table.is_file() else "no table\n")
@@ -256,9 +279,10 @@ def archive(call: Call) -> None:
     with tarfile.open(buffer, "w:gz") as tar:
         for path in sorted(call.work.glob("*.log")):
             tar.add(path, arcname=path.name)
-        for name in ("log.jsonl", "config.yaml"):
-            if (call.work / "pretraining" / name).is_file():
-                tar.add(call.work / "pretraining" / name, arcname=f"pretraining/{name}")
+        for path in sorted(call.work.glob("pretraining*/log.jsonl")) + sorted(
+            call.work.glob("pretraining*/config.yaml")
+        ):
+            tar.add(path, arcname=str(path.relative_to(call.work)))
         for table in sorted(call.work.glob("columns/*/table.*")):
             tar.add(table, arcname=str(table.relative_to(call.work)))
     write_atomic(call.out / "logs.tar.gz", buffer.read_bytes())
@@ -268,8 +292,8 @@ def run_call(call: Call) -> bool:
     """Pretrain, fine-tune every column, merge; True when every column finished."""
     from train.experiments.comparison import write_comparison  # matplotlib only where a table is drawn
 
-    init = pretrain(call)
-    columns = grid(call, init) if init is not None and not STOPPED.is_set() else {}
+    call.init = pretrain(call)
+    columns = grid(call, call.init) if call.init is not None and not STOPPED.is_set() else {}
     if columns:
         write_comparison(call.out, merged_summary([columns[f] for f in sorted(columns)]))
     archive(call)
@@ -302,9 +326,11 @@ def dry_run(plan: Plan) -> list[str]:
     check_data(plan.data)
     scratch = Path(tempfile.mkdtemp(prefix="fmnist_table1-dry-"))
     try:
-        argv = pretrain_args(plan, scratch / "pretraining", 1)
-        pretraining.validate(pretraining.parse(argv[1:])[0])
-        checked = [shlex.join(argv)]
+        checked = []
+        for speed in (plan.speed, EAGER) if plan.speed == GRAPHED else (plan.speed,):
+            argv = pretrain_args(plan, scratch / "pretraining", 1, speed)
+            pretraining.validate(pretraining.parse(argv[1:])[0])
+            checked.append(shlex.join(argv))
         for fraction in plan.fractions:
             for speed in (plan.speed, EAGER) if plan.speed == GRAPHED else (plan.speed,):
                 argv = column_args(plan, fraction, scratch / "pretraining", scratch / "column", speed)

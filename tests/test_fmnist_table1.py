@@ -30,7 +30,10 @@ FAKE_PYTHON = textwrap.dedent(
     args = sys.argv[2:]
     out = Path(args[args.index("--out") + 1])
     out.mkdir(parents=True, exist_ok=True)
+    graphed = "--speed.cuda_graph=true" in args
     if sys.argv[1] == "train/pretrain.py":
+        if os.environ.get("FAKE_FAIL_GRAPHED") == "pretraining" and graphed:
+            sys.exit(1)
         (out / "checkpoints").mkdir(exist_ok=True)
         (out / "checkpoints" / "step_2.pt").write_bytes(b"")
         records = [{"step": 0, "knn_acc_random": 0.4, "knn_acc_random_sd": 0.03, "knn_acc_pixels": 0.7},
@@ -39,8 +42,11 @@ FAKE_PYTHON = textwrap.dedent(
         time.sleep(float(os.environ.get("FAKE_PRETRAIN_S", "0")))  # a pretraining that runs past its limit
         sys.exit(0)
     fraction = float(args[args.index("--fractions") + 1])
-    if fraction == float(os.environ.get("FAKE_FAIL_GRAPHED", "-1")) and "--speed.cuda_graph=true" in args:
+    (out / "supervised-cell").mkdir(exist_ok=True)
+    (out / "supervised-cell" / "results.json").write_text("{}")
+    if os.environ.get("FAKE_FAIL_GRAPHED") == f"{fraction:g}" and graphed:
         sys.exit(1)
+    time.sleep(float(os.environ.get("FAKE_COLUMN_S", "0")))
     label = f"{fraction * 100:g}%"
     cells = {row: {label: {"mean": mean + fraction, "std": 0.5, "seeds": 5, "lr": 0.1, "validation": {}}}
              for row, mean in (("supervised", 70.0), ("pretrained", 73.0))}
@@ -79,10 +85,11 @@ def test_the_dry_run_checks_every_command(tmp_path: Path, name: str) -> None:
     plan = replace(getattr(runner, name), data=str(make_idx(tmp_path / "fmnist")))
     checked = runner.dry_run(plan)
     # the pretraining, then each column (graphed and eager on a GPU)
-    assert len(checked) == 1 + (2 if plan.speed == runner.GRAPHED else 1) * len(plan.fractions)
+    assert len(checked) == (2 if plan.speed == runner.GRAPHED else 1) * (1 + len(plan.fractions))
     assert "train/pretrain.py" in checked[0] and f"--steps {plan.pretrain_steps}" in checked[0]
     lrs = ",".join(f"{lr:g}" for lr in plan.lrs)
-    assert all(f"--seeds {plan.seeds}" in line and f"--lrs {lrs}" in line for line in checked[1:])
+    columns = [line for line in checked if "train/compare.py" in line]
+    assert all(f"--seeds {plan.seeds}" in line and f"--lrs {lrs}" in line for line in columns)
 
 
 @pytest.mark.parametrize("bad", ["--epochs=0", "--data=MISSING"])
@@ -113,23 +120,44 @@ def test_a_call_writes_the_merged_table_and_its_five_files(tmp_path: Path, fake_
     assert {"pretraining.log", "column-0.01.log", "pretraining/log.jsonl", "columns/0.1/table.json"} <= set(names)
 
 
-def test_a_failed_graphed_column_is_retried_eagerly(
-    tmp_path: Path, fake_python: str, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("failing", ["0.1", "pretraining"])
+def test_a_failed_graphed_phase_is_retried_eagerly(
+    tmp_path: Path, fake_python: str, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
-    monkeypatch.setenv("FAKE_FAIL_GRAPHED", "0.1")
+    monkeypatch.setenv("FAKE_FAIL_GRAPHED", failing)
     call = call_of(tmp_path, fake_python)
     call.out.mkdir()
     call.work.mkdir()
     assert runner.run_call(call)
     outcomes = {phase.name: phase.exit for phase in call.phases}
-    assert outcomes == {"pretraining": 0, "column-0.01": 0, "column-0.1": 1, "column-0.1-eager": 0}
-    assert (call.work / "columns" / "0.1-eager" / "table.json").is_file()
+    name = "column-0.1" if failing == "0.1" else "pretraining"
+    assert outcomes[name] == 1 and outcomes[f"{name}-eager"] == 0
+    assert set(outcomes.values()) == {0, 1} and len(outcomes) == 4
+    folder = call.work / ("columns/0.1-eager" if failing == "0.1" else "pretraining-eager")
+    assert (folder / ("table.json" if failing == "0.1" else "log.jsonl")).is_file()
+
+
+def test_a_column_cut_at_its_limit_says_how_far_it_got(
+    tmp_path: Path, fake_python: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_COLUMN_S", "30")
+    monkeypatch.setattr(runner, "GRID_MIN_S", 5)
+    monkeypatch.setattr(runner, "PHASE_MIN_S", 1)
+    call = call_of(tmp_path, fake_python)
+    call.plan = replace(call.plan, budget_s=runner.MERGE_S + runner.RESERVE_S + runner.KILL_AFTER_S + 6)
+    call.out.mkdir()
+    call.work.mkdir()
+    assert not runner.run_call(call)
+    summary = (call.out / "summary.md").read_text()
+    assert "column-0.01: cut (time limit or SIGTERM)" in summary and "columns finished: none" in summary
+    assert "- column 0.01: 1 runs finished (supervised-cell)" in summary and "no table" in summary
 
 
 def test_a_pretraining_cut_at_its_limit_still_feeds_the_grid(
     tmp_path: Path, fake_python: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_PRETRAIN_S", "30")
+    monkeypatch.setattr(runner, "PHASE_MIN_S", 1)
     call = call_of(tmp_path, fake_python, pretrain_limit_s=2)
     call.out.mkdir()
     call.work.mkdir()
