@@ -20,6 +20,7 @@ patch fills which slot. Both are `queries(encode_context(...))`, which the conte
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -39,6 +40,14 @@ QUERY_KINDS = ("paper", "attend")  # v_j = u + pos(j) | A over the context with 
 # Grids up to this side learn one vector per position (4x4 on 32x32 images, paper §2.2); larger
 # grids learn row + column vectors (7 + 7 on 224x224 instead of 49).
 FULL_POSITION_MAX_GRID = 4
+
+
+@dataclass(frozen=True)
+class LogitScale:
+    """How the patch-selection logits are scaled (a plain kind name also does where `warmup` is not used)."""
+
+    kind: str = "plain"  # one of LOGIT_SCALES
+    warmup: int = 500  # kind "warmup": training forwards from 1/sqrt(D) to the paper's plain logits
 
 
 class PositionEmbedding(nn.Module):
@@ -100,11 +109,13 @@ class Selfie(nn.Module):
         pool: PoolShape = PAPER_POOL,
         position_kind: str = "auto",
         position_on_context: bool = True,
-        logit_scale: str = "plain",
+        logit_scale: str | LogitScale = "plain",
         query: str = "paper",
-        logit_warmup: int = 500,
     ) -> None:
         super().__init__()
+        logit_scale, logit_warmup = (
+            (logit_scale.kind, logit_scale.warmup) if isinstance(logit_scale, LogitScale) else (logit_scale, 1)
+        )
         if logit_scale not in LOGIT_SCALES:
             raise ValueError(f"logit scale must be one of {LOGIT_SCALES}, got {logit_scale!r}")
         if query not in QUERY_KINDS:

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from model.attention_pool import PoolShape
-from model.selfie import PositionEmbedding, build_selfie, patch_selection_loss
+from model.selfie import LogitScale, PositionEmbedding, build_selfie, patch_selection_loss
 from pipeline.patches import patchify_and_mask, sample_context_permutation
 from train.methods import Parts, parts_of
 
@@ -164,14 +164,14 @@ def test_selfie_names_p_and_a_as_every_pretext_model_does() -> None:
     assert any(name.startswith("patch_net.") for name in model.state_dict())
 
 
-def selfie_scaled(logit_scale: str, **kwargs) -> torch.nn.Module:
+def selfie_scaled(logit_scale: str, warmup: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)  # every scale gets the same weights (the warm-up's counter draws nothing)
     pool = PoolShape(layers=2, intermediate=16, heads=4, dropout=0.0)
-    return build_selfie(width=0.125, grid=4, pool=pool, logit_scale=logit_scale, **kwargs).train()
+    return build_selfie(width=0.125, grid=4, pool=pool, logit_scale=LogitScale(logit_scale, warmup)).train()
 
 
 def test_the_logit_warmup_starts_at_sqrt_d_and_ends_at_the_papers_plain_logits() -> None:
-    warm, plain, sqrt_d = selfie_scaled("warmup", logit_warmup=3), selfie_scaled("plain"), selfie_scaled("sqrt_d")
+    warm, plain, sqrt_d = selfie_scaled("warmup", 3), selfie_scaled("plain"), selfie_scaled("sqrt_d")
     batch = masked_batch()
     first = warm(*batch).logits
     torch.testing.assert_close(first, sqrt_d(*batch).logits)
@@ -185,8 +185,8 @@ def test_the_logit_warmup_starts_at_sqrt_d_and_ends_at_the_papers_plain_logits()
     warm(*batch)
     for _ in range(2):  # three forwards seen and after: the paper's plain logits, kept
         torch.testing.assert_close(warm(*batch).logits, plain(*batch).logits)
-    resumed = selfie_scaled("warmup", logit_warmup=3)
+    resumed = selfie_scaled("warmup", 3)
     resumed.load_state_dict(warm.state_dict())  # the counter is in the checkpoint
     assert resumed.logit_warmup_seen.item() == 5
     with pytest.raises(ValueError, match="positive number of forwards"):
-        selfie_scaled("warmup", logit_warmup=0)
+        selfie_scaled("warmup", 0)

@@ -13,7 +13,15 @@ from torch import nn
 
 from model.attention_pool import PoolShape
 from model.backbones import zero_init_residual
-from model.selfie import LOGIT_SCALES, POSITION_KINDS, QUERY_KINDS, Selfie, build_selfie, patch_selection_loss
+from model.selfie import (
+    LOGIT_SCALES,
+    POSITION_KINDS,
+    QUERY_KINDS,
+    LogitScale,
+    Selfie,
+    build_selfie,
+    patch_selection_loss,
+)
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
 from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
 from pipeline.loaders import LOADERS
@@ -163,9 +171,9 @@ class SelfieMethod(PretextMethod):
             pool=settings.pool(),
             position_kind=settings.position_kind,
             position_on_context=settings.position_on_context,
-            logit_scale=settings.logit_scale,
+            # the model counts forwards: grad_accum of them a step
+            logit_scale=LogitScale(settings.logit_scale, settings.logit_warmup_steps * config.train.grad_accum),
             query=settings.query,
-            logit_warmup=settings.logit_warmup_steps * config.train.grad_accum,  # the model counts forwards
         )
 
     def describe(self) -> str:
