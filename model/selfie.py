@@ -130,7 +130,9 @@ class Selfie(nn.Module):
         if logit_scale == "learned":  # log of the scale, so it stays positive; no weight decay (a scalar)
             self.log_logit_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
         self.fixed_scale = dim**-0.5 if logit_scale == "sqrt_d" else None
-        if logit_scale == "warmup":  # training forwards seen, a buffer: it resumes, and a CUDA graph replays it
+        # training forwards seen, a buffer: it resumes, and a CUDA graph replays it (the graph's few warm-up
+        # forwards before capture count too)
+        if logit_scale == "warmup":
             if logit_warmup < 1:
                 raise ValueError(f"logit warm-up must be a positive number of forwards, got {logit_warmup}")
             self.register_buffer("logit_warmup_seen", torch.zeros(()))
