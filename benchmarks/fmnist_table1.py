@@ -349,7 +349,7 @@ def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="where the five files go (summary.md, table.*, the plot, logs.tar.gz)")
     parser.add_argument("--data", default=default_data(), help="the IDX folder (default: .data/ or Debian's)")
-    parser.add_argument("--query", choices=sorted(QUERIES), default="attend", help="Selfie's query (default attend)")
+    parser.add_argument("--query", choices=sorted(QUERIES), default="attend", help="the query kind (default attend)")
     parser.add_argument("--epochs", type=float, help=f"pretraining epochs (default {FULL.epochs:g}; the limit may cut)")
     parser.add_argument("--smoke", action="store_true", help="the whole pipeline at toy sizes, on a CPU")
     parser.add_argument("--dry-run", action="store_true", help="parse and check every command; run nothing")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import io
 import json
+import queue
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -446,9 +447,28 @@ def _batches(
         try:
             yield from _converted(epoch, beton, view_of_row, device, patch_spec, threads)
         finally:
-            epoch.close()  # stops FFCV's loading thread when the consumer stops early
+            stop_epoch(epoch)
         if not endless:
             return
+
+
+def stop_epoch(epoch) -> None:
+    """Stops FFCV's loading thread of one pass and waits for it, then frees the pass's memory.
+
+    FFCV's own `close()` only asks: its daemon thread goes on decoding (numba code on TBB's pool) until its
+    queue is full, and a process that exits meanwhile aborts in TBB ("terminate called without an active
+    exception", 7 in 45 exits after one batch, none in 30 with this). A thread that ended its pass blocks
+    on a full queue with no deadline, so one batch is taken off to let it end.
+    """
+    epoch.terminate_event.set()  # what close() sets: the thread returns at its next full-queue timeout
+    epoch.join(timeout=1.0)
+    while epoch.is_alive():
+        try:
+            epoch.output_queue.get_nowait()
+        except queue.Empty:
+            pass
+        epoch.join(timeout=1.0)
+    epoch.close()  # only now: with os_cache=False it stops the page readers the thread waits on
 
 
 def _converted(epoch, beton: BetonSource, view_of_row: np.ndarray, device, patch_spec, threads: int) -> Iterator[Batch]:

@@ -4,6 +4,7 @@ import importlib
 import inspect
 import subprocess
 import sys
+import threading
 import typing
 from collections.abc import Iterator
 from dataclasses import replace
@@ -262,6 +263,7 @@ def test_ffcv_pipeline_masks_are_reproducible_and_resume(image_set: Path, worker
     request = TrainRequest(source=source, image_size=32, augment="none", batch_size=BATCH, seed=SEED, **resume)
     loader = LOADERS["ffcv"].train(request)
     resumed = list(islice(loader, 2))
+    loader.close()
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a.perm, b.perm) and torch.equal(a.patches, b.patches)
     for a, b in zip(one[4:], resumed, strict=True):
@@ -315,6 +317,25 @@ def test_using_ffcv_keeps_the_runs_torch_thread_count(image_set: Path) -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "threads 2" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.needs_loader("ffcv")
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_closing_an_ffcv_stream_early_leaves_no_loading_thread(image_set: Path, kind: str) -> None:
+    """FFCV's thread goes on decoding after its own close(), and a process that exits meanwhile can abort
+    in numba's TBB pool. eval: 4 batches of 30 images, one read, so the thread ends its pass blocked on a
+    full queue."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    source = data_of(image_set, "ffcv")
+    if kind == "train":
+        request = TrainRequest(source=source, image_size=32, augment="none", batch_size=BATCH, seed=SEED, workers=1)
+        batches = LOADERS["ffcv"].train(request)
+    else:
+        batches = LOADERS["ffcv"].evaluate(EvalRequest(source=source, image_size=32, batch_size=8, workers=1))
+    next(batches)
+    batches.close()
+    assert not [thread for thread in threading.enumerate() if isinstance(thread, EpochIterator) and thread.is_alive()]
 
 
 def test_device_prefetch_hands_every_batch_over_in_order_on_the_device() -> None:
