@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, grid_size, patchify_and_mask, scaled_stats
-
-PATCH_OPS = ("auto", "reference", "triton", "numba")
-PatchOp = Callable[..., torch.Tensor]
+from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PATCH_OPS, PatchOp, grid_size, patchify_and_mask, scaled_stats
 
 try:
     import triton

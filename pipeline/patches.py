@@ -16,12 +16,17 @@ Terms, for a batch of B images of H x W cut into a G x G grid of p x p patches (
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The ops that cut and mask patches: this module's reference and pipeline.fused_patches' kernels. Named here so
+# that a config can offer them without importing triton and numba (0.6 s of start-up).
+PATCH_OPS = ("auto", "reference", "triton", "numba")
+PatchOp = Callable[..., torch.Tensor]  # (images, perm, patch_size, num_context, ...) -> patches, as the reference
 
 
 @dataclass(frozen=True)

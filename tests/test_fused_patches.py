@@ -119,11 +119,16 @@ def test_the_self_check_catches_an_op_that_differs() -> None:
 def test_the_run_time_check_covers_the_dtype_the_step_writes(monkeypatch, precision: str, dtype) -> None:
     """On a GPU the fused op is checked against the reference before a run uses it, in the dtype (bf16 has
     its own rounding path in the kernel) and layout the step will ask for."""
+    from pipeline import fused_patches
     from train.config import PretrainConfig, load_config
     from train.methods import selfie, stage_class
 
     checked = []
-    monkeypatch.setattr(selfie, "agrees_with_reference", lambda op, device, *args, **kwargs: checked.append(kwargs))
+
+    def stand_in(op, device, *args, **kwargs) -> None:
+        checked.append(kwargs)
+
+    monkeypatch.setattr(fused_patches, "agrees_with_reference", stand_in)
     overrides = {"speed.precision": precision, "speed.channels_last": True, "selfie.patch_op": "triton"}
     config = load_config(stage_class(PretrainConfig), "demo", overrides)
     with pytest.raises(selfie.ConfigError, match="differs from the reference"):  # the stand-in answered None

@@ -10,11 +10,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
 from pipeline.atomic import write_atomic
 from train.config import ConfigError, FinetuneConfig
 from train.config.command_line import parse_args
+from train.engine.curves import pyplot
 from train.evaluation.pretrained import load_init
 from train.experiments.grid import (
     RUN_OWNED,
@@ -27,9 +26,6 @@ from train.experiments.grid import (
 )
 from train.methods import stage_class
 from train.stages import finetuning
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 ROWS = (("supervised", "none"), ("pretrained", None))  # (row name, --init); None = the --init given
 
@@ -91,6 +87,7 @@ def plot_comparison(
 ) -> None:  # fmt: skip
     """Accuracy against labels (each row with its seeds' sd; the supervised row's spread shaded; chance
     dashed) and the gain per column, its bar's error the spread of a difference of the two rows."""
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for row, _ in ROWS:
         means = [cells[row][c]["mean"] for c in columns]

@@ -23,9 +23,10 @@ from model.selfie import (
     patch_selection_loss,
 )
 from pipeline.data import PICTURE_STREAM, Batch, Source, derive_seed
-from pipeline.fused_patches import PATCH_OPS, PatchOp, agrees_with_reference, select_patch_op
 from pipeline.loaders import LOADERS
 from pipeline.patches import (
+    PATCH_OPS,
+    PatchOp,
     PatchSpec,
     grid_size,
     num_context_patches,
@@ -84,6 +85,8 @@ MOVED_KEYS = {f"model.{key}": f"selfie.{key}" for key in (*POOL_FIELDS, "positio
 
 def choose_patch_op(config: PretrainConfig, device: torch.device, num_context: int) -> tuple[str, PatchOp]:
     """The configured patch op; on a GPU a fused kernel is first checked bitwise against the reference."""
+    from pipeline.fused_patches import agrees_with_reference, select_patch_op  # triton, numba: only for a run
+
     settings: SelfieSection = config.selfie
     try:
         name, op = select_patch_op(device, settings.patch_op)
