@@ -447,12 +447,12 @@ def _batches(
         try:
             yield from _converted(epoch, beton, view_of_row, device, patch_spec, threads)
         finally:
-            stop_epoch(epoch)
+            _stop_epoch(epoch)
         if not endless:
             return
 
 
-def stop_epoch(epoch) -> None:
+def _stop_epoch(epoch) -> None:
     """Stops FFCV's loading thread of one pass and waits for it, then frees the pass's memory.
 
     FFCV's own `close()` only asks: its daemon thread goes on decoding (numba code on TBB's pool) until its
