@@ -1,16 +1,29 @@
 """The weights every method and fine-tuning reach after 20 fixed-seed, one-thread CPU steps, as hashes.
 
-    python -m tests.behaviour_hashes OUT.json         # write them as JSON (what tests/behaviour_hashes.json pins)
+    python -m tests.behaviour_hashes OUT.json         # this process's CPU capability, as JSON
     python -m tests.behaviour_hashes OUT.json 0 2     # the first of two halves (run side by side, then merged)
+    python -m tests.behaviour_hashes --pin            # rewrite tests/behaviour_hashes.json: every capability
+                                                      # this machine can run (AVX-512 runs AVX2 forced too)
 
-Recorded before the trainer was refactored into one loop with method plug-ins (issue 13), so a test can
-show that the redesign changed no computation: every run here must reach bit-identical weights.
+First recorded before the trainer was refactored into one loop with method plug-ins (issue 13); since then
+a lock on behaviour: a change that moves these bits must say so and re-pin.
+
+One-thread CPU bits are stable for one instruction set, not across them, so there is one set of pins per
+ATen CPU capability, and every run is made under `pinned_environment(capability)`:
+- `ATEN_CPU_CAPABILITY` and `ONEDNN_MAX_CPU_ISA` choose ATen's and oneDNN's kernels (an AVX-512 machine
+  runs the AVX2 ones when told; oneDNN capped at AVX512_CORE so AMX/VNNI machines take the same kernels);
+- `MKL_CBWR=AVX2`: MKL's GEMM takes its AVX2 code path on every x86 CPU. MKL runs AVX-512 code on Intel
+  CPUs and AVX2 code on AMD ones by default, so the same commit gave other bits on an Intel and an AMD
+  AVX-512 machine (issue 30);
+- `SELFIE_TRAINER_DEMO=photos`: a run without --config would take Fashion-MNIST where it is installed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -109,15 +122,50 @@ def compute(demo_root: Path, out: Path, part: int = 0, parts: int = 1) -> dict[s
     return hashes
 
 
+PINS = Path(__file__).with_name("behaviour_hashes.json")
+ONEDNN_ISA = {"AVX2": "AVX2", "AVX512": "AVX512_CORE"}  # the oneDNN cap that goes with each ATen capability
+
+
+def runnable_capabilities() -> list[str]:
+    """The capabilities with pins that this machine can run: its own and, on AVX-512, AVX2 forced."""
+    return {"AVX512": ["AVX2", "AVX512"], "AVX2": ["AVX2"]}.get(torch.backends.cpu.get_cpu_capability(), [])
+
+
+def pinned_environment(capability: str) -> dict[str, str]:
+    """The variables every pinned run is made under (module docstring)."""
+    return {
+        "ATEN_CPU_CAPABILITY": capability.lower(),
+        "ONEDNN_MAX_CPU_ISA": ONEDNN_ISA[capability],
+        "MKL_CBWR": "AVX2",
+        "SELFIE_TRAINER_DEMO": "photos",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def pin() -> None:
+    """Every runnable capability's hashes, each in its own processes, into tests/behaviour_hashes.json."""
+    pins = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for capability in runnable_capabilities():
+            out = Path(tmp) / f"{capability}.json"
+            env = {**os.environ, **pinned_environment(capability)}
+            subprocess.run([sys.executable, "-m", "tests.behaviour_hashes", str(out)], env=env, check=True)
+            pins[capability] = json.loads(out.read_text())
+    PINS.write_text(json.dumps({"torch": torch.__version__, "pins": pins}, indent=1) + "\n")
+
+
 def main() -> None:
     from pipeline.demo import demo_dataset
 
+    if sys.argv[1:] == ["--pin"]:
+        return pin()
+    os.environ["SELFIE_TRAINER_DEMO"] = "photos"
     part, parts = (int(sys.argv[2]), int(sys.argv[3])) if len(sys.argv) > 3 else (0, 1)
     with tempfile.TemporaryDirectory() as tmp:
         demo_root = demo_dataset(Path(tmp) / "cache")
         hashes = compute(demo_root, Path(tmp) / "runs", part, parts)
     hashes["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    hashes["torch"] = torch.__version__
+    hashes["mkl_cbwr"] = os.environ.get("MKL_CBWR", "")
     Path(sys.argv[1]).write_text(json.dumps(hashes, indent=1) + "\n")
 
 

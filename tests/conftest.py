@@ -51,6 +51,15 @@ TINY = [
 ]
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """The machine's CPU capability and the behaviour pins it checks, at the top of every run (CI's
+    output included), so a landing says which pins were checked (tests/test_behaviour.py)."""
+    from tests.behaviour_hashes import runnable_capabilities
+
+    pins = ", ".join(runnable_capabilities()) or "none (the behaviour test skips)"
+    return f"cpu capability: {torch.backends.cpu.get_cpu_capability()}; behaviour pins checked: {pins}"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test of a loader backend whose package is not installed here (FFCV, DALI: the GPU machine has
     neither) is skipped, never failed or aborted: the tests parametrized by the loader's name, and those

@@ -1,5 +1,6 @@
-"""The redesign of issue 13 changed no computation: every method's pretraining and three fine-tuning
-runs reach the weights (hashes) recorded before it (tests/behaviour_hashes.py wrote the pinned file)."""
+"""Behaviour is pinned: every method's pretraining and three fine-tuning runs reach the weights (hashes) in
+tests/behaviour_hashes.json, one set per CPU capability (tests/behaviour_hashes.py says why, and how to
+re-pin). An AVX-512 machine checks both sets, forcing AVX2 for the second; an AVX2 machine checks its own."""
 
 import json
 from functools import partial
@@ -8,25 +9,37 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.behaviour_hashes import pinned_environment, runnable_capabilities
 from tests.conftest import ROOT, run_concurrently, run_script
 
 pytestmark = pytest.mark.slow
 PINNED = json.loads((ROOT / "tests" / "behaviour_hashes.json").read_text())
-PARTS = 2  # run side by side: most of each is one core's arithmetic
+PARTS = 2  # each capability's runs in two processes side by side: most of each is one core's arithmetic
+HANG_GUARD_S = 1800  # stops a hung run; never reached by a slow one (about 20 s idle, 80 s on busy cores)
 
 
 def test_every_run_reaches_the_pinned_weights(tmp_path: Path) -> None:
-    here = (torch.backends.cpu.get_cpu_capability(), torch.__version__)
-    if here != (PINNED["cpu_capability"], PINNED["torch"]):
-        # One-thread CPU kernels are bit-stable for one instruction set and torch build, not across them.
-        pytest.skip(f"hashes pinned on {PINNED['cpu_capability']} / torch {PINNED['torch']}; this is {here}")
-    outs = [tmp_path / f"hashes{part}.json" for part in range(PARTS)]
+    capabilities = runnable_capabilities()
+    if torch.__version__ != PINNED["torch"] or not capabilities:
+        pytest.skip(
+            f"weights pinned for AVX2 and AVX512 on torch {PINNED['torch']}; this machine runs "
+            f"{torch.backends.cpu.get_cpu_capability()} on torch {torch.__version__}"
+        )
+    jobs = [(capability, part) for capability in capabilities for part in range(PARTS)]
+    outs = {job: tmp_path / f"{job[0]}-{job[1]}.json" for job in jobs}
     calls = [
-        partial(run_script, ["-m", "tests.behaviour_hashes", str(out), str(part), str(PARTS)], ROOT, timeout=600)
-        for part, out in enumerate(outs)
+        partial(
+            run_script,
+            ["-m", "tests.behaviour_hashes", str(outs[job]), str(job[1]), str(PARTS)],
+            ROOT,
+            timeout=HANG_GUARD_S,
+            env=pinned_environment(job[0]),
+        )
+        for job in jobs
     ]
-    got: dict = {}
-    for result, out in zip(run_concurrently(calls), outs, strict=True):
+    got: dict[str, dict] = {capability: {} for capability in capabilities}
+    for result, job in zip(run_concurrently(calls), jobs, strict=True):
         assert result.returncode == 0, result.stderr[-3000:]
-        got |= json.loads(out.read_text())
-    assert got == PINNED
+        got[job[0]] |= json.loads(outs[job].read_text())
+    for capability in capabilities:
+        assert got[capability] == PINNED["pins"][capability], f"weights moved on {capability}"

@@ -163,7 +163,8 @@ def test_a_pretraining_cut_at_its_limit_still_feeds_the_grid(
     call.work.mkdir()
     assert runner.run_call(call)
     pretraining = call.phases[0]
-    assert pretraining.cut and pretraining.seconds < 10
+    # The limit is what is tested: cut at 2 s, not after the stand-in's 30 s (slack for a busy machine).
+    assert pretraining.cut and pretraining.seconds < 25
     assert "pretraining: cut (time limit or SIGTERM)" in (call.out / "summary.md").read_text()
 
 
@@ -173,7 +174,7 @@ def test_a_runner_stopped_from_outside_stops_its_runs(tmp_path: Path, fake_pytho
     env = {**os.environ, "FAKE_PRETRAIN_S": "60", "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "benchmarks.fmnist_table1", str(tmp_path / "out"), "--data", str(marker)]
     runner_process = subprocess.Popen([*argv, "--python", fake_python, "--work", str(tmp_path / "work")], env=env)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # waits for the stand-in to start; a busy machine can take long
     while not (tmp_path / "work" / "pretraining" / "log.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
     runner_process.send_signal(signal.SIGTERM)

@@ -38,7 +38,8 @@ def test_every_plan_fits_a_calls_budget(call: str, tmp_path: Path) -> None:
 def test_a_step_past_its_limit_is_cut_and_recorded(tmp_path: Path) -> None:
     sleeper = Step("sleeper", 1, "tests", ("-c", "import time; print('started', flush=True); time.sleep(30)"))
     record = run_step(sleeper, sys.executable, tmp_path, dry_run=False)
-    assert record.exit == 124 and record.outcome == "timed out at 1 s" and record.seconds < 10
+    # The limit is what is tested: cut at 1 s, not after the 30 s sleep. 20 s of slack for a busy machine.
+    assert record.exit == 124 and record.outcome == "timed out at 1 s" and record.seconds < 21
     assert "started" in (tmp_path / "sleeper.log").read_text()
 
 
@@ -48,7 +49,10 @@ def test_a_dry_run_checks_every_step_and_writes_what_comes_back(call: str, tmp_p
     out = tmp_path / "out"
     env = {**os.environ, "PY": sys.executable, "GPU_CHECK_DRY_RUN": "1"}
     script = ROOT / "benchmarks" / "gpu_check.sh"
-    result = subprocess.run(["bash", str(script), str(out), call], env=env, capture_output=True, text=True, timeout=600)
+    # A hang guard, not a measurement: a dry run times nothing, and a busy CPU may take minutes.
+    result = subprocess.run(
+        ["bash", str(script), str(out), call], env=env, capture_output=True, text=True, timeout=3600
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     written = [path for path in out.rglob("*") if path.is_file()]
     assert len(written) <= RETURNED_FILES and all(len(p.relative_to(out).parts) <= RETURNED_DEPTH + 1 for p in written)
