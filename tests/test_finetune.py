@@ -66,6 +66,26 @@ def test_table_writer_on_a_known_result() -> None:
     )
 
 
+def test_the_table_counts_the_labels_selection_read_and_names_an_lr_at_the_grid_edge() -> None:
+    def chosen(lr: float, edge: str, mode: str, outside: int) -> dict:
+        record = {"mode": mode, "labels_read": 600 + outside, "labels_outside_budget": outside}
+        return {"mean": 70.0, "std": 1.0, "seeds": 3, "lr": lr, "lr_edge": edge, "selection": record}
+
+    honest = {row: {"1%": chosen(0.1, "", "labelled_subset", 0)} for row in ("supervised", "pretrained")}
+    honest["supervised"]["1%"] = chosen(0.2, "largest", "labelled_subset", 0)
+    table = format_table(honest, ["1%"])
+    assert "| lr, supervised | 0.2 (edge) |" in table and "| lr, pretrained | 0.1 |" in table
+    assert "| labels read choosing the lr | 600 |" in table and "no label outside the budget was read" in table
+    assert (
+        "At an edge of the lr grid (the best lr may lie outside the grid; widen --lrs): supervised 1% (largest)."
+        in table
+    )
+    extra = {row: {"1%": chosen(0.1, "", "extra_labels", 6000)} for row in ("supervised", "pretrained")}
+    table = format_table(extra, ["1%"])
+    assert "| labels read choosing the lr | 6,600 (6,000 outside) |" in table and "beyond the budget" in table
+    assert "At an edge" not in table
+
+
 @pytest.mark.slow
 def test_seeds_results_and_summary(tmp_path: Path, demo_root: Path, pretrained_run: Path) -> None:
     run = tmp_path / "run"
