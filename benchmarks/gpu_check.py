@@ -28,7 +28,17 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from benchmarks.gpu_plan import KILL_AFTER_S, Step, Where, budget_s, call_steps, plan, prelude, worst_case_s
+from benchmarks.gpu_plan import (
+    KILL_AFTER_S,
+    Step,
+    Where,
+    budget_s,
+    call_steps,
+    methods_224,
+    plan,
+    prelude,
+    worst_case_s,
+)
 from benchmarks.gpu_summary import Report, StepRecord, count_tests, log_tail, step_line, summary_markdown, write_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,8 +91,6 @@ def fallback_env() -> dict:
     """What the plan needs of the environment when the probe was cut or failed: the registered methods
     (this checkout's, as the probe would list them) and the torch loader, which is always there."""
     try:
-        from benchmarks.gpu_prepare import methods_224
-
         methods = methods_224()
     except Exception as error:  # noqa: BLE001 (an interpreter that cannot import the trainer: no table rows)
         print(f"note: no per-method steps ({error})", file=sys.stderr)

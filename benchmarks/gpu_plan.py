@@ -74,6 +74,15 @@ def memory_gib(net: str, batch: int, views: int = 1, size: int = 224) -> float:
     return round(FIXED_GIB + ACTIVATION_GIB[net] * batch * views * (size / 224) ** 2, 1)
 
 
+def methods_224() -> dict[str, str]:
+    """Each registered method and its P at 224 px: ResNet-36 for a method with an attention pooling
+    (Selfie's P), ResNet-50 otherwise. The environment probe records them; the runner asks here itself
+    when the probe was cut."""
+    from train.methods import METHODS, default_parts
+
+    return {name: "resnet36" if default_parts(name).pool_prefix else "resnet50" for name in METHODS}
+
+
 def env_step(where: Where) -> Step:
     # 40 s: 10-16 s measured on a CPU; the runner falls back to the registered methods when it is cut.
     return Step("env", 40, "env", ("-m", "benchmarks.gpu_prepare", "env", "--json", str(where.work / "env.json")))

@@ -305,11 +305,8 @@ def arguments() -> argparse.ArgumentParser:
         action="store_true",
         help="only check: the flags parse and every batch size's config resolves (no data, model or device)",
     )
-    parser.add_argument(
-        "--check-inputs",
-        action="store_true",
-        help="--check-args, then build the data, the model and one small batch of every mode's inputs (no step)",
-    )
+    inputs_help = "--check-args, then build the data, the model and a small batch of every mode's inputs (no step)"
+    parser.add_argument("--check-inputs", action="store_true", help=inputs_help)
     parser.add_argument("--plot", help="write a bar chart of images/s by mode here (PNG)")
     return parser
 
