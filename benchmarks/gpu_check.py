@@ -107,7 +107,7 @@ def read_env(work: Path) -> dict:
 
 
 def run_and_say(report: Report, step: Step, python: str, work: Path) -> None:
-    """Run the step; print its line at once (and its log's last lines if it failed); rewrite the outputs."""
+    """Run the step and print its line at once (and its log's last lines if it failed)."""
     report.steps[step.name] = run_step(step, python, work, report.dry_run)
     print(step_line(report, step), flush=True)
     if report.steps[step.name].exit != 0:

@@ -150,7 +150,7 @@ def step_rows(report: Report) -> list[str]:
 def summary_sections(report: Report) -> list[list[str]]:
     """The summary's sections in the order they are kept when it must be cut."""
     env = report.env
-    device = env.get("device") or ("no CUDA device" if env else "environment unknown")
+    device = env.get("device") or ("no CUDA device" if "cuda" in env else "device unknown (no probe)")
     versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
     absent = ", ".join(k for k, v in (env.get("versions") or {}).items() if not v)
     command = report.next_command()
