@@ -52,11 +52,22 @@ def benchmark_data(
         folder = Path(data)
     beton_path = Path(beton) if beton else cache / f"{folder.parent.name}-{folder.name}.beton"
     if build_beton and not beton_path.exists():
-        try:  # FFCV is optional where only the torch and DALI loaders are timed
-            from pipeline.beton_writer import ConvertOptions, convert
-        except ImportError as error:
-            print(f"note: no {beton_path.name} ({error}): the ffcv modes cannot run here")
+        missing = ffcv_missing()
+        if missing:  # FFCV is optional where only the torch and DALI loaders are timed
+            print(f"note: no {beton_path.name} ({missing}): the ffcv modes cannot run here")
             return folder, beton_path
+        from pipeline.beton_writer import ConvertOptions, convert
+
         mode = "raw" if data == "demo" else "jpg"
         convert(folder, beton_path, options=ConvertOptions(write_mode=mode, jpeg_quality=90))
     return folder, beton_path
+
+
+def ffcv_missing() -> str | None:
+    """Why no .beton can be written here, or None. The writer imports without FFCV (its `ffcv` is then
+    None) and refuses to convert with a DataError, not an ImportError: ask it rather than the import."""
+    try:
+        from pipeline import beton_writer
+    except ImportError as error:  # an FFCV that is installed but does not import
+        return str(error)
+    return None if beton_writer.ffcv is not None else "FFCV is not installed here"

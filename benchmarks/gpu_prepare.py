@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks.gpu_plan import methods_224
+
 PACKAGES = ("torch", "accelerate", "triton", "numba", "timm", "torchvision", "ffcv", "nvidia.dali")
 DISTRIBUTIONS = {"nvidia.dali": "nvidia-dali-cuda130"}  # where the import name is not the distribution's
 LOADER_PACKAGES = {"ffcv": "ffcv", "dali": "nvidia.dali"}  # loader backend -> the package it imports
@@ -57,14 +59,6 @@ def gpu_description() -> dict:
         smi = subprocess.run(query, capture_output=True, text=True, timeout=15)
         found["nvidia_smi"] = smi.stdout.strip() or smi.stderr.strip()
     return found
-
-
-def methods_224() -> dict[str, str]:
-    """Each registered method and its P at 224 px: ResNet-36 for a method with an attention pooling
-    (Selfie's P), ResNet-50 otherwise."""
-    from train.methods import METHODS, default_parts
-
-    return {name: "resnet36" if default_parts(name).pool_prefix else "resnet50" for name in METHODS}
 
 
 def environment() -> dict:

@@ -106,6 +106,7 @@ class Bench:
         self.parts = prepared.step_parts(self.task, self.config.optim.grad_clip)
         self.run_step = make_step(self.parts, self.config.speed.cuda_graph)
         self.generator = torch.Generator(device=self.device).manual_seed(0)
+        self.last_loss: torch.Tensor | None = None  # the last training step's loss, read after the timing
 
     def _task_and_build(self) -> tuple[Task, Callable[[], torch.nn.Module]]:
         if self.args.stage == "finetune":
@@ -122,6 +123,7 @@ class Bench:
             for name, tensor in self.net.state_dict().items():
                 tensor.copy_(self.initial[name])
         self.model.train()
+        self.last_loss = None
 
     def stream(self, loader: str) -> Iterator[Batch]:
         config = dataclasses.replace(self.config, data=dataclasses.replace(self.config.data, loader=loader))
@@ -130,7 +132,7 @@ class Bench:
         return train_batches(config, source, self.batch, 0, 0, self.accelerator, self.task.loader_patch_spec(loader))
 
     def step(self, batch: Batch, clock: StageClock) -> None:
-        self.run_step([batch], self.generator, clock.stage)
+        self.last_loss = self.run_step([batch], self.generator, clock.stage)[0]  # kept on the device: no sync
 
     def inputs_only(self, batch: Batch, clock: StageClock) -> None:
         """The data side of a step: the task's op on the loader's batch (nothing when FFCV cut the patches)."""
@@ -262,6 +264,7 @@ def naive_update(bench: Bench, per_image: list[tuple[torch.Tensor, ...]], clock:
         loss = torch.stack([bench.task.objective(bench.net, inputs)[0] for inputs in per_image]).mean()
     with clock.stage("backward"):
         bench.accelerator.backward(loss)  # through the fp16 scaler when there is one
+    bench.last_loss = loss.detach()
     with clock.stage("optimizer"):
         bench.optimizer.step()
         bench.optimizer.zero_grad(set_to_none=True)

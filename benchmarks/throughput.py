@@ -19,9 +19,11 @@ wait, the input op, forward, backward, optimizer, or the graph's replay; host->d
 the loader's data wait). Then --profile-steps steps under torch's profiler give kernels and launches per
 step and the fraction of time the GPU was busy (on a CPU: aten ops per step), and the device's peak
 memory per mode. Images/s counts source images: a rotation method's step handles 4 or 8 views of each.
-Last, one step's FLOPs (torch's FlopCounterMode, on the eager step) and a measured square-matmul peak in
-the step's dtype give each training mode's achieved TFLOP/s and its fraction of that peak. --json writes
-all of it with the machine, device, versions, resolved config and date.
+Each training mode also records the loss of its last timed step and whether it is finite (a graph
+computing NaN would still report images/s). Last, one step's FLOPs (torch's FlopCounterMode on the eager
+step, counted at a small batch on a model of its own once the measured one is freed, then scaled) and a
+measured square-matmul peak in the step's dtype give each training mode's achieved TFLOP/s and its
+fraction of that peak. --json writes all of it with the machine, device, versions, resolved config and date.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import argparse
 import gc
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import sys
@@ -58,6 +61,8 @@ from train.config.checks import check_config
 from train.methods import METHODS, default_method, method_flags
 from train.stages import pretraining
 
+INPUT_CHECK_BATCH = 4  # --check-inputs: images per batch (the sizes a run takes are checked by --check-args)
+FLOP_COUNT_BATCH = 8  # images per step where FLOPs are counted (then scaled to each batch size)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PRETEXT_ONLY_MODES = ("naive", "no-model:naive")  # per-image forwards: a batch-norm head needs more than one image
 
@@ -84,11 +89,27 @@ def run_mode(bench: Bench, name: str, timed: Callable[[dict], None] = lambda res
     with mode.run(bench) as step:
         warmup = args.warmup + mode.ready(args.workers)
         result = time_windows(step, bench.device, bench.batch, warmup, args.windows, args.window)
+        result |= loss_record(bench.last_loss)
         timed(result)
         if args.profile_steps:
             result |= profile_steps(step, bench.device, args.profile_steps)
     result["peak_memory_gib"] = peak_memory_gib(bench.device)
     return result
+
+
+def loss_record(loss: torch.Tensor | None) -> dict:
+    """The loss of the last timed step and whether it is finite: a graph that computes NaN still reports
+    images/s, so a rate is only a figure beside a finite loss. Nothing for a data-side mode (no loss)."""
+    if loss is None:
+        return {}
+    value = float(loss)  # after the timing: this sync is not timed
+    return {"loss": value if math.isfinite(value) else str(value), "loss_finite": math.isfinite(value)}
+
+
+def loss_text(result: dict) -> str:
+    if "loss_finite" not in result:
+        return ""
+    return f", loss {result['loss']:.4g}" if result["loss_finite"] else f", loss {result['loss']} (NOT FINITE)"
 
 
 def step_flops(bench: Bench) -> int:
@@ -102,6 +123,20 @@ def step_flops(bench: Bench) -> int:
         step(bench.synthetic_pool()[:1], bench.generator)
     bench.reset()
     return counter.get_total_flops()
+
+
+def flops_per_image(args: argparse.Namespace) -> float:
+    """One training step's FLOPs per image, counted on a Bench of its own at a small batch (a step's FLOPs
+    grow linearly with its images: every layer, the pooling and the loss work image by image). Called
+    after the measured Bench is gone and the cache emptied, so the full batch's activations never need a
+    second copy beside a CUDA graph's pool (an H100 ran out of memory that way)."""
+    bench = Bench(args, min(FLOP_COUNT_BATCH, *args.batch))
+    try:
+        return step_flops(bench) / bench.batch
+    finally:
+        device = bench.device
+        del bench
+        release_memory(device)
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 5) -> float:
@@ -270,6 +305,8 @@ def arguments() -> argparse.ArgumentParser:
         action="store_true",
         help="only check: the flags parse and every batch size's config resolves (no data, model or device)",
     )
+    inputs_help = "--check-args, then build the data, the model and a small batch of every mode's inputs (no step)"
+    parser.add_argument("--check-inputs", action="store_true", help=inputs_help)
     parser.add_argument("--plot", help="write a bar chart of images/s by mode here (PNG)")
     return parser
 
@@ -324,12 +361,13 @@ def describe(bench: Bench) -> str:
     )
 
 
-def compute_figures(bench: Bench, results: dict, peak: float) -> tuple[dict, str]:
-    """One step's FLOPs at this batch size; each training mode's achieved TFLOP/s and fraction of `peak`."""
-    flops = step_flops(bench)
+def compute_figures(batch: int, per_image: float, results: dict, peak: float) -> tuple[dict, str]:
+    """One step's FLOPs at this batch size (`per_image` scaled); each training mode's achieved TFLOP/s and
+    fraction of `peak`."""
+    flops = per_image * batch
     for name, r in results.items():
         if MODES[name].trainer_step:
-            achieved = flops * r["median"] / bench.batch
+            achieved = flops * r["median"] / batch
             r["achieved_tflops"] = round(achieved / 1e12, 4)
             r["fraction_of_peak"] = round(achieved / peak, 4)
     achieved = ", ".join(
@@ -337,7 +375,8 @@ def compute_figures(bench: Bench, results: dict, peak: float) -> tuple[dict, str
         for m, r in results.items()
         if "achieved_tflops" in r
     )
-    text = f"batch {bench.batch}: one step {flops / 1e9:,.1f} GFLOP (forward + backward); achieved: {achieved}"
+    text = f"batch {batch}: one step {flops / 1e9:,.1f} GFLOP (forward + backward, counted at batch "
+    text += f"{FLOP_COUNT_BATCH} or less and scaled); achieved: {achieved}"
     return {"step_gflop": round(flops / 1e9, 3)}, text
 
 
@@ -360,7 +399,7 @@ def _keep(done: Sweep, modes: dict, name: str, save: Callable[[Sweep], None], re
 def sweep(args: argparse.Namespace, save: Callable[[Sweep], None] = lambda done: None) -> Sweep:
     """Every mode at every batch size; `save` is called with what is measured after every mode's timing
     and every batch size's figures (a sweep stopped by a time limit or out of memory keeps them)."""
-    done, peak = Sweep(), None
+    done, peak, per_image = Sweep(), None, None
     for batch in args.batch:
         bench = Bench(args, batch)
         if not done.results:
@@ -372,14 +411,15 @@ def sweep(args: argparse.Namespace, save: Callable[[Sweep], None] = lambda done:
         modes = done.results.setdefault(batch, {})
         for name in args.mode_list:
             modes[name] = run_mode(bench, name, partial(_keep, done, modes, name, save))
-            print(f"{name} @ {batch}: {rate(modes[name]['median'])} images/s", flush=True)
+            print(f"{name} @ {batch}: {rate(modes[name]['median'])} images/s{loss_text(modes[name])}", flush=True)
             save(done)
             release_memory(bench.device)
-        done.compute[batch], line = compute_figures(bench, modes, peak)
+        del bench  # its graph's pool and activations, before the FLOP count's own model
+        release_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        per_image = per_image or flops_per_image(args)
+        done.compute[batch], line = compute_figures(batch, per_image, modes, peak)
         done.lines.insert(-1, line)
         save(done)
-        del bench
-        release_memory(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return done
 
 
@@ -422,14 +462,43 @@ def check_arguments(args: argparse.Namespace) -> None:
     print(f"arguments ok: batch {','.join(map(str, args.batch))}, modes {','.join(args.mode_list)}")
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """What a dry run of the GPU check runs after `check_arguments`: the step's data built as a real run
+    builds it (in the cache: the JPEG set, a .beton where a mode reads one), its model and step set up,
+    and one batch of every mode's model inputs made (the loader's batch through the task's input op), at
+    a small batch. Nothing is trained or timed; a package a mode needs that is missing fails here."""
+    # The inputs do not depend on how the step runs, and a machine without CUDA refuses a graphed one.
+    args = argparse.Namespace(**{**vars(args), "cuda_graph": args.cuda_graph and torch.cuda.is_available()})
+    bench = Bench(args, min(INPUT_CHECK_BATCH, *args.batch))
+    for name in args.mode_list:
+        loader = name.removeprefix("no-model:").removeprefix("raw-")
+        if loader in LOADERS:
+            stream = bench.stream(loader)
+            try:
+                batch = next(stream)
+            finally:
+                stream.close()
+        else:  # synthetic and naive: device batches of random images
+            batch = bench.synthetic_pool()[0]
+        shapes = [tuple(tensor.shape) for tensor in bench.task.inputs(batch, bench.generator)]
+        print(f"inputs ok: {name} @ {bench.batch}: {shapes}")
+
+
+def check(args: argparse.Namespace) -> None:
+    """--check-args and --check-inputs: a refusal is one line and exit status 2."""
+    try:
+        check_arguments(args)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.check_inputs:
+        check_inputs(args)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.check_args:
-        try:
-            check_arguments(args)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+    if args.check_args or args.check_inputs:
+        check(args)
         return {}
     if args.cuda_graph and args.profile_steps and torch.cuda.is_available():
         prepare_profiler_for_graphs()

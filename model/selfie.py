@@ -130,8 +130,9 @@ class Selfie(nn.Module):
         if logit_scale == "learned":  # log of the scale, so it stays positive; no weight decay (a scalar)
             self.log_logit_scale = nn.Parameter(torch.tensor(-0.5 * math.log(dim)))
         self.fixed_scale = dim**-0.5 if logit_scale == "sqrt_d" else None
-        # training forwards seen, a buffer: it resumes, and a CUDA graph replays it (the graph's few warm-up
-        # forwards before capture count too)
+        # training forwards seen, a buffer: it resumes, and a CUDA graph replays it. The graph's few warm-up
+        # forwards before its capture advance it too, but the capture puts every buffer back as it was
+        # (train/engine/step.py, TrainingSnapshot), so they do not count
         if logit_scale == "warmup":
             if logit_warmup < 1:
                 raise ValueError(f"logit warm-up must be a positive number of forwards, got {logit_warmup}")

@@ -106,6 +106,25 @@ def demo_data_for(loader: str, demo_root: Path) -> Path:
     return LOADERS[loader].demo(demo_root.parent)
 
 
+def with_root_on_path(pythonpath: str | None) -> str:
+    """PYTHONPATH with this checkout first: a script run by path (train/pretrain.py) puts only its own
+    folder on sys.path, and the project need not be pip-installed (the GPU machine's is not)."""
+    return os.pathsep.join([str(ROOT), *([pythonpath] if pythonpath else [])])
+
+
+HIDDEN = ("ffcv", "nvidia.dali")  # the loaders' packages the GPU machine lacks
+
+
+def without_packages(folder: Path, packages: tuple[str, ...] = HIDDEN) -> dict[str, str]:
+    """An environment in which Python (and every Python it starts) cannot import `packages`: a
+    sitecustomize.py in `folder`, on PYTHONPATH after this checkout, puts None in sys.modules for each,
+    which `import` takes for a package that is not installed (ModuleNotFoundError)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hide = "".join(f"sys.modules[{name!r}] = None\n" for name in packages)
+    (folder / "sitecustomize.py").write_text("import sys\n" + hide)
+    return {**os.environ, "PYTHONPATH": with_root_on_path(str(folder))}
+
+
 def run_script(
     args: list[str],
     cwd: Path,
@@ -114,6 +133,7 @@ def run_script(
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    env["PYTHONPATH"] = with_root_on_path(env.get("PYTHONPATH"))
     command = (launcher or [sys.executable]) + args
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -151,6 +171,7 @@ def kill_when_exists(script: str, args: list[str], cwd: Path, marker: Path) -> N
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "train" / script), *monitors, *args],
         cwd=cwd,
+        env={**os.environ, "PYTHONPATH": with_root_on_path(os.environ.get("PYTHONPATH"))},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

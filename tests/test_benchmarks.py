@@ -89,6 +89,9 @@ def test_throughput_benchmark_runs_every_mode(tmp_path, demo_root, capsys: pytes
         assert result["ops_per_step"] > 0 or not modes.MODES[mode].trains  # a step's aten ops were counted
     stages = results["torch"]["stages_ms"]
     assert set(stages) == {"data", "patch op", "forward", "backward", "optimizer"}
+    for mode, result in results.items():  # a training mode's last timed loss; none for the data side
+        trains = modes.MODES[mode].trains
+        assert (result.get("loss_finite") is True and result["loss"] > 0) if trains else "loss" not in result, mode
     assert set(results["no-model:dali"]["stages_ms"]) == {"data", "patch op"}
     saved = json.loads((tmp_path / "t.json").read_text())
     assert saved["config"]["train"]["batch_size"] == 4 and saved["versions"]["ffcv"]
@@ -256,3 +259,53 @@ def test_the_default_benchmark_times_the_demo_model_and_builds_only_what_it_read
     assert (
         throughput.rate(0.5234) == "0.523" and throughput.rate(12.34) == "12.3" and throughput.rate(1234.5) == "1,234"
     )
+
+
+def test_a_non_finite_loss_is_marked_beside_its_rate() -> None:
+    """A graph computing NaN still reports images/s: the record and the printed line say the loss is not finite."""
+    assert throughput.loss_record(None) == {}
+    assert throughput.loss_record(torch.tensor(2.5)) == {"loss": 2.5, "loss_finite": True}
+    for bad, text in ((float("nan"), "nan"), (float("inf"), "inf")):
+        record = throughput.loss_record(torch.tensor(bad))
+        assert record == {"loss": text, "loss_finite": False}
+        assert throughput.loss_text(record) == f", loss {text} (NOT FINITE)"
+        assert json.loads(json.dumps(record)) == record  # plain JSON, no NaN literal
+
+
+def test_flops_are_counted_at_a_small_batch_after_the_measured_model_is_freed(demo_root, monkeypatch) -> None:
+    """The count per image times the batch is the count at that batch (FLOPs grow linearly), and the
+    sweep counts only once the measured Bench (its graph's pool, its activations) is gone."""
+    import gc
+    import weakref
+
+    args = ["--width", "0.125", "--set", "selfie.attn_layers=1", "--set", "selfie.attn_heads=4", "--workers", "0"]
+    args += ["--warmup", "1", "--window", "1", "--windows", "1", "--profile-steps", "0"]
+    args += ["--cache", str(demo_root.parent), "--modes", "synthetic", "--batch", "16"]
+    parsed = throughput.parse_args(args)
+    assert throughput.flops_per_image(parsed) * 16 == pytest.approx(throughput.step_flops(modes.Bench(parsed, 16)))
+    measured, counted_at = [], []
+    bench_class, count = throughput.Bench, throughput.flops_per_image
+
+    def tracked(*bench_args):
+        bench = bench_class(*bench_args)
+        measured.append(weakref.ref(bench))
+        return bench
+
+    def count_when_freed(parsed_args):
+        gc.collect()
+        counted_at.append([ref() is None for ref in measured])
+        return count(parsed_args)
+
+    monkeypatch.setattr(throughput, "Bench", tracked)
+    monkeypatch.setattr(throughput, "flops_per_image", count_when_freed)
+    record = throughput.main(args)
+    assert counted_at == [[True]] and record["compute"][16]["step_gflop"] > 0
+
+
+def test_check_inputs_builds_every_modes_inputs_without_a_step(demo_root, capsys) -> None:
+    args = ["--check-inputs", "--modes", "synthetic,torch,no-model:torch", "--batch", "64,256", "--workers", "0"]
+    assert throughput.main([*args, "--cache", str(demo_root.parent)]) == {}
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "arguments ok: batch 64,256, modes synthetic,torch,no-model:torch"
+    built = [line.removeprefix("inputs ok: ").rsplit(": ", 1)[0] for line in printed[1:]]
+    assert built == ["synthetic @ 4", "torch @ 4", "no-model:torch @ 4"]

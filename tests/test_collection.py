@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import HANG_GUARD_S, ROOT
+from tests.conftest import HANG_GUARD_S, ROOT, run_script
 
 HIDDEN = ("ffcv", "nvidia.dali")
 HIDE_AND_RUN_PYTEST = (
@@ -67,3 +67,11 @@ def test_converting_without_ffcv_is_one_clear_line(tmp_path) -> None:
         "error: converting to .beton needs FFCV, which is not installed here (pip install ffcv)"
     ]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_script_a_test_starts_imports_this_checkout_without_pythonpath(tmp_path) -> None:
+    """As on the GPU machine (the project not pip-installed, no PYTHONPATH set): a test's subprocess run
+    from elsewhere imports the project from this checkout, which run_script puts on its path."""
+    code = "import train; print(train.__file__)"
+    result = run_script(["-c", code], tmp_path, env={"PYTHONPATH": ""})
+    assert result.returncode == 0 and result.stdout.strip().startswith(str(ROOT)), result.stdout + result.stderr

@@ -94,6 +94,24 @@ def test_curves_are_drawn_from_the_log(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "log.jsonl"]  # no temporary file left
 
 
+def test_without_matplotlib_the_curves_are_skipped_with_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A machine without matplotlib (a GPU machine may lack it): a run's checkpoints draw no curves and
+    say so once, instead of ending the run."""
+    import sys
+
+    from train.engine import curves
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 2 / s}) + "\n" for s in range(1, 4)))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an uninstalled package looks like to import
+    monkeypatch.setattr(curves, "_SKIP_SAID", [])
+    for _ in range(3):  # three checkpoints
+        plot_curves(log, tmp_path / "curves.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and "no curves.png" in printed[0] and "matplotlib" in printed[0], printed
+
+
 def test_curve_panels_take_whatever_metrics_the_log_has(tmp_path: Path) -> None:
     """A method's own accuracy key (any `*_acc`) is drawn without being named anywhere."""
     from train.engine.curves import CURVE_PANELS

@@ -208,9 +208,12 @@ def test_pretraining_with_a_cuda_graph_and_compile_resumes_at_the_right_step(tmp
     """A graphed run, and a compiled + graphed one, killed between checkpoints resume at their step and end
     close to the uninterrupted graphed run (kernels round differently, so closely, not bit for bit)."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
+
+    from tests.conftest import with_root_on_path
 
     script = Path(__file__).resolve().parent.parent / "train" / "pretrain.py"
     common = ["--model.width=0.25", "--steps", "6", "--checkpoint.every=3", "--checkpoint.keep=5"]
@@ -218,7 +221,9 @@ def test_pretraining_with_a_cuda_graph_and_compile_resumes_at_the_right_step(tmp
     common += ["--speed.cuda_graph=true"]
 
     def train(out: Path, *extra: str) -> list[float]:
-        result = subprocess.run([sys.executable, str(script), *common, *extra, "--out", str(out)], capture_output=True)
+        env = {**os.environ, "PYTHONPATH": with_root_on_path(os.environ.get("PYTHONPATH"))}
+        command = [sys.executable, str(script), *common, *extra, "--out", str(out)]
+        result = subprocess.run(command, capture_output=True, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
         return [r["loss"] for r in records if "loss" in r]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -17,7 +18,17 @@ import torch
 from PIL import Image
 
 from pipeline.data import DataError, open_source
-from tests.conftest import HANG_GUARD_S, ROOT, SMALL_MONITORS, TINY, free_port, pretrain, run_concurrently, run_script
+from tests.conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    SMALL_MONITORS,
+    TINY,
+    free_port,
+    pretrain,
+    run_concurrently,
+    run_script,
+    with_root_on_path,
+)
 from train.engine.cli import run_cli
 from train.stages import pretraining as pretrain_module
 
@@ -173,7 +184,8 @@ def test_a_signal_stops_after_a_checkpoint_and_the_resume_is_bit_exact(tmp_path:
     common = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--steps", "12", "--checkpoint.every=100"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     script = str(ROOT / "train" / "pretrain.py")
-    process = subprocess.Popen([sys.executable, script, *common, "--out", str(stopped)], cwd=tmp_path,
+    env = {**os.environ, "PYTHONPATH": with_root_on_path(os.environ.get("PYTHONPATH"))}
+    process = subprocess.Popen([sys.executable, script, *common, "--out", str(stopped)], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     straight_run = partial(pretrain, [*common, "--out", str(straight)], tmp_path)
     deadline = time.time() + HANG_GUARD_S
@@ -201,8 +213,9 @@ def test_a_wedged_peer_ends_the_job_within_the_timeout(tmp_path: Path, demo_root
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     args = [torchrun, "--nproc_per_node", "2", "--master_port", free_port(), str(ROOT / "train" / "pretrain.py")]
     args += [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--out", str(tmp_path / "run"), "--steps", "400"]
+    env = {**os.environ, "PYTHONPATH": with_root_on_path(os.environ.get("PYTHONPATH"))}
     process = subprocess.Popen([*args, "--distributed.collective_timeout=10"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, env=env)  # fmt: skip
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + HANG_GUARD_S
     while not log.exists() or len(log.read_text().splitlines()) < 3:

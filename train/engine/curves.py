@@ -111,8 +111,27 @@ def _draw(ax, records: list[dict], keys: list[str], name: str) -> None:
         ax.legend(fontsize=8)
 
 
+def matplotlib_missing() -> bool:
+    """Whether matplotlib cannot be imported here (a GPU machine may lack it): the curves are then skipped,
+    said once per process, and the run goes on."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        if not _SKIP_SAID:
+            print(f"note: no curves.png ({error}): matplotlib is needed to draw them", flush=True)
+            _SKIP_SAID.append(True)
+        return True
+    return False
+
+
+_SKIP_SAID: list[bool] = []  # the skip was said in this process
+
+
 def plot_curves(log_path: Path, png_path: Path, title: str = "") -> None:
-    """Draw every panel of `CURVE_PANELS` that the log has data for, against the step; atomic write."""
+    """Draw every panel of `CURVE_PANELS` that the log has data for, against the step; atomic write.
+    Nothing (and one line, once) where matplotlib is missing."""
+    if matplotlib_missing():
+        return
     figure = curves_figure(read_log(log_path), title)
     if figure is None:
         return
