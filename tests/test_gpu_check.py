@@ -30,7 +30,7 @@ from benchmarks.gpu_plan import (
     worst_case_s,
 )
 from benchmarks.gpu_summary import SUMMARY_CHARS, Report, StepRecord, count_tests, step_line, summary_markdown
-from tests.conftest import HIDDEN, ROOT, without_packages
+from tests.conftest import HANG_GUARD_S, HIDDEN, ROOT, without_packages
 
 RETURNED_FILES, RETURNED_DEPTH = 8, 2  # what the lent machine brings back from its output folder
 RICHEST = {"loaders": ["torch", "ffcv", "dali"], "cpus": 16}  # every loader imports: the longest plans
@@ -109,7 +109,7 @@ def test_the_data_step_builds_the_data_without_ffcv_and_dali(tmp_path: Path) -> 
     env = without_packages(tmp_path / "hide")
     command = [sys.executable, "-m", "benchmarks.gpu_prepare", "data", "--cache", str(tmp_path / "cache")]
     result = subprocess.run(
-        [*command, "--images", "16"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+        [*command, "--images", "16"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert len(list((tmp_path / "cache" / "bench-jpeg-v1-16" / "train").rglob("*.jpg"))) == 16
@@ -127,7 +127,7 @@ def test_a_dry_run_checks_every_step_of_every_call_without_ffcv_and_dali(tmp_pat
         out = tmp_path / f"out{len(checked)}"
         # A hang guard, not a measurement: a dry run times nothing, and a busy CPU may take minutes.
         command = ["bash", str(script), str(out), "--cache", cache, *start]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=4 * HANG_GUARD_S)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         results = checked_outputs(out)
         assert all(f"=== {name}: ok after" in result.stdout for name in results["steps"])  # a line as each ended
