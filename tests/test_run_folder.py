@@ -142,7 +142,8 @@ def test_a_run_lock_that_is_not_a_record_makes_no_folder_a_run_folder(
     (folder / "run.lock").write_text("not json\n")
     (folder / "notes.txt").write_text("notes\n")
     before = snapshot(folder)
-    line = refused(pretrain_module.main, [*TINY, "--data", str(demo_root), "--steps", "2", "--out", str(folder)], capsys)
+    args = [*TINY, "--data", str(demo_root), "--steps", "2", "--out", str(folder)]
+    line = refused(pretrain_module.main, args, capsys)
     assert "an existing folder that is not a pretraining run" in line, line
     assert snapshot(folder) == before
 
