@@ -138,8 +138,11 @@ class BetonSource:
             wrong |= (images["height"] != uniform[0]) | (images["width"] != uniform[1])
         if wrong.any():
             row = int(np.flatnonzero(wrong)[0])
-            raise DataError(f"{self.path}: sample {row} claims {images['height'][row]}x{images['width'][row]} "
-                            f"pixels, not what its sidecar ({uniform}) or its stored bytes allow; convert it again")  # fmt: skip
+            claim = f"{images['height'][row]}x{images['width'][row]}"
+            raise DataError(
+                f"{self.path}: sample {row} claims {claim} pixels, not what its sidecar ({uniform}) or its stored "
+                "bytes allow; convert it again"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
