@@ -31,7 +31,10 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
         sys.exit(EXIT_DIVERGED)
     except Stopped as error:
         if error.main_process:  # the same line from every rank would only repeat it
-            print(str(error), file=sys.stderr)
+            try:
+                print(str(error), file=sys.stderr)
+            except OSError:
+                pass  # the terminal is gone (SIGHUP): the exit status still says it
         sys.exit(error.exit_code)
     except RuntimeError as error:
         if not is_collective_failure(error):
