@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import RefusedPath, open_for_append, open_new, open_to_read
+from pipeline.errors import os_error_line
 
 Progress = Callable[[int, int | None], None]
 
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         target = fetch(args.name, args.dest, args.mirror, progress=print_progress if sys.stdout.isatty() else None)
     except FetchError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full or read-only DEST, a name too long: named in words
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nstopped: run the same command again to continue the download in {args.dest / '.fetch'}")
