@@ -283,3 +283,13 @@ def test_a_download_larger_than_the_free_space_is_refused_first(server, tmp_path
 
 def test_the_registry_knows_every_files_size() -> None:
     assert all(r.size for spec in DATASETS.values() for r in spec.resources)
+
+
+def test_an_empty_archive_is_one_line(server, tmp_path: Path) -> None:
+    url, served = server
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz"):
+        pass
+    with pytest.raises(FetchError, match="expected the folder cifar-10-batches-py/ inside, found nothing"):
+        fetch("cifar10", tmp_path, mirror=url, spec=spec_for(served, buffer.getvalue()))
+    assert not (tmp_path / "cifar-10-batches-py").exists()
