@@ -241,3 +241,14 @@ def test_a_forged_beton_is_refused_before_training(change, message: str, tmp_pat
     with pytest.raises(DataError, match=message) as caught:
         BetonSource(tmp_path / "train.beton")
     assert "\n" not in str(caught.value)
+
+
+def test_an_os_error_on_the_destination_is_one_line(tmp_path: Path, capsys) -> None:
+    from pipeline.convert import main
+
+    root = smooth_folder(tmp_path / "src", size=16)
+    dst = tmp_path / ("x" * 300 + ".beton")  # a name over the file system's 255 bytes
+    assert main(["--src", str(root), "--dst", str(dst), "--workers", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "a name too long for the file system" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
