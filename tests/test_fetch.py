@@ -254,11 +254,9 @@ def test_a_mirror_sending_more_than_the_file_has_is_cut_off_and_nothing_kept(cla
     url, served = server
     served.hostile = endless(claimed)
     spec = DataSet("unused", (Resource("small.tar.gz", "0" * 32, 200_000),), "cifar-10-batches-py", extract=True)
-    started = time.monotonic()
-    with pytest.raises(FetchError, match="200000") as error:
+    with pytest.raises(FetchError, match="200000") as error:  # uncapped, the mirror's 30 s end a MD5 error
         fetch("cifar10", tmp_path, mirror=url, spec=spec)
     assert "deleted" in str(error.value) or "nothing kept" in str(error.value)
-    assert time.monotonic() - started < 10
     assert not list((tmp_path / ".fetch").iterdir())  # no .part for a rerun to append to
 
 
@@ -267,10 +265,8 @@ def test_a_mirror_dripping_bytes_meets_the_overall_deadline(server, tmp_path: Pa
     served.hostile = endless(None, pause_s=0.2, block=b"x")
     monkeypatch.setattr("pipeline.fetch.DEADLINE_GRACE_S", 1)
     spec = DataSet("unused", (Resource("small.tar.gz", "0" * 32, 1000),), "cifar-10-batches-py", extract=True)
-    started = time.monotonic()
-    with pytest.raises(FetchError, match="too slow .* the partial download was deleted"):
+    with pytest.raises(FetchError, match="too slow .* the partial download was deleted"):  # not an MD5 error
         fetch("cifar10", tmp_path, mirror=url, spec=spec)
-    assert time.monotonic() - started < 5
 
 
 def test_a_download_larger_than_the_free_space_is_refused_first(server, tmp_path: Path) -> None:

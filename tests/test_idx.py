@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
-import time
 import tracemalloc
 from itertools import islice
 from pathlib import Path
@@ -143,12 +142,11 @@ def test_a_gz_longer_than_its_header_fails_without_inflating_the_rest(tmp_path: 
             f.write(zeros)
     assert path.stat().st_size < 2_000_000
     tracemalloc.start()
-    started = time.perf_counter()
     with pytest.raises(DataError, match="longer than its header says: more than 78416 bytes"):
         read_idx(path)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    assert time.perf_counter() - started < 2 and peak < 16 * 2**20, (time.perf_counter() - started, peak)
+    assert peak < 16 * 2**20, peak  # inflated whole: 1.6 GB
 
 
 @pytest.mark.parametrize("compress", [True, False])
