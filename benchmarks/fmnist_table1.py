@@ -1,6 +1,8 @@
 """The paper's Table 1 protocol on Fashion-MNIST in one call of a lent GPU machine (at most 600 s a
 command): pretrain with `configs/fmnist.yaml` for tens of epochs, then fine-tune pretrained and supervised
-ResNet-50s at every label fraction, 5 seeds, the lr chosen per cell on a 90/10 split of the training split.
+ResNet-50s at every label fraction, 5 seeds, the lr chosen per cell on 10 % of that cell's own labelled subset
+(no label beyond the budget read), the fine-tuning horizon the config's: 5 passes over the labelled subset, at
+least 1,000 steps.
 
     bash benchmarks/gpu_table1.sh OUT                     # on the GPU machine (the data carried in .data/)
     bash benchmarks/gpu_table1.sh OUT --dry-run           # anywhere: every command parsed and checked
@@ -55,8 +57,9 @@ class Plan:
     epochs: float  # pretraining epochs planned (the time limit may cut them)
     fractions: tuple[float, ...]  # label fractions, one compare process each
     seeds: int  # seeds of each cell's test run
-    lrs: tuple[float, ...]  # candidates chosen among per cell on the 90/10 split (one seed each)
-    finetune_steps: int  # fine-tuning steps of batch 64 per seed
+    lrs: tuple[float, ...]  # candidates chosen among per cell on 10 % of its labelled subset (one seed each)
+    # fine-tuning steps of batch 64 per seed; None: configs/fmnist.yaml's horizon, which scales with the labels
+    finetune_steps: int | None
     speed: tuple[str, ...]  # GRAPHED on a GPU; () on a CPU
     budget_s: int  # the whole call
     pretrain_limit_s: int  # the pretraining's share; the grid gets what is left
@@ -69,7 +72,7 @@ class Plan:
 
 FULL = Plan(
     data="", query="attend", epochs=20, fractions=(0.01, 0.05, 0.1, 0.2, 1.0), seeds=5, lrs=(0.05, 0.1, 0.2),
-    finetune_steps=1000, speed=GRAPHED, budget_s=540, pretrain_limit_s=170,
+    finetune_steps=None, speed=GRAPHED, budget_s=540, pretrain_limit_s=170,
 )  # fmt: skip
 SMOKE_MONITORS = ("--monitor.knn_train_images=100", "--monitor.knn_test_images=100", "--monitor.clean_images=64")
 SMOKE = replace(
@@ -91,10 +94,11 @@ def pretrain_args(plan: Plan, folder: Path, workers: int, speed: tuple[str, ...]
 
 
 def column_args(plan: Plan, fraction: float, init: Path, folder: Path, speed: tuple[str, ...]) -> list[str]:
+    steps = ["--steps", str(plan.finetune_steps)] if plan.finetune_steps else []
     return [
         "train/compare.py", "--config", "fmnist", "--data", plan.data, "--init", str(init),
         "--fractions", f"{fraction:g}", "--seeds", str(plan.seeds), "--lrs", ",".join(f"{lr:g}" for lr in plan.lrs),
-        "--selection-seeds", "1", "--steps", str(plan.finetune_steps), "--out", str(folder), "--data.workers=2",
+        "--selection", "labelled_subset", "--selection-seeds", "1", *steps, "--out", str(folder), "--data.workers=2",
         *speed,
     ]  # fmt: skip
 
@@ -254,6 +258,12 @@ def cells_lines(columns: Path) -> list[str]:
     return lines
 
 
+def finetune_horizon(plan: Plan) -> str:
+    if plan.finetune_steps:
+        return f"{plan.finetune_steps} steps"
+    return "steps of configs/fmnist.yaml (5 passes over the labelled subset, at least 1,000)"
+
+
 def summary_markdown(call: Call, columns: dict[float, Path]) -> str:
     plan = call.plan
     lines = [
@@ -261,8 +271,8 @@ def summary_markdown(call: Call, columns: dict[float, Path]) -> str:
         "",
         f"- plan: {plan.query} query, {plan.epochs:g} pretraining epochs ({plan.pretrain_steps} steps of {BATCH}); "
         f"fractions {', '.join(f'{f:g}' for f in plan.fractions)}; {plan.seeds} seeds; lrs "
-        f"{', '.join(f'{lr:g}' for lr in plan.lrs)} chosen on 90/10 (1 seed); {plan.finetune_steps} fine-tuning "
-        f"steps; speed flags {' '.join(plan.speed) or 'none'}; budget {plan.budget_s} s",
+        f"{', '.join(f'{lr:g}' for lr in plan.lrs)} chosen on 10 % of each labelled subset (1 seed); fine-tuning "
+        f"{finetune_horizon(plan)}; speed flags {' '.join(plan.speed) or 'none'}; budget {plan.budget_s} s",
         f"- wall time {time.monotonic() - call.started:.0f} s",
         *(f"- {phase.line()}" for phase in call.phases),
         *pretraining_lines(call.init or call.work / "pretraining", plan.pretrain_steps),
@@ -336,7 +346,7 @@ def dry_run(plan: Plan) -> list[str]:
                 argv = column_args(plan, fraction, scratch / "pretraining", scratch / "column", speed)
                 parsed = comparison.parse(argv[1:])
                 for lr in plan.lrs:
-                    selection = ["--lr", f"{lr:g}", "--finetune.holdout", f"{parsed.args.holdout:g}"]
+                    selection = ["--lr", f"{lr:g}", *comparison.selection_flags(parsed.args)]
                     column = ["--init", "none", "--label-fraction", f"{fraction:g}"]
                     finetuning.validate(finetuning.parse([*parsed.passthrough, *selection, *column])[0])
                 checked.append(shlex.join(argv))

@@ -68,6 +68,32 @@ def holdout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.n
     return np.setdiff1d(np.arange(len(labels)), held_out), held_out
 
 
+def validation_quotas(class_counts: np.ndarray, fraction: float) -> np.ndarray:
+    """Validation images per class carved from a labelled subset of `class_counts`: `fraction` of it,
+    stratified (`class_quotas`), but at least one of every class and at least one left to train on. Every
+    class needs 2 images; `carve_validation`'s caller checks that first, to name the flag."""
+    counts = np.asarray(class_counts, dtype=np.int64)
+    if len(counts) and counts.min() < 2:
+        raise ValueError(f"every class needs 2 images to carve a validation set, got {counts.min()}")
+    return np.clip(class_quotas(counts, fraction), 1, counts - 1)
+
+
+def carve_validation(labels: np.ndarray, seed: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(train, validation): sorted indices into `labels` (one seed's labelled subset), the validation part
+    `validation_quotas` of every class. It depends on the seed and the labels alone, so every lr compared
+    for one seed is scored on the same images, and they lie inside the subset the test run trains on."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels)
+    quotas = validation_quotas(counts, fraction)
+    held = []
+    for label in range(len(counts)):
+        members = np.flatnonzero(labels == label)
+        order = np.random.default_rng(derive_seed(seed, HOLDOUT_STREAM, label)).permutation(len(members))
+        held.append(members[order[: quotas[label]]])
+    validation = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), validation), validation
+
+
 class SubsetSource:
     """A view of `source` restricted to `indices`; index i of the view is `indices[i]` of the source."""
 

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from tests.behaviour_hashes import pinned_environment, runnable_capabilities
-from tests.conftest import ROOT, run_concurrently, run_script
+from tests.conftest import HANG_GUARD_S, ROOT, run_concurrently, run_script
 
 pytestmark = pytest.mark.slow
 PINNED = json.loads((ROOT / "tests" / "behaviour_hashes.json").read_text())
 PARTS = 2  # each capability's runs in two processes side by side: most of each is one core's arithmetic
-HANG_GUARD_S = 1800  # stops a hung run; never reached by a slow one (about 20 s idle, 80 s on busy cores)
 
 
 def test_every_run_reaches_the_pinned_weights(tmp_path: Path) -> None:

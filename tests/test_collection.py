@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import HANG_GUARD_S, ROOT
 
 HIDDEN = ("ffcv", "nvidia.dali")
 HIDE_AND_RUN_PYTEST = (
@@ -33,7 +33,7 @@ def pytest_without(packages: tuple[str, ...], *args: str) -> subprocess.Complete
         "-p",
         "no:cacheprovider",
     ]
-    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 @pytest.mark.parametrize("selection", [["-m", "gpu or timm"], []], ids=["gpu-or-timm", "everything"])
@@ -60,7 +60,9 @@ def test_converting_without_ffcv_is_one_clear_line(tmp_path) -> None:
         "from pipeline.convert import main\n"
         f"raise SystemExit(main(['--src', {str(tmp_path)!r}, '--dst', {str(tmp_path / 'x.beton')!r}]))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: converting to .beton needs FFCV, which is not installed here (pip install ffcv)"
     ]

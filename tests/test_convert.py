@@ -15,7 +15,7 @@ pytest.importorskip("ffcv", reason="the converter writes FFCV's .beton files; FF
 from pipeline.beton_writer import ConvertOptions, convert, sidecar_path  # noqa: E402
 from pipeline.data import DataError, open_source  # noqa: E402
 from pipeline.ffcv_loader import BetonSource  # noqa: E402
-from tests.conftest import ROOT, run_concurrently  # noqa: E402
+from tests.conftest import HANG_GUARD_S, ROOT, run_concurrently  # noqa: E402
 from tests.test_data import make_cifar, make_folder  # noqa: E402
 
 
@@ -115,7 +115,7 @@ def test_interrupted_conversion_leaves_no_beton(tmp_path: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 60
+    deadline = time.time() + HANG_GUARD_S
     while not any(dst.parent.iterdir()):  # the temporary file exists: writing has begun
         assert process.poll() is None and time.time() < deadline, "conversion ended before it could be interrupted"
         time.sleep(0.01)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.fetch import DATASETS, DataSet, FetchError, Resource, fetch
-from tests.conftest import ROOT, free_port
+from tests.conftest import HANG_GUARD_S, ROOT, free_port
 
 
 def cifar_like_archive() -> bytes:
@@ -139,7 +139,7 @@ def test_an_archive_escaping_its_folder_is_refused(server, tmp_path: Path) -> No
 
 def run_fetch(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "pipeline.fetch", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def test_the_command_checks_the_published_checksum(server, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from tests.conftest import ROOT, TINY, finetune, free_port, kill_when_exists, pr
 from train.config import ConfigError
 from train.evaluation.pretrained import read_pretrained
 from train.experiments.comparison import format_table
-from train.stages.finetuning import format_accuracy, summarize
+from train.stages.finetuning import format_accuracy, parse, resolve_steps, summarize
 
 FAST = [*TINY, "--steps", "2", "--seeds", "1", "--finetune.eval_batch_size=200"]
 
@@ -64,6 +64,26 @@ def test_table_writer_on_a_known_result() -> None:
     assert marked.endswith(
         "Chance: 10.0 %. A Δ smaller than the supervised row's sd is within its seed-to-seed spread.\n"
     )
+
+
+def test_the_table_counts_the_labels_selection_read_and_names_an_lr_at_the_grid_edge() -> None:
+    def chosen(lr: float, edge: str, mode: str, outside: int) -> dict:
+        record = {"mode": mode, "labels_read": 600 + outside, "labels_outside_budget": outside}
+        return {"mean": 70.0, "std": 1.0, "seeds": 3, "lr": lr, "lr_edge": edge, "selection": record}
+
+    honest = {row: {"1%": chosen(0.1, "", "labelled_subset", 0)} for row in ("supervised", "pretrained")}
+    honest["supervised"]["1%"] = chosen(0.2, "largest", "labelled_subset", 0)
+    table = format_table(honest, ["1%"])
+    assert "| lr, supervised | 0.2 (edge) |" in table and "| lr, pretrained | 0.1 |" in table
+    assert "| labels read choosing the lr | 600 |" in table and "no label outside the budget was read" in table
+    assert (
+        "At an edge of the lr grid (the best lr may lie outside the grid; widen --lrs): supervised 1% (largest)."
+        in table
+    )
+    extra = {row: {"1%": chosen(0.1, "", "extra_labels", 6000)} for row in ("supervised", "pretrained")}
+    table = format_table(extra, ["1%"])
+    assert "| labels read choosing the lr | 6,600 (6,000 outside) |" in table and "beyond the budget" in table
+    assert "At an edge" not in table
 
 
 @pytest.mark.slow
@@ -304,7 +324,12 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         (["--head", "deep"], "--head deep (finetune.head): expected one of linear, mlp"),
         (["--init", str(pretrained_run), "--arch", "resnet8"], "a resnet36 backbone cannot initialise --arch resnet8"),
         (["--seeds", "0"], "--seeds 0"),
-        (["--label-fraction", "0.01"], "the labelled subset has 16 images, fewer than one global batch of 32"),
+        (["--label-fraction", "0.01"], "the labelled subset has 16 images to train on, fewer than one global batch"),
+        # 16 labels (2 or 1 of each class) cannot give every class an image to train on and one to score
+        (
+            ["--label-fraction", "0.01", "--finetune.holdout=0.1"],
+            "--label-fraction 0.01: the labelled subset has 16 images, 1 of class",
+        ),
     ]
     runs = []
     for args, _ in cases:
@@ -315,6 +340,9 @@ def test_bad_input_gets_one_clear_line_and_a_nonzero_exit(
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert message in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, args
+        assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+            line for line in result.stderr.splitlines() if message in line
+        ], args  # one line says it
     assert not (tmp_path / "runs").exists()  # nothing half-made left behind
 
 
@@ -353,6 +381,9 @@ def test_compare_writes_table_and_plot_and_reuses_finished_cells(
         (["--fractions", "0.05,1.5"], "--fractions 1.5"),
         (["--label-fraction", "0.1"], "set by compare.py"),
         (["--selection-seeds", "1"], "--selection-seeds 1: expected a positive count, with --lrs"),
+        # the 1 % column cannot carve a validation set: refused before the 100 % column trains
+        (["--lrs", "0.1,0.2", "--fractions", "1,0.01"], "--label-fraction 0.01: the labelled subset has 16 images"),
+        (["--lrs", "0.1", "--finetune.selection=extra_labels"], "set by compare.py's lr selection"),
     ):
         early = run_script([*args, *bad, "--out", str(tmp_path / "early")], tmp_path)
         assert early.returncode == 2 and message in early.stderr, early.stderr[-2000:]
@@ -393,18 +424,62 @@ def test_a_rotation_checkpoint_initialises_the_backbone_under_a_two_layer_head(
     assert saved["head"] == "mlp" and saved["init_method"] == "patch_relnet"
 
 
+def test_the_horizon_scales_with_the_labelled_subset_and_a_given_steps_wins() -> None:
+    config, _ = parse(["--config", "demo"])  # 10 passes, at least 150 steps, batch 32
+    assert resolve_steps(config, 160) == (
+        "steps: 150 (finetune.epochs 10 over 160 labelled images at batch 32 = 50 steps; floor finetune.min_steps 150)"
+    )
+    config, _ = parse(["--config", "demo"])
+    assert resolve_steps(config, 1600).startswith("steps: 500 ") and config.train.steps == 500  # the 100 % column
+    for given in (["--steps", "20"], ["--steps=20"], ["--train.steps=20"], ["--finetune.epochs=3", "--steps", "20"]):
+        config, _ = parse(["--config", "demo", *given])
+        assert config.finetune.epochs == 0, given
+        assert resolve_steps(config, 1600).startswith("steps: 20 (train.steps as given") and config.train.steps == 20
+
+
 @pytest.mark.slow
 def test_choosing_the_lr_reads_only_the_training_split(tmp_path: Path, demo_root: Path, pretrained_run: Path) -> None:
-    """With a held-out validation split the test split is never opened: a data folder without one works."""
+    """With a held-out validation split the test split is never opened: a data folder without one works.
+    By default the validation set is carved from the labelled subset itself; extra_labels holds it out of
+    the whole training split."""
     data = tmp_path / "train-only"
     shutil.copytree(demo_root / "train", data / "train")
     run = tmp_path / "holdout"
-    result = finetune([*FAST, "--data", str(data), "--finetune.holdout=0.1", "--out", str(run)], tmp_path)
+    scaled = [
+        *TINY,
+        "--seeds",
+        "1",
+        "--finetune.eval_batch_size=200",
+        "--finetune.epochs=0.15",
+        "--finetune.min_steps=2",
+    ]
+    result = finetune([*scaled, "--data", str(data), "--finetune.holdout=0.1", "--out", str(run)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = results_of(run)
+    assert summary["evaluated_on"].startswith("validation (10% of the labelled subset") and summary["test_images"] == 16
+    assert summary["labeled_images"] == [144]  # the 160-image subset (10 %) less its 16 validation images
+    assert summary["selection"] == {
+        "mode": "labelled_subset",
+        "holdout": 0.1,
+        "training_images": 144,
+        "validation_images": 16,
+        "labels_read": 160,
+        "labels_outside_budget": 0,
+    }
+    assert "lr selection: validation on 16 of the 160 labelled images" in result.stdout
+    # 0.15 passes over the 160 labelled images of batch 8: 3 steps, above the floor of 2
+    assert summary["seeds"][0]["steps"] == 3 and "steps: 3 (finetune.epochs 0.15 over 160" in result.stdout
+    assert re.search(r"^validation accuracy: \d+\.\d \(1 seed\)$", result.stdout, re.MULTILINE)
+
+    old = tmp_path / "extra-labels"
+    flags = ["--finetune.holdout=0.1", "--finetune.selection=extra_labels", "--out", str(old)]
+    result = finetune([*FAST, "--data", str(data), *flags], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = results_of(old)
     assert summary["evaluated_on"].startswith("validation (10% of the training split") and summary["test_images"] == 160
     assert summary["labeled_images"] == [144]  # 10% of the 1,440 images left after the 160 held out
-    assert re.search(r"^validation accuracy: \d+\.\d \(1 seed\)$", result.stdout, re.MULTILINE)
+    assert summary["selection"]["labels_read"] == 304 and summary["selection"]["labels_outside_budget"] == 160
+    assert "160 of them outside the label budget" in result.stdout and "steps: 2 (train.steps as given" in result.stdout
 
     out = tmp_path / "cmp"
     args = [str(ROOT / "train" / "compare.py"), "--init", str(pretrained_run), "--fractions", "1", "--lrs", "0.01,0.1"]
@@ -424,3 +499,6 @@ def test_choosing_the_lr_reads_only_the_training_split(tmp_path: Path, demo_root
         assert tested["evaluated_on"] == "test" and len(tested["accuracy"]["per_seed"]) == 2 and chosen["seeds"] == 2
     table = (out / "table.md").read_text()
     assert "| lr, supervised |" in table and "over 2 seeds" in table
+    assert "| labels read choosing the lr | 1,600 |" in table and "no label outside the budget was read" in table
+    # with two lrs the chosen one is always at an edge of the grid, and the table says so
+    assert "(edge) |" in table and "At an edge of the lr grid" in table

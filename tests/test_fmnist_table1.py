@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import fmnist_table1 as runner
-from tests.conftest import ROOT
+from tests.conftest import HANG_GUARD_S, ROOT
 from tests.test_idx import make_idx
 
 # Stands in for `python train/pretrain.py ...` and `python train/compare.py ...`: the files they write.
@@ -174,11 +174,11 @@ def test_a_runner_stopped_from_outside_stops_its_runs(tmp_path: Path, fake_pytho
     env = {**os.environ, "FAKE_PRETRAIN_S": "60", "PYTHONPATH": str(ROOT)}
     argv = [sys.executable, "-m", "benchmarks.fmnist_table1", str(tmp_path / "out"), "--data", str(marker)]
     runner_process = subprocess.Popen([*argv, "--python", fake_python, "--work", str(tmp_path / "work")], env=env)
-    deadline = time.monotonic() + 120  # waits for the stand-in to start; a busy machine can take long
+    deadline = time.monotonic() + HANG_GUARD_S
     while not (tmp_path / "work" / "pretraining" / "log.jsonl").is_file() and time.monotonic() < deadline:
         time.sleep(0.2)
     runner_process.send_signal(signal.SIGTERM)
-    runner_process.wait(timeout=60)
+    runner_process.wait(timeout=HANG_GUARD_S)
     time.sleep(0.5)
     alive = subprocess.run(["pgrep", "-f", str(tmp_path / "work")], capture_output=True, text=True).stdout
     assert alive == ""  # the stand-in pretraining (sleeping 60 s) ended with the runner

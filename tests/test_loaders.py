@@ -24,7 +24,7 @@ from pipeline.loader_request import OPTIONAL_FIELDS, EvalRequest, TrainRequest, 
 from pipeline.loaders import LOADERS, LoaderBackend
 from pipeline.patches import IMAGENET_MEAN, IMAGENET_STD, PatchSpec, patchify_and_mask
 from pipeline.subsets import SubsetSource
-from tests.conftest import ROOT
+from tests.conftest import HANG_GUARD_S, ROOT
 from tests.test_data import make_cifar, make_folder
 
 BACKENDS = sorted(LOADERS)
@@ -315,7 +315,9 @@ def test_using_ffcv_keeps_the_runs_torch_thread_count(image_set: Path) -> None:
         "next(stream); next(stream); stream.close()\n"
         "print('threads', torch.get_num_threads())\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     assert "threads 2" in result.stdout, result.stdout + result.stderr[-2000:]
 
 

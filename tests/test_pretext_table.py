@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, run_concurrently, run_script
+from tests.conftest import HANG_GUARD_S, ROOT, run_concurrently, run_script
 
 COMMON = "--batch-size 8 --data.workers=0 --speed.cpu_threads=1 --model.width=0.25"
 PRETRAIN = f"{COMMON} --steps 2 --selfie.attn_layers=1 --selfie.attn_heads=4 --selfie.attn_intermediate=32"
@@ -14,7 +14,7 @@ FINETUNE = f"{COMMON} --steps 2 --finetune.head_hidden=16 --finetune.eval_batch_
 
 
 def table(args: list[str], cwd: Path):
-    return run_script([str(ROOT / "train" / "pretext_table.py"), *args], cwd, timeout=900)
+    return run_script([str(ROOT / "train" / "pretext_table.py"), *args], cwd, timeout=2 * HANG_GUARD_S)
 
 
 @pytest.mark.slow

@@ -319,11 +319,11 @@ def test_a_compiled_run_resumes_bit_for_bit(tmp_path: Path, demo_root: Path) -> 
     common = [*TINY, "--method", "rotnet", "--model.backbone=resnet8", "--steps", "4", "--speed.compile=true"]
     common += ["--checkpoint.every=2", "--checkpoint.keep=5", "--data", str(demo_root)]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    runs = [partial(pretrain, [*common, "--out", str(out)], tmp_path, timeout=600) for out in (straight, resumed)]
+    runs = [partial(pretrain, [*common, "--out", str(out)], tmp_path) for out in (straight, resumed)]
     for result in run_concurrently(runs):
         assert result.returncode == 0, result.stderr[-3000:]
     (resumed / "checkpoints" / "step_00000004.pt").unlink()  # as if killed after step 4's log record
-    result = pretrain([*common, "--out", str(resumed), "--resume"], tmp_path, timeout=600)
+    result = pretrain([*common, "--out", str(resumed), "--resume"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = final_model(straight), final_model(resumed)
     assert all(torch.equal(a[name], b[name]) for name in a)

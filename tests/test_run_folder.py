@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SMALL_MONITORS, TINY, finetune, pretrain
+from tests.conftest import HANG_GUARD_S, ROOT, SMALL_MONITORS, TINY, finetune, pretrain
 from train.engine.cli import run_cli
 from train.stages import finetuning as finetune_module
 from train.stages import pretraining as pretrain_module
@@ -41,14 +41,14 @@ def test_a_second_run_on_a_folder_in_use_is_refused_and_the_first_is_untouched(t
     args = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--out", str(run), "--steps", "40"]
     first = subprocess.Popen([sys.executable, str(ROOT / "train" / "pretrain.py"), *args], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while not (run / "log.jsonl").exists() or '"loss"' not in (run / "log.jsonl").read_text():
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
         time.sleep(0.05)
     config = (run / "config.yaml").read_bytes()
     second = subprocess.run([sys.executable, str(ROOT / "train" / "pretrain.py"), *args],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
-    _, stderr = first.communicate(timeout=300)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=HANG_GUARD_S)  # fmt: skip
+    _, stderr = first.communicate(timeout=HANG_GUARD_S)
     assert first.returncode == 0, stderr[-2000:]
     error = second.stderr.strip().splitlines()
     assert second.returncode == 2 and len(error) == 1, error
@@ -153,7 +153,7 @@ def test_a_dead_writers_temporary_is_removed_when_the_run_resumes(tmp_path: Path
     args = [*TINY, "--data", str(demo_root), "--out", str(run)]
     assert pretrain([*args, "--steps", "1"], tmp_path).returncode == 0
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)  # fmt: skip
+                              text=True, timeout=HANG_GUARD_S).stdout)  # fmt: skip
     stale = run / "checkpoints" / f".step_00000002.pt.tmp-{dead}"
     stale.write_bytes(b"half a checkpoint")
     done = pretrain([*args, "--steps", "2", "--resume"], tmp_path)

@@ -75,3 +75,22 @@ def test_the_holdout_split_is_stratified_exact_disjoint_and_fixed() -> None:
     assert not set(pool) & set(held) and len(pool) + len(held) == len(labels)
     again_pool, again_held = holdout_split(labels, 0.1)
     assert np.array_equal(held, again_held) and np.array_equal(pool, again_pool)  # whatever the run's seed
+
+
+def test_the_validation_carve_is_stratified_inside_the_subset_and_leaves_every_class_to_train() -> None:
+    from pipeline.subsets import carve_validation, validation_quotas
+
+    labels = np.repeat(np.arange(4), [500, 300, 200, 1000])
+    subset = select_labeled_subset(labels, seed=2, fraction=0.05)  # 100 images: 25, 15, 10, 50
+    kept, held = carve_validation(labels[subset], seed=2, fraction=0.1)
+    train, validation = subset[kept], subset[held]
+    # 10 % stratified: 2.5, 1.5, 1, 5 by largest remainder, a tie to the lower class
+    assert np.bincount(labels[validation]).tolist() == [3, 1, 1, 5]
+    assert not set(train) & set(validation) and set(train) | set(validation) == set(subset)  # a split of the subset
+    assert np.bincount(labels[train]).min() >= 1
+    again = carve_validation(labels[subset], seed=2, fraction=0.1)
+    assert np.array_equal(again[1], held) and not np.array_equal(carve_validation(labels[subset], 3, 0.1)[1], held)
+    # a class too small for 10 % still gives one image to validation and keeps one to train on
+    assert validation_quotas(np.array([2, 3, 40]), 0.1).tolist() == [1, 1, 4]
+    with pytest.raises(ValueError, match="needs 2 images"):
+        validation_quotas(np.array([1, 30]), 0.1)

@@ -19,7 +19,11 @@ Every seed trains through the same loop as pretraining (train/engine/loop.py) wi
 (train/methods/supervised.py) and a test evaluation hook. The labelled subset is stratified per class and
 depends only on the seed (pipeline/subsets.py), so the pretrained and the supervised run of one seed train
 on the same images. Test accuracy always comes from the held-out split (val/ or test/ of an
-ImageNet-layout folder, test_batch of CIFAR-10).
+ImageNet-layout folder, test_batch of CIFAR-10). With --finetune.holdout F (choosing the lr) the run
+reports on a validation set instead, carved from each seed's labelled subset (F of it, stratified, at
+least one image per class; --finetune.selection=extra_labels: F of the whole training split, labels beyond
+the budget). --finetune.epochs E scales the horizon with the labels (at least --finetune.min_steps); a
+--steps given wins; the run prints the steps it resolved.
 
 Run folder (--out, default runs/finetune-<config>-<time>): config.yaml; per seed, seed_<s>/ with
 log.jsonl, checkpoints/, curves.png and result.json; results.json with every seed's test accuracy, their

@@ -68,8 +68,8 @@ RUN_FLAGS: dict[str, tuple[str, Any, str]] = {
     "--data": (
         "data.path",
         str,
-        "ImageNet-layout or CIFAR-10 python folder; --loader ffcv: a .beton or a folder of them "
-        "(default: built-in demo data)",
+        "ImageNet-layout folder, CIFAR-10 python folder or IDX folder (Fashion-MNIST); --loader ffcv: a .beton "
+        "or a folder of them (default: the demo's data)",
     ),
     "--steps": ("train.steps", int, "optimizer steps"),
     "--batch-size": ("train.batch_size", int, "global batch size, images per step over all processes"),

@@ -35,6 +35,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # log.tracker (train/engine/tracking.py)
+SELECTIONS = ("labelled_subset", "extra_labels")  # finetune.selection: where the lr's validation images come from
 # the optimizer's implementation: auto = fused on CUDA, torch's own choice elsewhere
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
@@ -271,9 +272,21 @@ class FinetuneSection:
     # whole training images (pretraining learned them on patches or views)
     recalibrate_bn: bool = True
     recalibration_images: int = checked(1024, positive, "a positive number of images")  # how many
-    # fraction of the training split held out (stratified, fixed) as the validation split that evaluation
-    # reports on instead of the test split, which is then never read: for choosing the lr (paper: 0.1)
+    # fraction held out as the validation split that evaluation reports on instead of the test split, which
+    # is then never read: for choosing the lr (paper: 0.1); where it comes from is finetune.selection
     holdout: float = checked(0.0, lambda f: 0 <= f < 1, "a fraction in [0, 1), e.g. 0.1 (0 = test on the test split)")
+    # where the holdout comes from. labelled_subset: each seed's own labelled subset (stratified, at least one
+    # image of every class), so choosing the lr reads no label beyond the budget (the paper tunes on 10 % of
+    # each experiment's training data, §3.2); extra_labels: a fixed part of the whole training split outside
+    # the subset, which reads labels the budget does not have (what the holdout did before issue 31)
+    selection: str = choice(SELECTIONS, "labelled_subset")
+    # passes over the labelled subset that set the horizon: train.steps = max(finetune.min_steps,
+    # ceil(epochs x labelled images / train.batch_size)), so more labels train longer and the 100 % column
+    # sees every label several times. 0 = train.steps as it is (what a saved config without the key did).
+    # A --steps or --train.steps on the command line is the exact horizon and turns this off (0 in config.yaml).
+    epochs: float = checked(0.0, non_negative, "a number of passes >= 0 (0 = train.steps as given)")
+    # the horizon's floor under finetune.epochs: a small subset still trains this many steps
+    min_steps: int = checked(100, positive, "a positive number of steps")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,9 @@ from pathlib import Path
 from pipeline.atomic import write_atomic
 from train.config import ConfigError, FinetuneConfig
 from train.config.command_line import parse_args
+from train.config.schema import SELECTIONS
 from train.engine.curves import pyplot
+from train.engine.loading import open_data
 from train.evaluation.pretrained import load_init
 from train.experiments.grid import (
     RUN_OWNED,
@@ -61,16 +63,58 @@ def format_table(
     deltas = [cells["pretrained"][c]["mean"] - cells["supervised"][c]["mean"] for c in columns]
     lines.append("| Δ | " + " | ".join(f"{d:+.1f}" for d in deltas) + " |")
     if all("lr" in cells[row][c] for row, _ in ROWS for c in columns):
-        for row, _ in ROWS:
-            lines.append(f"| lr, {row} | " + " | ".join(f"{cells[row][c]['lr']:g}" for c in columns) + " |")
+        lines += lr_rows(cells, columns)
     lines += ["", seeds_note({cells[row][c]["seeds"] for row, _ in ROWS for c in columns}, measured_on)]
     if chance is not None:
         several = any(cells["supervised"][c]["seeds"] > 1 for c in columns)
         spread = " A Δ smaller than the supervised row's sd is within its seed-to-seed spread." if several else ""
         lines.append(f"Chance: {chance:.1f} %.{spread}")
     if any("lr" in cells[row][c] for row, _ in ROWS for c in columns):
-        lines.append("Each cell's lr was chosen on a validation split held out of the training split.")
+        lines += selection_notes(cells, columns)
     return "\n".join(lines) + "\n"
+
+
+def lr_rows(cells: dict[str, dict[str, dict]], columns: list[str]) -> list[str]:
+    """Each row's chosen lr per column, "(edge)" where it is the grid's smallest or largest, and how many
+    labels choosing it read (both rows' selections read the same images: the same seeds' subsets)."""
+    lines = []
+    for row, _ in ROWS:
+        chosen = [f"{cells[row][c]['lr']:g}" + (" (edge)" if cells[row][c].get("lr_edge") else "") for c in columns]
+        lines.append(f"| lr, {row} | " + " | ".join(chosen) + " |")
+    records = [cells["supervised"][c].get("selection") for c in columns]
+    if all(records):
+        counts = [
+            f"{r['labels_read']:,}"
+            + (f" ({r['labels_outside_budget']:,} outside)" if r["labels_outside_budget"] else "")
+            for r in records
+        ]
+        lines.append("| labels read choosing the lr | " + " | ".join(counts) + " |")
+    return lines
+
+
+def selection_notes(cells: dict[str, dict[str, dict]], columns: list[str]) -> list[str]:
+    """Where each lr was chosen, and every choice at an edge of the lr grid said in words."""
+    modes = {(cells[row][c].get("selection") or {}).get("mode") for row, _ in ROWS for c in columns}
+    if modes == {"labelled_subset"}:
+        lines = [
+            "Each cell's lr was chosen on a validation set carved from its own labelled subset (stratified, at "
+            "least one image per class), trained on the rest: no label outside the budget was read."
+        ]
+    elif modes == {"extra_labels"}:
+        lines = [
+            "Each cell's lr was chosen on a validation split held out of the whole training split, outside the "
+            "labelled subset: it read labels beyond the budget (counted above)."
+        ]
+    else:
+        lines = ["Each cell's lr was chosen on a validation split held out of the training split."]
+    edges = [
+        f"{row} {c} ({cells[row][c]['lr_edge']})" for row, _ in ROWS for c in columns if cells[row][c].get("lr_edge")
+    ]
+    if edges:
+        lines.append(
+            "At an edge of the lr grid (the best lr may lie outside the grid; widen --lrs): " + ", ".join(edges) + "."
+        )
+    return lines
 
 
 @dataclass(frozen=True)
@@ -134,50 +178,81 @@ def run_cell(
 def select_lr(
     args: argparse.Namespace, out: Path, row: str, column: tuple, init: str, passthrough: list[str]
 ) -> tuple[dict, dict]:
-    """(cell, results) of the run with the lr of `--lrs` that scored best on the validation split carved
-    from the training split (`--holdout`); the choice never reads the test split. The cell gets "lr" and
-    "validation" (mean validation accuracy per lr)."""
+    """(cell, results) of the run with the lr of `--lrs` that scored best on the validation split
+    (`--holdout` of the labelled subset, or with --selection extra_labels of the whole training split); the
+    choice never reads the test split. The cell gets "lr", "validation" (mean validation accuracy per lr),
+    "selection" (the labels it read) and "lr_edge" ("smallest"/"largest" of the grid, else "")."""
     column_flag, value = column
-    validation = {}
+    validation, selection = {}, None
     seeds = ["--seeds", str(args.selection_seeds)] if args.selection_seeds else []
     for lr in args.lrs:
-        flags = [*passthrough, *seeds, "--lr", f"{lr:g}", "--finetune.holdout", f"{args.holdout:g}"]
+        flags = [*passthrough, *seeds, "--lr", f"{lr:g}", *selection_flags(args)]
         results = run_cell(out, row, column_flag, value, init, flags, f"-select-lr-{lr:g}")
-        validation[f"{lr:g}"] = results["accuracy"]["mean"]
+        validation[f"{lr:g}"], selection = results["accuracy"]["mean"], results.get("selection")
     best = max(validation, key=lambda lr: (validation[lr], -float(lr)))  # ties: the smaller lr
     results = run_cell(out, row, column_flag, value, init, [*passthrough, "--lr", best])
-    return cell(results) | {"lr": float(best), "validation": validation}, results
+    edge = ""
+    if len(args.lrs) > 1 and float(best) in (min(args.lrs), max(args.lrs)):
+        edge = "largest" if float(best) == max(args.lrs) else "smallest"
+    return cell(results) | {
+        "lr": float(best),
+        "validation": validation,
+        "selection": selection,
+        "lr_edge": edge,
+    }, results
+
+
+def selection_flags(args: argparse.Namespace) -> list[str]:
+    """What every lr's validation run adds: the holdout and where it is carved from."""
+    return ["--finetune.holdout", f"{args.holdout:g}", f"--finetune.selection={args.selection}"]
 
 
 COLUMN_OWNED = RUN_OWNED | {"--init", "--label-fraction", "--per-class", "--finetune.label_fraction"}
 COLUMN_OWNED |= {"--finetune.per_class", "--finetune.init"}
-SELECTION_OWNED = {"--lr", "--optim.lr", "--finetune.holdout"}  # set per run when --lrs chooses the lr
+# set per run when --lrs chooses the lr
+SELECTION_OWNED = {"--lr", "--optim.lr", "--finetune.holdout", "--finetune.selection"}
 
 
 def check_before_running(args: argparse.Namespace, passthrough: list[str], column_flag: str, values: list) -> None:
     """Everything a cell would refuse, refused before the first cell spends hours training."""
     refuse_owned_flags(passthrough, COLUMN_OWNED, "compare.py per column and row", "--fractions/--per-class")
     if args.lrs:
-        refuse_owned_flags(passthrough, frozenset(SELECTION_OWNED), "compare.py's lr selection", "--lrs/--holdout")
+        owner = "--lrs/--holdout/--selection"
+        refuse_owned_flags(passthrough, frozenset(SELECTION_OWNED), "compare.py's lr selection", owner)
     for value in values:
         if column_flag == "--per-class" and value <= 0:
             raise ConfigError(f"--per-class {value}: expected positive counts")
         if column_flag == "--label-fraction" and not 0.0 < value <= 1.0:
             raise ConfigError(f"--fractions {value}: expected fractions in (0, 1], e.g. 0.05 for 5%")
-    selection = ["--lr", f"{args.lrs[0]:g}", "--finetune.holdout", f"{args.holdout:g}"] if args.lrs else []
+    selection = ["--lr", f"{args.lrs[0]:g}", *selection_flags(args)] if args.lrs else []
     for init in ("none", args.init):
         for extra in ([], selection) if selection else ([],):
             flags = [*passthrough, *extra, "--init", init, column_flag, str(values[0])]
             config, _ = parse_args(flags, stage_class(FinetuneConfig), finetuning.STABLE_FLAGS, "")
             finetuning.validate(config)
             load_init(config)
+    if selection:
+        check_every_column(passthrough, selection, column_flag, values)
+
+
+def check_every_column(passthrough: list[str], selection: list[str], column_flag: str, values: list) -> None:
+    """Every column's labelled subset large enough to carve the lr's validation set from: a small column
+    refused before a larger one trains for hours (the training split's labels are read once)."""
+    train = None
+    for value in values:
+        flags = [*passthrough, *selection, "--init", "none", column_flag, str(value)]
+        config, _ = parse_args(flags, stage_class(FinetuneConfig), finetuning.STABLE_FLAGS, "")
+        if config.finetune.selection != "labelled_subset":
+            return
+        train = train or open_data(config, "train")[0]
+        finetuning.check_selection(config, train)
 
 
 @dataclass
 class Comparison:
     """compare.py's command line, parsed."""
 
-    args: argparse.Namespace  # its own flags: --init, --lrs, --holdout, --selection-seeds, --out, --title
+    args: argparse.Namespace  # its own flags: --init, --lrs, --holdout, --selection, --selection-seeds, --out, --title
     passthrough: list[str]  # every other flag: train/finetune.py's, given to both rows
     column_flag: str  # --label-fraction or --per-class
     values: list  # the columns' values
@@ -194,6 +269,13 @@ def parse(argv: list[str] | None) -> Comparison:
     columns.add_argument("--per-class", help="labelled images per class instead, e.g. 60,130")
     parser.add_argument("--lrs", help="learning rates to choose from per cell on a validation split, e.g. 0.01,0.1")
     parser.add_argument("--holdout", type=float, default=0.1, help="the validation split's fraction (paper: 0.1)")
+    parser.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default=SELECTIONS[0],
+        help="where the validation split comes from: labelled_subset (default: each cell's own labels, at least one "
+        "per class) or extra_labels (the whole training split: reads labels beyond the budget)",
+    )
     parser.add_argument(
         "--selection-seeds", type=int, help="seeds of each lr's validation runs (default: the cell's --seeds)"
     )

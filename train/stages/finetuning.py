@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import sys
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -18,7 +20,7 @@ from accelerate import Accelerator
 from model.classifier import ARCHS, HEADS
 from pipeline.atomic import write_atomic
 from pipeline.data import INIT_STREAM, DataError, Source, check_readable, derive_seed
-from pipeline.subsets import SubsetSource, holdout_split, select_labeled_subset
+from pipeline.subsets import SubsetSource, carve_validation, class_quotas, holdout_split, select_labeled_subset
 from train.config import FinetuneConfig, to_dict
 from train.config.checks import check_config
 from train.config.command_line import RUN_FLAGS, parse_args
@@ -39,7 +41,9 @@ from train.methods.supervised import SupervisedTask, build_model, evaluate, mode
 KIND = "finetune"  # the checkpoint kind of fine-tuning runs
 # A resumed fine-tuning run may add seeds; it may not change the horizon, or finished seeds and the
 # continued one would be averaged over different schedules.
-FINETUNE_RESUMABLE_KEYS = (RESUMABLE_KEYS - {"train.steps"}) | {"finetune.seeds"}
+# finetune.epochs only sets train.steps, which is checked itself (a --steps on the command line sets it to 0).
+FINETUNE_RESUMABLE_KEYS = (RESUMABLE_KEYS - {"train.steps"}) | {"finetune.seeds", "finetune.epochs"}
+STEPS_KEYS = ("--steps", "--train.steps")  # the flags that fix the horizon, whatever finetune.epochs says
 
 STABLE_FLAGS = {
     **RUN_FLAGS,
@@ -75,22 +79,121 @@ def check_same_classes(train_source: Source, test_source: Source) -> None:
 class Splits(NamedTuple):
     train: Source  # the training split
     pool: np.ndarray  # its images labelled subsets are drawn from: all, or all but the held-out ones
-    evaluation: Source  # what accuracy is reported on: the test split, or the held-out validation images
-    evaluation_name: str  # "test", or "validation (10% of the training split)"
+    # what accuracy is reported on: the test split or the fixed held-out images (finetune.selection=
+    # extra_labels); None: each seed's validation images, carved from its own labelled subset
+    evaluation: Source | None
+    evaluation_name: str  # "test", or "validation (10% of the labelled subset, ...)"
 
 
-def labeled_subset(config: FinetuneConfig, splits: Splits, seed: int) -> np.ndarray:
-    """The seed's labelled subset (see pipeline/subsets.py) of the pool, as indices into the training
-    split, checked to hold one global batch."""
+class SeedImages(NamedTuple):
+    """One seed's labelled images, as indices into the training split."""
+
+    subset: np.ndarray  # the labelled subset: the seed's whole label budget
+    train: np.ndarray  # what trains: the subset, less its validation part when one is carved from it
+    validation: np.ndarray | None  # carved from the subset (finetune.selection=labelled_subset), else None
+
+
+def label_amount(config: FinetuneConfig) -> str:
+    """The flag and value that sized the labelled subset, for error lines."""
+    ft = config.finetune
+    return f"--per-class {ft.per_class}" if ft.per_class else f"--label-fraction {ft.label_fraction:g}"
+
+
+def check_carvable(config: FinetuneConfig, counts: np.ndarray, classes: list[str]) -> None:
+    """A validation set carved from the labelled subset (`counts` images per class) needs 2 images of
+    every class: one to train on, one to score; otherwise one line that names the amount and the count."""
+    short = np.flatnonzero(counts < 2)
+    if len(short):
+        raise DataError(
+            f"{label_amount(config)}: the labelled subset has {counts.sum()} images, {counts[short[0]]} of class "
+            f"{classes[short[0]]!r} ({len(short)} of {len(classes)} classes have fewer than 2); carving the lr's "
+            "validation set from it (finetune.selection=labelled_subset) needs 2 of every class, one to train on "
+            "and one to score; use more labels"
+        )
+
+
+def check_selection(config: FinetuneConfig, train: Source) -> None:
+    """What `labeled_subset` would refuse about carving the validation set, from the class counts alone
+    (every seed's subset has the same): for the grids, before any cell trains."""
+    ft = config.finetune
+    if not ft.holdout or ft.selection != "labelled_subset":
+        return
+    counts = np.bincount(train.labels, minlength=len(train.classes))
+    quotas = np.full(len(counts), ft.per_class) if ft.per_class else class_quotas(counts, ft.label_fraction)
+    check_carvable(config, np.minimum(quotas, counts), train.classes)
+
+
+def labeled_subset(config: FinetuneConfig, splits: Splits, seed: int) -> SeedImages:
+    """The seed's labelled subset (see pipeline/subsets.py) of the pool, its validation part carved when
+    the validation set comes from it, the training part checked to hold one global batch."""
     ft, train = config.finetune, splits.train
     chosen = select_labeled_subset(train.labels[splits.pool], seed, ft.label_fraction, ft.per_class, train.classes)
     subset = splits.pool[chosen]
-    if len(subset) < config.train.batch_size:
+    training, validation = subset, None
+    if splits.evaluation is None:
+        check_carvable(config, np.bincount(train.labels[subset], minlength=len(train.classes)), train.classes)
+        kept, held = carve_validation(train.labels[subset], seed, ft.holdout)
+        training, validation = subset[kept], subset[held]
+    if len(training) < config.train.batch_size:
         raise DataError(
-            f"the labelled subset has {len(subset)} images, fewer than one global batch of "
+            f"the labelled subset has {len(training)} images to train on, fewer than one global batch of "
             f"{config.train.batch_size}; lower --batch-size or use more labels"
         )
-    return subset
+    return SeedImages(subset, training, validation)
+
+
+def resolve_steps(config: FinetuneConfig, labelled: int) -> str:
+    """Set train.steps from finetune.epochs over the `labelled` images of the budget (so an lr's validation
+    run trains as long as the test run it chooses for); returns how the horizon was set, for the output."""
+    ft, run = config.finetune, config.train
+    if ft.epochs <= 0:
+        return f"steps: {run.steps} (train.steps as given; finetune.epochs 0)"
+    scaled = math.ceil(ft.epochs * labelled / run.batch_size)
+    run.steps = max(ft.min_steps, scaled)
+    return (
+        f"steps: {run.steps} (finetune.epochs {ft.epochs:g} over {labelled} labelled images at batch "
+        f"{run.batch_size} = {scaled} steps; floor finetune.min_steps {ft.min_steps})"
+    )
+
+
+def evaluated_count(splits: Splits, images: SeedImages) -> int:
+    """Images evaluation scores: the test split's, the fixed held-out ones, or a seed's validation part
+    (the same size for every seed)."""
+    return len(splits.evaluation) if splits.evaluation is not None else len(images.validation)
+
+
+def selection_record(config: FinetuneConfig, splits: Splits, images: SeedImages) -> dict | None:
+    """How many labels the validation set and its training part read (the same for every seed); None when
+    evaluation is on the test split."""
+    ft = config.finetune
+    if not ft.holdout:
+        return None
+    carved = images.validation is not None
+    validation = len(images.validation) if carved else len(splits.evaluation)
+    return {
+        "mode": ft.selection,
+        "holdout": ft.holdout,
+        "training_images": len(images.train),
+        "validation_images": validation,
+        "labels_read": len(images.train) + validation,
+        "labels_outside_budget": 0 if carved else validation,
+    }
+
+
+def describe_selection(record: dict | None) -> str:
+    if record is None:
+        return ""
+    if record["mode"] == "labelled_subset":
+        return (
+            f"lr selection: validation on {record['validation_images']} of the {record['labels_read']} labelled "
+            f"images ({record['holdout']:.0%} of the subset, at least 1 per class), training on the other "
+            f"{record['training_images']}; no label outside the subset read"
+        )
+    return (
+        f"lr selection: validation on {record['validation_images']} images held out of the whole training split "
+        f"(finetune.selection=extra_labels), training on {record['training_images']}: {record['labels_read']} "
+        f"labels read, {record['labels_outside_budget']} of them outside the label budget"
+    )
 
 
 class TestEvaluation:
@@ -150,14 +253,14 @@ class SeedRun:
     tracker_id: str | None = None  # with a tracker, each seed's records go to it under seed_<seed>/
 
 
-def finetune_seed(run: SeedRun, seed: int, subset: np.ndarray) -> dict:
-    """Train and evaluate one seed on its labelled `subset` in run_dir/seed_<seed>; a finished seed is read
-    back, not rerun."""
+def finetune_seed(run: SeedRun, seed: int, images: SeedImages) -> dict:
+    """Train one seed on its labelled `images` in run_dir/seed_<seed> and evaluate it (on the test split or
+    its validation images); a finished seed is read back, not rerun."""
     config, splits, accelerator = run.config, run.splits, run.accelerator
     seed_dir, ft = run.run_dir / f"seed_{seed}", config.finetune
     if config.train.resume and (seed_dir / "result.json").is_file():
         return json.loads((seed_dir / "result.json").read_text())
-    labeled, classes = SubsetSource(splits.train, subset), len(splits.train.classes)
+    labeled, classes = SubsetSource(splits.train, images.train), len(splits.train.classes)
     build = partial(seed_model, config, classes, run.pretrained)
     init_seed = derive_seed(seed, INIT_STREAM)  # the same fresh weights for every init and every rank
     state = {"seed": seed} | ({"tracker_run_id": run.tracker_id} if run.tracker_id else {})
@@ -168,14 +271,15 @@ def finetune_seed(run: SeedRun, seed: int, subset: np.ndarray) -> dict:
         training.tracker = training.logger.sink = TrackerSink(accelerator, config.log.tracker, f"seed_{seed}/")
     if ft.linear_probe and ft.recalibrate_bn and run.pretrained is not None and training.start_step == 0:
         recalibrate_probe(training, config, splits)
-    evaluation = TestEvaluation(training, splits.evaluation, config)
+    scored = splits.evaluation or SubsetSource(splits.train, images.validation)
+    evaluation = TestEvaluation(training, scored, config)
     per_process = per_process_batch(config.train, accelerator)  # one micro-batch's images per process
     batches = partial(train_batches, config, labeled, per_process, seed, accelerator=accelerator)
     title, task = f"fine-tuning {run.run_dir.name}, seed {seed}", SupervisedTask(config, classes)
     data = TrainingData(batches, len(labeled))
     fit(training, task, config, data, title, Hooks(after_step=evaluation), f"seed {seed}")
     # A run killed after its last checkpoint has its test record logged; the numbers are computed again.
-    result = seed_result(seed, subset, labeled, evaluation.last or evaluation.run(), config)
+    result = seed_result(seed, images.train, labeled, evaluation.last or evaluation.run(), config)
     if accelerator.is_main_process:
         write_atomic(seed_dir / "result.json", json.dumps(result, indent=1).encode())
     accelerator.wait_for_everyone()
@@ -196,7 +300,9 @@ def format_accuracy(mean: float, std: float, count: int) -> str:
     return f"{mean:.1f} ± {std:.1f} ({count} seeds)"
 
 
-def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits) -> dict:
+def summary_of(
+    results: list[dict], config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits, images: SeedImages
+) -> dict:
     ft = config.finetune
     accuracies = [r["test_accuracy"] for r in results]
     mean, std = summarize(accuracies)
@@ -215,12 +321,15 @@ def summary_of(results: list[dict], config: FinetuneConfig, pretrained: Pretrain
         "train_images": len(splits.train),
         "evaluated_on": splits.evaluation_name,
         "classes": len(splits.train.classes),
-        "test_images": len(splits.evaluation),
+        "test_images": evaluated_count(splits, images),
+        "selection": selection_record(config, splits, images),
         "config": to_dict(config),
     }
 
 
-def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits, accelerator: Accelerator) -> str:
+def describe(
+    config: FinetuneConfig, pretrained: Pretrained | None, splits: Splits, accelerator: Accelerator, evaluated: int
+) -> str:
     ft, run, train = config.finetune, config.train, splits.train
     labels = f"{ft.per_class} per class" if ft.per_class else f"{ft.label_fraction:.1%}"
     init = "none (from scratch)"
@@ -230,7 +339,7 @@ def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Spli
     return (
         f"finetune: {ft.arch}, {ft.head} head{', frozen backbone' if ft.linear_probe else ''}, init {init}; "
         f"labels {labels} of {len(splits.pool)} training images from {config.data.path}, {len(train.classes)} "
-        f"classes; evaluated on {splits.evaluation_name} ({len(splits.evaluation)} images); {ft.seeds} seed(s) "
+        f"classes; evaluated on {splits.evaluation_name} ({evaluated} images); {ft.seeds} seed(s) "
         f"from {run.seed}; {run.steps} steps of {run.batch_size} images ({per_process} per process, "
         f"{accelerator.num_processes} process(es) on {accelerator.device}), {config.optim.name} "
         f"{describe_lr(config.optim, run.batch_size)}, precision {config.speed.precision}; run folder {run.out}"
@@ -238,14 +347,18 @@ def describe(config: FinetuneConfig, pretrained: Pretrained | None, splits: Spli
 
 
 def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
-    """The training split and what evaluation reports on. With `finetune.holdout`, a fixed stratified part
-    of the training split is the validation set and the test split is not even opened."""
+    """The training split and what evaluation reports on. With `finetune.holdout` the test split is not even
+    opened: the validation set is carved from each seed's labelled subset (finetune.selection=
+    labelled_subset), or is a fixed stratified part of the whole training split (extra_labels)."""
     train, data_path = open_data(config, "train")
     check_readable(train, crop=config.data.image_size)
     holdout = config.finetune.holdout
+    if holdout and config.finetune.selection == "labelled_subset":
+        name = f"validation ({holdout:.0%} of the labelled subset, at least 1 per class)"
+        return Splits(train, np.arange(len(train)), None, name), data_path
     if holdout:
         pool, held_out = holdout_split(train.labels, holdout)
-        name = f"validation ({holdout:.0%} of the training split)"
+        name = f"validation ({holdout:.0%} of the training split, outside the labelled subset)"
         return Splits(train, pool, SubsetSource(train, held_out), name), data_path
     test, _ = open_data(config, "test")
     check_readable(test)
@@ -254,8 +367,13 @@ def open_splits(config: FinetuneConfig) -> tuple[Splits, str]:
 
 
 def parse(argv: list[str] | None) -> tuple[FinetuneConfig, str]:
-    """The command line (sys.argv when None) -> (the checked config, the config name it started from)."""
-    return parse_args(argv, stage_class(FinetuneConfig), STABLE_FLAGS, "Fine-tuning and linear evaluation")
+    """The command line (sys.argv when None) -> (the checked config, the config name it started from). A
+    horizon given on the command line wins over finetune.epochs, which it sets to 0."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config, name = parse_args(argv, stage_class(FinetuneConfig), STABLE_FLAGS, "Fine-tuning and linear evaluation")
+    if any(token.split("=", 1)[0] in STEPS_KEYS for token in argv):
+        config.finetune.epochs = 0.0
+    return config, name
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,17 +390,22 @@ def run(config: FinetuneConfig, config_name: str) -> dict:
     splits, config.data.path = open_splits(config)  # config.yaml records where the data is
     seeds = [config.train.seed + k for k in range(config.finetune.seeds)]
     subsets = {seed: labeled_subset(config, splits, seed) for seed in seeds}
+    steps_line = resolve_steps(config, len(subsets[seeds[0]].subset))  # the same size for every seed
     pretrained = load_init(config)
     keys, pattern = FINETUNE_RESUMABLE_KEYS, "seed_*/checkpoints/step_*.pt"
     run_dir = prepare_run_dir(config, f"finetune-{config_name}", accelerator, pattern, keys)
     record_invocation(run_dir, accelerator, 0)
     tracker_id = start_trackers(accelerator, config.log, config.train.resume, run_dir, to_dict(config))
-    for text in (describe(config, pretrained, splits, accelerator), warmup_warning(config.optim, config.train.steps)):
+    first = subsets[seeds[0]]
+    lines = (describe(config, pretrained, splits, accelerator, evaluated_count(splits, first)), steps_line)
+    for text in (*lines, describe_selection(selection_record(config, splits, first))):
         if text:
             accelerator.print(text)
+    if warning := warmup_warning(config.optim, config.train.steps):
+        accelerator.print(warning)
     shared = SeedRun(config, splits, pretrained, accelerator, run_dir, tracker_id)
     results = [finetune_seed(shared, seed, subsets[seed]) for seed in seeds]
-    summary = summary_of(results, config, pretrained, splits)
+    summary = summary_of(results, config, pretrained, splits, first)
     if accelerator.is_main_process:
         write_atomic(run_dir / "results.json", json.dumps(summary, indent=1).encode())
     mean, std = summarize(summary["accuracy"]["per_seed"])
