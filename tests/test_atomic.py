@@ -60,7 +60,9 @@ def test_a_link_planted_at_the_temporary_name_is_not_written_through(tmp_path: P
 
 
 def test_only_a_dead_processs_temporaries_are_removed(tmp_path: Path) -> None:
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=HANG_GUARD_S)
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=HANG_GUARD_S
+    )
     dead = int(child.stdout)
     (tmp_path / "checkpoints").mkdir()
     stale = tmp_path / "checkpoints" / f".step_00000002.pt.tmp-{dead}"
