@@ -58,6 +58,7 @@ from model.classifier import ARCHS
 from pipeline.loaders import LOADERS
 from train.config import COMPILE_MODES, ConfigError, to_dict
 from train.config.checks import check_config
+from train.engine.cli import run_cli
 from train.methods import METHODS, default_method, method_flags
 from train.stages import pretraining
 
@@ -512,4 +513,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # one line and exit 2 for bad input and for an OS error (an unwritable --json, a full disk)

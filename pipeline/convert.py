@@ -37,6 +37,7 @@ numba.config.THREADING_LAYER = "workqueue"
 
 from pipeline.beton_writer import WRITE_MODES, ConvertOptions, convert  # noqa: E402
 from pipeline.data import DataError  # noqa: E402
+from pipeline.errors import os_error_line  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         info = convert(args.src, args.dst, args.split, options, args.fail_on_corrupt)
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full or read-only disk, a name too long, a refused link: named in words
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
         return 2
     rate = info["images"] / max(info["seconds"], 1e-9)
     print(

@@ -84,6 +84,7 @@ class BetonSource:
         except Exception as error:  # noqa: BLE001 (FFCV raises AssertionError and others on a bad file)
             raise DataError(f"{self.path}: not a readable .beton file ({error!r})") from error
         self._check_fingerprint(sidecar)
+        self._check_samples()
         if self.reader.field_names != list(FIELD_NAMES) or self.reader.num_samples != self.info.get("images"):
             raise DataError(
                 f"{self.path}: holds fields {self.reader.field_names} and {self.reader.num_samples} images, "
@@ -113,6 +114,35 @@ class BetonSource:
         if not v2:
             print(f"note: {self.path} was converted by an older version; its sidecar's classes and sizes are not "
                   "checked (convert it again to have them checked)")  # fmt: skip
+
+    def _check_samples(self) -> None:
+        """Every sample's bytes lie inside the file and every image's size is what the sidecar and its own
+        allocation allow. FFCV reads them unchecked: a pointer past the end trains on whatever the mapping
+        holds, and a claimed 60000x60000 image is allocated before it is decoded. The fingerprint does not
+        cover this: a forger recomputes it."""
+        end = self.path.stat().st_size
+        table, images = self.reader.alloc_table, self.reader.metadata["f0"]
+        ptr, size = table["ptr"].astype(np.uint64), table["size"].astype(np.uint64)
+        outside = (ptr > end) | (size > np.uint64(end) - np.minimum(ptr, np.uint64(end)))
+        order = np.argsort(ptr, kind="stable")
+        at = np.minimum(np.searchsorted(ptr[order], images["data_ptr"]), max(len(ptr) - 1, 0))
+        unknown = ~(ptr[order][at] == images["data_ptr"]) if len(ptr) else np.ones(len(images), bool)
+        if outside.any() or unknown.any():
+            row = int(np.flatnonzero(outside)[0]) if outside.any() else int(np.flatnonzero(unknown)[0])
+            raise DataError(f"{self.path}: sample {row}'s bytes point outside the file ({end} bytes); a damaged or "
+                            "forged .beton, convert it again with python -m pipeline.convert")  # fmt: skip
+        pixels = images["height"].astype(np.int64) * images["width"].astype(np.int64) * 3
+        uniform = self.info.get("uniform_size")
+        wrong = (images["mode"] == 1) & (pixels > size[order][at].astype(np.int64))
+        if uniform:
+            wrong |= (images["height"] != uniform[0]) | (images["width"] != uniform[1])
+        if wrong.any():
+            row = int(np.flatnonzero(wrong)[0])
+            claim = f"{images['height'][row]}x{images['width'][row]}"
+            raise DataError(
+                f"{self.path}: sample {row} claims {claim} pixels, not what its sidecar ({uniform}) or its stored "
+                "bytes allow; convert it again"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -14,8 +14,12 @@ tile it as on CIFAR-10) and repeated over three channels (`pipeline.data.IdxSour
 from __future__ import annotations
 
 import gzip
+import math
+import os
+import struct
 import zlib
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -24,40 +28,65 @@ from pipeline.errors import DataError
 GZIP_MAGIC = b"\x1f\x8b"
 UINT8_TYPE = 0x08
 SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
+MAX_DEFLATE_RATIO = 1032  # deflate's best ratio: no .gz inflates to more than this many times its size
 PAD_TO_MULTIPLE = 8  # the patch size of the 32x32 recipes: the padded side cuts into whole patches
-
-
-def _raw_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if not data.startswith(GZIP_MAGIC):
-        return data
-    try:
-        return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as error:
-        raise DataError(f"{path}: truncated or corrupt gzip stream ({error}); expected a whole IDX .gz file") from error
 
 
 def read_idx(path: str | Path) -> np.ndarray:
     """The uint8 array an IDX file holds, of the shape its header gives; DataError naming `path` for
-    anything else (wrong magic, another value type, fewer or more bytes than the header says)."""
+    anything else (wrong magic, another value type, fewer or more bytes than the header says). A .gz is
+    inflated as a stream, never past the bytes its header announces: the header's claim is checked (in
+    exact integers) against what the file can hold before anything of that size is allocated."""
     path = Path(path)
     try:
-        data = _raw_bytes(path)
+        with open(path, "rb") as raw:
+            compressed = raw.read(2) == GZIP_MAGIC
+            raw.seek(0)
+            size = os.fstat(raw.fileno()).st_size
+            if not compressed:
+                return _values(path, raw, size, size)
+            with gzip.GzipFile(fileobj=raw) as stream:
+                return _values(path, stream, None, size * MAX_DEFLATE_RATIO)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{path}: truncated or corrupt gzip stream ({error}); expected a whole IDX .gz file") from error
     except OSError as error:
         raise DataError(f"{path}: unreadable ({error.strerror or error})") from error
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != UINT8_TYPE or data[3] == 0:
-        found = data[:4].hex() or "empty"
+
+
+def _read_up_to(stream: BinaryIO, count: int) -> bytearray:
+    out = bytearray(count)
+    view, done = memoryview(out), 0
+    while done < count and (got := stream.readinto(view[done:])):
+        done += got
+    return out[:done] if done < count else out
+
+
+def _values(path: Path, stream: BinaryIO, size: int | None, ceiling: int) -> np.ndarray:
+    """The array `stream` holds; `size`: its exact bytes when known (a raw file), `ceiling`: the most it can
+    inflate to (a .gz)."""
+    head = _read_up_to(stream, 4)
+    if len(head) < 4 or head[:2] != b"\x00\x00" or head[2] != UINT8_TYPE or head[3] == 0:
+        found = head.hex() or "empty"
         raise DataError(f"{path}: not an IDX file of uint8 values (header {found}, expected 000008 then d)")
-    ndim = data[3]
+    ndim = head[3]
     header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: IDX header cut short ({len(data)} bytes, expected {header})")
-    shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64))
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "longer than its header says"
-        raise DataError(f"{path}: {problem}: {len(data)} bytes, expected {expected} for shape {shape}")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    sizes = _read_up_to(stream, 4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise DataError(f"{path}: IDX header cut short ({4 + len(sizes)} bytes, expected {header})")
+    shape = struct.unpack(f">{ndim}I", sizes)
+    expected = header + math.prod(shape)  # Python integers: no product wraps round
+    if size is not None and size != expected:
+        problem = "truncated" if size < expected else "longer than its header says"
+        raise DataError(f"{path}: {problem}: {size} bytes, expected {expected} for shape {shape}")
+    if expected > ceiling:
+        raise DataError(f"{path}: truncated: its header claims shape {shape} ({expected} bytes), more than its "
+                        f"{ceiling // MAX_DEFLATE_RATIO} compressed bytes can hold")  # fmt: skip
+    values = _read_up_to(stream, expected - header)
+    if len(values) < expected - header:
+        raise DataError(f"{path}: truncated: {header + len(values)} bytes, expected {expected} for shape {shape}")
+    if stream.read(1):
+        raise DataError(f"{path}: longer than its header says: more than {expected} bytes for shape {shape}")
+    return np.frombuffer(values, dtype=np.uint8).reshape(shape)
 
 
 def split_file(root: Path, split: str, kind: str) -> Path | None:

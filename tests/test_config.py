@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,37 @@ def test_a_saved_config_in_the_old_train_layout_loads_into_the_new_one() -> None
     assert old["train"]["precision"] == "bf16"  # the saved dict itself is left as it was
     with pytest.raises(ConfigError, match="config key train.precision moved to speed.precision"):
         schema.config_from(stage_class(schema.PretrainConfig), old, {"train.precision": "no"})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: " + "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ("train:\n  steps: " + "9" * 5000, "a value Python cannot read"),
+    ],
+)
+def test_a_config_too_deep_or_with_too_long_a_number_is_one_line(text: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        config_module.read_yaml(path)
+    assert f"{path}: not valid YAML" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/full/run/log.jsonl"), "no space left"),
+        (OSError(errno.EROFS, "Read-only file system", "/ro/out.json"), "a read-only file system"),
+        (OSError(errno.ENAMETOOLONG, "File name too long", "/x/" + "y" * 300), "a name too long"),
+    ],
+)
+def test_an_os_error_from_any_entry_point_is_one_line_naming_the_path(error: OSError, words: str, capsys) -> None:
+    def main(argv):
+        raise error
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, [])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {error.filename}: {words}"), lines

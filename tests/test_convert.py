@@ -192,3 +192,63 @@ def test_loader_refuses_a_beton_without_its_own_sidecar_or_a_foreign_file(tmp_pa
     sidecar_path(tmp_path / "junk.beton").write_text(json.dumps(sidecar))
     with pytest.raises(DataError, match="not a readable .beton"):
         BetonSource(tmp_path / "junk.beton")
+
+
+def forge(beton: Path, change) -> None:
+    """Apply `change(header, metadata, alloc_table)` to the arrays inside `beton` and re-sign its sidecar
+    (as a forger would: the fingerprint is no secret)."""
+    from ffcv.reader import Reader
+    from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+
+    from pipeline.beton_writer import fingerprint
+
+    reader = Reader(str(beton))
+    header = np.fromfile(beton, dtype=HeaderType, count=1)[0]
+    meta_at = HeaderType.itemsize + reader.field_descriptors.nbytes
+    metadata, table = reader.metadata.copy(), reader.alloc_table.copy()
+    change(metadata, table)
+    with open(beton, "r+b") as f:
+        f.seek(meta_at)
+        f.write(metadata.tobytes())
+        f.seek(int(header["alloc_table_ptr"]))
+        f.write(table.astype(ALLOC_TABLE_TYPE).tobytes())
+    info = json.loads(sidecar_path(beton).read_text())
+    info["fingerprint"] = fingerprint(Reader(str(beton)), info)
+    sidecar_path(beton).write_text(json.dumps(info))
+
+
+def point_past_the_end(metadata, table) -> None:
+    old = table["ptr"][1]
+    table["ptr"][1] += 2**40
+    metadata["f0"]["data_ptr"][metadata["f0"]["data_ptr"] == old] += 2**40
+
+
+def claim_a_huge_image(metadata, table) -> None:
+    metadata["f0"]["height"][2] = metadata["f0"]["width"][2] = 60000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (point_past_the_end, "sample 1's bytes point outside the file"),
+        (claim_a_huge_image, "sample 2 claims 60000x60000"),
+    ],
+)
+def test_a_forged_beton_is_refused_before_training(change, message: str, tmp_path: Path) -> None:
+    root = smooth_folder(tmp_path / "src", size=16)
+    convert(root, tmp_path / "train.beton", options=ConvertOptions(write_mode="raw", workers=1))
+    forge(tmp_path / "train.beton", change)
+    with pytest.raises(DataError, match=message) as caught:
+        BetonSource(tmp_path / "train.beton")
+    assert "\n" not in str(caught.value)
+
+
+def test_an_os_error_on_the_destination_is_one_line(tmp_path: Path, capsys) -> None:
+    from pipeline.convert import main
+
+    root = smooth_folder(tmp_path / "src", size=16)
+    dst = tmp_path / ("x" * 300 + ".beton")  # a name over the file system's 255 bytes
+    assert main(["--src", str(root), "--dst", str(dst), "--workers", "1"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "a name too long for the file system" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,12 +32,14 @@ def cifar_like_archive() -> bytes:
 
 
 class Served:
-    """Files the loopback server answers with, and the Range headers it was asked for."""
+    """Files the loopback server answers with, and the Range headers it was asked for; `hostile`, when
+    set, answers every request itself (a test's misbehaving mirror)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.ranges: list[str | None] = []
         self.honour_ranges = True
+        self.hostile = None
 
 
 @pytest.fixture
@@ -45,6 +48,9 @@ def server() -> Iterator[tuple[str, Served]]:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (the http.server interface)
+            if served.hostile is not None:
+                served.hostile(self)
+                return
             content = served.files.get(self.path.lstrip("/"))
             served.ranges.append(self.headers.get("Range"))
             if content is None:
@@ -125,7 +131,7 @@ def test_an_archive_escaping_its_folder_is_refused(server, tmp_path: Path) -> No
         info = tarfile.TarInfo("../escaped")
         info.size = 1
         tar.addfile(info, io.BytesIO(b"x"))
-    with pytest.raises(FetchError, match="not a readable tar archive"):
+    with pytest.raises(FetchError, match="'../escaped' would land outside its folder"):
         fetch("cifar10", tmp_path / "dest", mirror=url, spec=spec_for(served, buffer.getvalue()))
     assert not (tmp_path / "escaped").exists()
     assert not (tmp_path / "dest" / "cifar-10-batches-py").exists()
@@ -158,3 +164,128 @@ def test_offline_is_one_line(tmp_path: Path) -> None:
 def test_an_unknown_data_set_is_refused(tmp_path: Path) -> None:
     result = run_fetch("imagenet", str(tmp_path))
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_a_planted_part_link_is_not_written_through(server, tmp_path: Path) -> None:
+    url, served = server
+    spec = spec_for(served, cifar_like_archive())
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    dest = tmp_path / "dest"
+    (dest / ".fetch").mkdir(parents=True)
+    (dest / ".fetch" / "small.tar.gz.part").symlink_to(victim)
+    with pytest.raises(FetchError, match=r"small.tar.gz.part: not a regular file \(a link\?\); refusing") as error:
+        fetch("cifar10", dest, mirror=url, spec=spec)
+    assert "deleted" not in str(error.value)
+    assert victim.read_bytes() == b"precious"
+    assert served.ranges == []  # refused before asking the mirror
+
+
+def test_a_linked_staging_folder_is_refused(server, tmp_path: Path) -> None:
+    url, served = server
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "dest").mkdir()
+    (tmp_path / "dest" / ".fetch").symlink_to(elsewhere)
+    with pytest.raises(FetchError, match="a symbolic link; refusing to download through it"):
+        fetch("cifar10", tmp_path / "dest", mirror=url, spec=spec_for(served, cifar_like_archive()))
+    assert not list(elsewhere.iterdir())
+
+
+def link_chain_archive() -> bytes:
+    """The shape of CVE-2025-4517's archives: nested links that resolve outside the folder, then a file
+    written through them; every link member must be refused whatever tarfile's filter decides."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        top = tarfile.TarInfo("cifar-10-batches-py")
+        top.type = tarfile.DIRTYPE
+        tar.addfile(top)
+        for name, target in (("cifar-10-batches-py/a", "."), ("cifar-10-batches-py/up", "a/a/a/../../..")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        info = tarfile.TarInfo("cifar-10-batches-py/up/escaped")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["links", "device"])
+def test_links_and_devices_in_an_archive_are_refused_before_extraction(kind: str, server, tmp_path: Path) -> None:
+    url, served = server
+    if kind == "links":
+        archive = link_chain_archive()
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            device = tarfile.TarInfo("cifar-10-batches-py/null")
+            device.type, device.devmajor, device.devminor = tarfile.CHRTYPE, 1, 3
+            tar.addfile(device)
+        archive = buffer.getvalue()
+    dest = tmp_path / "dest"
+    with pytest.raises(FetchError, match="is a link or a device; expected files and folders"):
+        fetch("cifar10", dest, mirror=url, spec=spec_for(served, archive))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+    assert sorted(p.name for p in dest.iterdir()) == [".fetch"]
+
+
+def endless(claimed: str | None, pause_s: float = 0.0, block: bytes = b"x" * 65536):
+    """A mirror that claims `claimed` as Content-Length and sends bytes until the client hangs up (or 30 s)."""
+
+    def answer(handler) -> None:
+        handler.send_response(200)
+        if claimed is not None:
+            handler.send_header("Content-Length", claimed)
+        handler.end_headers()
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                handler.wfile.write(block)
+                handler.wfile.flush()
+                time.sleep(pause_s)
+        except OSError:
+            pass  # the client hung up: what the test wants
+
+    return answer
+
+
+@pytest.mark.parametrize("claimed", [str(10**12), None])
+def test_a_mirror_sending_more_than_the_file_has_is_cut_off_and_nothing_kept(claimed, server, tmp_path: Path) -> None:
+    url, served = server
+    served.hostile = endless(claimed)
+    spec = DataSet("unused", (Resource("small.tar.gz", "0" * 32, 200_000),), "cifar-10-batches-py", extract=True)
+    with pytest.raises(FetchError, match="200000") as error:  # uncapped, the mirror's 30 s end a MD5 error
+        fetch("cifar10", tmp_path, mirror=url, spec=spec)
+    assert "deleted" in str(error.value) or "nothing kept" in str(error.value)
+    assert not list((tmp_path / ".fetch").iterdir())  # no .part for a rerun to append to
+
+
+def test_a_mirror_dripping_bytes_meets_the_overall_deadline(server, tmp_path: Path, monkeypatch) -> None:
+    url, served = server
+    served.hostile = endless(None, pause_s=0.2, block=b"x")
+    monkeypatch.setattr("pipeline.fetch.DEADLINE_GRACE_S", 1)
+    spec = DataSet("unused", (Resource("small.tar.gz", "0" * 32, 1000),), "cifar-10-batches-py", extract=True)
+    with pytest.raises(FetchError, match="too slow .* the partial download was deleted"):  # not an MD5 error
+        fetch("cifar10", tmp_path, mirror=url, spec=spec)
+
+
+def test_a_download_larger_than_the_free_space_is_refused_first(server, tmp_path: Path) -> None:
+    url, served = server
+    spec = DataSet("unused", (Resource("small.tar.gz", "0" * 32, 2**60),), "cifar-10-batches-py", extract=True)
+    with pytest.raises(FetchError, match="MiB free, the download needs"):
+        fetch("cifar10", tmp_path, mirror=url, spec=spec)
+    assert served.ranges == []
+
+
+def test_the_registry_knows_every_files_size() -> None:
+    assert all(r.size for spec in DATASETS.values() for r in spec.resources)
+
+
+def test_an_empty_archive_is_one_line(server, tmp_path: Path) -> None:
+    url, served = server
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz"):
+        pass
+    with pytest.raises(FetchError, match="expected the folder cifar-10-batches-py/ inside, found nothing"):
+        fetch("cifar10", tmp_path, mirror=url, spec=spec_for(served, buffer.getvalue()))
+    assert not (tmp_path / "cifar-10-batches-py").exists()

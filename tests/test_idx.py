@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import subprocess
 import sys
+import tracemalloc
 from itertools import islice
 from pathlib import Path
 
@@ -127,3 +128,34 @@ def test_the_converter_writes_idx_images_exactly_for_ffcv(tmp_path: Path) -> Non
     assert all(np.array_equal(np.asarray(beton.load(i)), idx.images[i]) for i in range(4))
     ffcv = LOADERS["ffcv"].open(tmp_path, "train")
     assert batches("ffcv", ffcv, 2)[0].images.shape == (4, 3, 32, 32)
+
+
+def test_a_gz_longer_than_its_header_fails_without_inflating_the_rest(tmp_path: Path) -> None:
+    """A 1.6 MB .gz whose header claims 78 KB (100 images) but inflates to ~1.6 GB: one line, at once, in
+    little memory (inflated whole first, it took GBs)."""
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + np.asarray((100, 28, 28), dtype=">u4").tobytes()
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(header)
+        zeros = bytes(1 << 24)
+        for _ in range(100):  # 1.6 GB of values
+            f.write(zeros)
+    assert path.stat().st_size < 2_000_000
+    tracemalloc.start()
+    with pytest.raises(DataError, match="longer than its header says: more than 78416 bytes"):
+        read_idx(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20, peak  # inflated whole: 1.6 GB
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_a_header_claiming_more_than_the_file_can_hold_is_refused_before_allocating(compress, tmp_path: Path) -> None:
+    """Dimensions of 2**16 whose int64 product wraps round to 0 and one far past what a small .gz holds."""
+    path = tmp_path / "train-images-idx3-ubyte"
+    for shape in ((65536, 65536, 65536, 65536), (60000, 60000, 60000)):
+        data = bytes([0, 0, 0x08, len(shape)]) + np.asarray(shape, dtype=">u4").tobytes() + bytes(100)
+        path.write_bytes(gzip.compress(data) if compress else data)
+        with pytest.raises(DataError, match="truncated") as caught:
+            read_idx(path)
+        assert str(path) in str(caught.value) and "\n" not in str(caught.value)

@@ -179,8 +179,10 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_one_before(tmp_path: Pa
     assert [r["step"] for r in read_log(run) if "loss" in r] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_stops_after_a_checkpoint_and_the_resume_is_bit_exact(tmp_path: Path, demo_root: Path, signum) -> None:
+    """The checkpoint comes first: the stopped step's record holds no monitor figures (they ran at every
+    record of a run before; a stop now skips them, they can take minutes)."""
     common = [*SMALL_MONITORS, *TINY, "--data", str(demo_root), "--steps", "12", "--checkpoint.every=100"]
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     script = str(ROOT / "train" / "pretrain.py")
@@ -194,10 +196,13 @@ def test_a_signal_stops_after_a_checkpoint_and_the_resume_is_bit_exact(tmp_path:
         time.sleep(0.05)
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=HANG_GUARD_S)
-    assert process.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[signum], stderr[-2000:]
+    assert process.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGHUP: 129}[signum], stderr[-2000:]
     assert "resume with:" in stderr and "Traceback" not in stderr
     step = int(sorted((stopped / "checkpoints").glob("*.pt"))[-1].name[5:13])
     assert 0 < step < 12
+    record = [r for r in read_log(stopped) if r.get("step") == step and "loss" in r][-1]
+    assert not [key for key in record if key.startswith(("clean_", "knn_"))], record
+    assert not (stopped / "curves.png").exists()
     resumed, done = run_concurrently(
         [partial(pretrain, [*common, "--out", str(stopped), "--resume"], tmp_path), straight_run]
     )
@@ -382,3 +387,23 @@ def test_a_run_written_in_the_old_layout_resumes_bit_for_bit(tmp_path: Path, dem
     assert all(torch.equal(a[k], b[k]) for k in a)
     rewritten = yaml.safe_load((old / "config.yaml").read_text())
     assert "precision" not in rewritten["train"] and rewritten["checkpoint"] == {"every": 2, "keep": 5}
+
+
+def test_a_run_whose_folder_is_deleted_stops_with_one_line_and_recreates_nothing(
+    tmp_path: Path, demo_root: Path
+) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(demo_root), "--out", str(run), "--steps", "400", "--log.every=1"]
+    process = subprocess.Popen([sys.executable, str(ROOT / "train" / "pretrain.py"), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + HANG_GUARD_S
+    while not (run / "log.jsonl").exists() or '"loss"' not in (run / "log.jsonl").read_text():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    shutil.rmtree(run)
+    _, stderr = process.communicate(timeout=HANG_GUARD_S)
+    assert process.returncode == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert "the run folder was deleted or replaced while the run went on" in stderr.strip().splitlines()[-1]
+    assert not run.exists()

@@ -106,3 +106,56 @@ def test_the_current_folder_and_an_uncreatable_out_are_one_line(
     assert f"--out {out!r}" in line or f"--out {out}" in line, line
     assert expected in line, line
     assert snapshot(tmp_path) == before
+
+
+def test_a_run_lock_linked_elsewhere_is_never_written_through(
+    tmp_path: Path, demo_root: Path, monkeypatch, capsys
+) -> None:
+    """`ln -s ~/victim RUN/run.lock`: neither a resume nor a run into a folder holding only the link
+    truncates the victim or writes the lock record into it."""
+    monkeypatch.chdir(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    lonely = tmp_path / "lonely"
+    lonely.mkdir()
+    (lonely / "run.lock").symlink_to(victim)
+    for main in (pretrain_module.main, finetune_module.main):
+        line = refused(main, [*TINY, "--data", str(demo_root), "--steps", "2", "--out", str(lonely)], capsys)
+        assert "not a" in line and "run of this trainer" in line, line
+    run = tmp_path / "run"
+    done = pretrain([*TINY, "--steps", "1", "--data", str(demo_root), "--out", str(run)], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run / "run.lock").unlink()
+    (run / "run.lock").symlink_to(victim)
+    line = refused(pretrain_module.main, [*TINY, "--data", str(demo_root), "--steps", "2", "--out", str(run),
+                                          "--resume"], capsys)  # fmt: skip
+    assert f"{run / 'run.lock'} is a symbolic link; refusing to write through it" in line, line
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_run_lock_that_is_not_a_record_makes_no_folder_a_run_folder(
+    tmp_path: Path, demo_root: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "run.lock").write_text("not json\n")
+    (folder / "notes.txt").write_text("notes\n")
+    before = snapshot(folder)
+    args = [*TINY, "--data", str(demo_root), "--steps", "2", "--out", str(folder)]
+    line = refused(pretrain_module.main, args, capsys)
+    assert "an existing folder that is not a pretraining run" in line, line
+    assert snapshot(folder) == before
+
+
+def test_a_dead_writers_temporary_is_removed_when_the_run_resumes(tmp_path: Path, demo_root: Path) -> None:
+    run = tmp_path / "run"
+    args = [*TINY, "--data", str(demo_root), "--out", str(run)]
+    assert pretrain([*args, "--steps", "1"], tmp_path).returncode == 0
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, timeout=HANG_GUARD_S).stdout)  # fmt: skip
+    stale = run / "checkpoints" / f".step_00000002.pt.tmp-{dead}"
+    stale.write_bytes(b"half a checkpoint")
+    done = pretrain([*args, "--steps", "2", "--resume"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not stale.exists() and f"removed {stale}" in done.stdout

@@ -34,5 +34,11 @@ class StrictLoader(yaml.SafeLoader):
 
 
 def load(text: str) -> Any:
-    """`text` as YAML; yaml.YAMLError (with `problem` and `problem_mark`) for what is refused."""
-    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    """`text` as YAML; yaml.YAMLError (with `problem` and `problem_mark`) for what is refused: that also
+    covers nesting deeper than Python's recursion limit and an integer of more digits than Python converts."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except RecursionError as error:
+        raise yaml.YAMLError("nested too deeply (a config is a few levels deep)") from error
+    except ValueError as error:  # int("9" * 5000): past sys.get_int_max_str_digits()
+        raise yaml.YAMLError(f"a value Python cannot read ({str(error).split(';')[0]})") from error

@@ -1,4 +1,5 @@
-"""How the entry scripts end: a bad flag, value, file or data set is one clear line and exit status 2;
+"""How the entry scripts end: a bad flag, value, file or data set, or an operating-system error (no space,
+a read-only file system, a name too long: named in words with its path) is one clear line and exit status 2;
 a diverged run, or a checkpoint that could not be written, is one line and exit status 1."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from pipeline.data import DataError
+from pipeline.errors import os_error_line
 from train.config import ConfigError
 from train.engine.checkpoint import CheckpointWriteError
 from train.engine.metrics import NonFiniteLoss
@@ -26,12 +28,18 @@ def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = No
     except (ConfigError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    except OSError as error:  # a full or read-only disk, a name too long, a refused link: named in words
+        print(f"error: {os_error_line(error)}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     except (NonFiniteLoss, CheckpointWriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED)
     except Stopped as error:
         if error.main_process:  # the same line from every rank would only repeat it
-            print(str(error), file=sys.stderr)
+            try:
+                print(str(error), file=sys.stderr)
+            except OSError:
+                pass  # the terminal is gone (SIGHUP): the exit status still says it
         sys.exit(error.exit_code)
     except RuntimeError as error:
         if not is_collective_failure(error):

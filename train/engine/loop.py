@@ -11,6 +11,7 @@ after its checkpoint (`continue_log`) writes each one once.
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import time
 from collections import deque
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.data import MASK_STREAM, Batch, derive_seed
 from train.config import StageConfig
-from train.engine.checkpoint import all_rng_states, training_state
+from train.engine.checkpoint import CheckpointWriteError, all_rng_states, training_state
 from train.engine.curves import plot_curves
 from train.engine.metrics import MetricWindow, NonFiniteLoss
 from train.engine.setup import Training
@@ -96,6 +97,33 @@ class Hooks:
     log_fields: Callable[[int, bool], dict[str, Any]] | None = None
 
 
+class RunFolderGone(CheckpointWriteError):
+    """The run folder was deleted or replaced while the run went on."""
+
+
+class FolderWatch:
+    """The run folder as it was when the run started: a run whose folder is deleted (or replaced) stops
+    with one line instead of re-creating parts of it (a log, a checkpoint folder) that no --resume uses."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            found = os.stat(self.folder)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    def check(self, done: int) -> None:
+        if self._identity() != self.identity:
+            raise RunFolderGone(
+                f"{self.folder}: the run folder was deleted or replaced while the run went on; stopped after "
+                f"step {done} without writing there"
+            )
+
+
 @dataclass
 class FitResult:
     last: dict[str, Any]  # the last log record ({} when no step was left to run)
@@ -115,6 +143,7 @@ class Loop:
         self.run_step = make_step(training.step_parts(task, config.optim.grad_clip), config.speed.cuda_graph)
         every, steps = config.log.print_every, config.train.steps
         self.report = ProgressLines(every, steps, task.metric, training.start_step, training.accelerator)
+        self.folder_watch = FolderWatch(training.folder)
 
     def step(self, step: int, batches: list[Batch]) -> None:
         """One optimizer step on the micro-batches of one batch (one, unless train.grad_accum > 1)."""
@@ -135,13 +164,16 @@ class Loop:
         self.report.line(done, self.last)
 
     def after(self, done: int, hooks: Hooks, progress: tqdm, title: str, stops: StopRequests) -> None:
-        """A finished step's log record, hook and checkpoint when due. A stop signal makes the step a
-        checkpoint step (several processes agree at a log step) and ends the run after it."""
+        """A finished step's log record, hook and checkpoint when due. A stop signal (several processes
+        agree at a log step) writes the step's checkpoint at once and ends the run (`stop`)."""
         config, main = self.config, self.t.accelerator.is_main_process
         checkpoint_due = done % config.checkpoint.every == 0 or done == config.train.steps
         logging = done % config.log.every == 0 or checkpoint_due
         signum = stops.agreed(self.t.accelerator) if logging or self.t.accelerator.num_processes == 1 else None
-        checkpoint_due = checkpoint_due or signum is not None
+        if main and (logging or signum is not None):
+            self.folder_watch.check(done)
+        if signum is not None:
+            self.stop(done, progress, signum)
         if logging or checkpoint_due:
             fields = self.timed_out(hooks.log_fields, done, checkpoint_due) if hooks.log_fields and main else {}
             self.log(done, progress, fields)
@@ -152,6 +184,14 @@ class Loop:
         if signum is not None:
             raise stopped(signum, done, self.t.folder, self.t.accelerator.is_main_process)
 
+    def stop(self, done: int, progress: tqdm, signum: int) -> None:
+        """End the run on a stop signal: the step's log record (without the monitors) and its checkpoint
+        first, then the exit. The monitors, the test evaluation, the pictures and the curves are left out:
+        they can take minutes, and a scheduler's grace period before its kill is often under one."""
+        self.log(done, progress, {})
+        self.checkpoint(done, None, None)
+        raise stopped(signum, done, self.t.folder, self.t.accelerator.is_main_process)
+
     def timed_out(self, hook: Callable, *args: Any) -> Any:
         """`hook(*args)`, its time left out of the window's images/s."""
         started = time.perf_counter()
@@ -159,7 +199,8 @@ class Loop:
         self.window.exclude(time.perf_counter() - started)
         return result
 
-    def checkpoint(self, done: int, pictures: Pictures | None, title: str) -> None:
+    def checkpoint(self, done: int, pictures: Pictures | None, title: str | None) -> None:
+        """Step `done`'s checkpoint, then (rank 0) its pictures and the curves; `title` None: no curves."""
         t = self.t
         check_finite(t.net, done, t.checkpoints.folder)  # the state to be saved, not the loss before it
         rng_states = all_rng_states(t.accelerator)
@@ -170,7 +211,8 @@ class Loop:
                 picture = pictures.write(t.net, path)
                 if t.tracker is not None:
                     t.tracker.picture(f"pictures/{pictures.name}", picture, done)
-            plot_curves(t.logger.path, t.folder / "curves.png", title)
+            if title is not None:
+                plot_curves(t.logger.path, t.folder / "curves.png", title)
         t.accelerator.wait_for_everyone()
 
 

@@ -12,6 +12,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from pipeline.atomic import open_for_append
+
 
 class NonFiniteLoss(RuntimeError):
     """Training diverged; the run stops before a checkpoint could record the broken state."""
@@ -29,8 +31,8 @@ class JsonlLogger:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open_for_append(self.path) as f:  # never through a link planted as log.jsonl
+            f.write((json.dumps(record) + "\n").encode())
         if self.sink is not None:
             self.sink.record(record)
 

@@ -19,10 +19,10 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from pipeline.atomic import write_atomic
+from pipeline.atomic import open_to_read, remove_stale_temporaries, write_atomic
 from train.config import ConfigError, StageConfig, move_old_keys, to_dict
 from train.engine.checkpoint import CHECKPOINT_PATTERN, newest_readable
-from train.engine.run_lock import acquire, read_holder
+from train.engine.run_lock import acquire, is_record, read_holder
 
 # Keys a resumed run may change: speed, bookkeeping, the horizon, and where the data set lives (it may be
 # mounted elsewhere on another node; its contents are the user's responsibility). Any other difference
@@ -89,19 +89,21 @@ OTHER_STAGE_MARK = {"pretraining": "seed_*", "finetuning": "checkpoints"}
 
 
 def is_run_folder(folder: Path, stage: str, checkpoint_glob: str) -> bool:
-    """Whether `folder` is recognisably a run of this trainer's `stage`: its run.lock says so, or (a run
-    of a version without run.lock) it holds this stage's checkpoints or a run.json of invocations."""
+    """Whether `folder` is recognisably a run of this trainer's `stage`: it holds this stage's checkpoints,
+    or its run.json (the invocations record) parses, or its run.lock is a whole record of this stage (a run
+    stopped before it wrote run.json). Any other run.lock (not JSON, a link) makes no folder a run folder."""
     holder = read_holder(folder)
-    if holder is not None:
-        return holder.get("stage", stage) == stage  # {}: a run creating it right now
+    if holder and holder.get("stage", stage) != stage:
+        return False
     if any(CHECKPOINT_PATTERN.match(p.name) for p in folder.glob(checkpoint_glob)):
         return True
     if any(folder.glob(OTHER_STAGE_MARK.get(stage, ""))):
         return False
     try:
-        record = json.loads((folder / "run.json").read_text())
+        with open_to_read(folder / "run.json") as f:
+            record = json.loads(f.read())
     except (OSError, ValueError):
-        return False
+        return is_record(holder)
     return isinstance(record, dict) and isinstance(record.get("invocations"), list)
 
 
@@ -121,6 +123,18 @@ def check_reusable(folder: Path, config: StageConfig, checkpoint_glob: str) -> N
             f"--out {folder}: an existing folder that is not a {stage} run of this trainer (it holds {shown}); "
             "expected a new or empty folder, or a run folder to --resume"
         )
+
+
+# What a run writes in its folder: each must be a real file or folder, never a link to somewhere else.
+RUN_ENTRIES = ("run.lock", "run.json", "config.yaml", "log.jsonl", "curves.png", "checkpoints", "pictures")
+
+
+def refuse_links(folder: Path) -> None:
+    """Refuse, with one line, a run folder where one of the names a run writes is a symbolic link."""
+    for name in RUN_ENTRIES:
+        if (folder / name).is_symlink():
+            raise ConfigError(f"--out {folder}: {folder / name} is a symbolic link; refusing to write through it "
+                              "(remove it, or choose another --out)")  # fmt: skip
 
 
 def claim(folder: Path, stage: str, accelerator: Accelerator) -> None:
@@ -155,7 +169,11 @@ def prepare_run_dir(
     """
     folder = _folder_for(config, config_name)
     check_reusable(folder, config, checkpoint_glob)
+    refuse_links(folder)
     claim(folder, type(config).STAGE, accelerator)
+    if accelerator.is_main_process:  # the lock is held: no other run writes here
+        for stale in remove_stale_temporaries(folder):
+            print(f"note: removed {stale}, a temporary file left by a process that ended mid-write")
     found = sorted(p for p in folder.glob(checkpoint_glob) if CHECKPOINT_PATTERN.match(p.name))
     latest = found[-1] if found else None
     if config.train.resume:

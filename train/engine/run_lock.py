@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.atomic import RefusedPath, open_fd, open_to_read
 from train.config import ConfigError
 
 LOCK_NAME = "run.lock"
@@ -31,15 +32,17 @@ _held: dict[Path, int] = {}
 
 
 def read_holder(folder: Path) -> dict[str, Any] | None:
-    """What run.lock says (stage, pid, host, since); {} when it is empty or not ours, None when absent."""
+    """What run.lock says (stage, pid, host, since); {} when it is empty or not ours (not JSON, a link, not
+    a regular file), None when absent."""
     path = folder / LOCK_NAME
     if folder.resolve() in _held:
         return json.loads(os.pread(_held[folder.resolve()], 4096, 0) or b"{}")
     try:
-        record = json.loads(path.read_bytes() or b"{}")
+        with open_to_read(path) as f:
+            record = json.loads(f.read(4096) or b"{}")
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # RefusedPath included: a link is never read as a record
         return {}
     return record if isinstance(record, dict) else {}
 
@@ -51,7 +54,9 @@ def acquire(folder: Path, stage: str) -> None:
         return
     path = folder / LOCK_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_fd(path, os.O_RDWR | os.O_CREAT)
+    except RefusedPath as error:
+        raise ConfigError(f"--out {folder}: {error}") from error
     except OSError as error:
         raise ConfigError(f"--out {folder}: cannot write there ({error.strerror}: {path})") from error
     try:
@@ -65,6 +70,11 @@ def acquire(folder: Path, stage: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
     _held[key] = fd
+
+
+def is_record(holder: dict[str, Any] | None) -> bool:
+    """Whether `holder` is a whole record `acquire` wrote (not merely some JSON)."""
+    return bool(holder) and {"stage", "pid", "host", "since"} <= holder.keys()
 
 
 def describe(text: str) -> str:

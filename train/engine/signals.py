@@ -1,6 +1,6 @@
-"""Preemption: SIGTERM (what SLURM and Kubernetes send before the kill) or SIGINT (Ctrl-C) asks a run to
-stop; it finishes the step, writes a checkpoint, says how to resume and exits non-zero. A second signal
-exits at once."""
+"""Preemption: SIGTERM (what SLURM and Kubernetes send before the kill), SIGINT (Ctrl-C) or SIGHUP (a
+dropped SSH session) asks a run to stop; it finishes the step, writes a checkpoint (before anything else),
+says how to resume and exits non-zero. A second signal exits at once."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from types import FrameType
 import torch
 from accelerate import Accelerator
 
-EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}  # 128 + the signal, as a shell reports a killed job
+# 128 + the signal, as a shell reports a killed job. SIGHUP is what a dropped SSH session sends: a stop too.
+EXIT_CODES = {signal.SIGTERM: 143, signal.SIGINT: 130, signal.SIGHUP: 129}
 
 
 class Stopped(RuntimeError):
@@ -28,7 +29,7 @@ class Stopped(RuntimeError):
 
 
 class StopRequests:
-    """While a run trains: the first SIGTERM or SIGINT is remembered (`requested`), a second ends the
+    """While a run trains: the first SIGTERM, SIGINT or SIGHUP is remembered (`requested`), a second ends the
     process at once. With several processes, ranks agree to stop at a log step (`agreed`), so all of them
     checkpoint the same step."""
 
@@ -52,7 +53,10 @@ class StopRequests:
         if os.environ.get("RANK", "0") == "0":  # a launcher signals every rank: one note, not one per rank
             name = signal.Signals(signum).name
             message = f"\n{name}: finishing this step, then a checkpoint; again to exit at once"
-            print(message, file=sys.stderr, flush=True)
+            try:
+                print(message, file=sys.stderr, flush=True)
+            except OSError:
+                pass  # the terminal is gone (SIGHUP): the checkpoint matters, not the note
 
     def agreed(self, accelerator: Accelerator) -> int | None:
         """The signal to stop on, the same on every rank (a collective with several processes)."""
