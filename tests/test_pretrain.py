@@ -45,7 +45,7 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
     # the run's verdict ends its output: Selfie's P is a patch network, so kNN and linear on both views
     pretext, *features, verdict = result.stdout.strip().splitlines()[-6:]
     assert pretext.startswith("pretext: clean patch_acc ") and "vs chance 25.0 %" in pretext
-    assert [line.split(":")[0] for line in features] == [
+    assert [line.split(":")[0].split(" (")[0] for line in features] == [
         f"features, {probe} on the {view}"
         for view in ("whole images", "patch grid")
         for probe in ("kNN", "linear probe")

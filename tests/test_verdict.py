@@ -56,7 +56,10 @@ def test_the_strongest_baseline_may_be_a_random_network_and_the_patch_grid_is_ju
     record = last(linear_acc_stored=0.76, linear_grid_acc_stored=0.85)
     _, whole, grid, verdict = verdict_lines(record, floor, "patch_acc", 0.25)
     assert whole.endswith("level with random networks (BN as stored) (+4.9 points ± 3.6, linear probe)")
-    assert grid.startswith("features, linear probe on the patch grid: 85.0 ± 1.4 % (BN as stored)")
+    assert grid.startswith(
+        "features, linear probe on the patch grid (each patch embedded as in pretraining, the vectors concatenated "
+        "in grid order): 85.0 ± 1.4 % (BN as stored)"
+    )
     assert grid.endswith("above random networks (BN as stored) (+4.5 points ± 1.7, linear probe)")
     assert verdict == (
         "verdict: on the whole images the features are level with random networks (BN as stored) (+4.9 points ± "

@@ -21,6 +21,7 @@ from train.evaluation.probes import BN_PROTOCOLS, GRID, PROTOCOL_NAMES, VIEW_NAM
 
 SIGNIFICANT = 2.0  # a difference counts when it exceeds this many of its standard errors
 PROBE_NAMES = {"knn": "kNN", "linear": "linear probe"}
+HOW = {"": "", GRID: " (each patch embedded as in pretraining, the vectors concatenated in grid order)"}
 
 
 def floor_of(records: Iterable[dict]) -> dict:
@@ -103,7 +104,7 @@ def features_line(last: dict, floor: dict, probe: str, view: str, protocol: str)
     other = "".join(f"; {PROTOCOL_NAMES[p]} {points(last[k])} %" for p, k in beside.items() if k in last)
     listed = ", ".join(f"{n} {points(v)} ± {points(e)} %" for n, v, e in candidates)
     line = (
-        f"features, {PROBE_NAMES[probe]} on the {VIEW_NAMES[view]}: {points(value)} ± {points(se)} % "
+        f"features, {PROBE_NAMES[probe]} on the {VIEW_NAMES[view]}{HOW[view]}: {points(value)} ± {points(se)} % "
         f"({PROTOCOL_NAMES[protocol]}{other}) vs {listed}: {judgement.words()}"
     )
     return line, judgement
