@@ -112,3 +112,18 @@ def test_the_batch_norm_protocol_is_a_checked_key() -> None:
     assert config.monitor.bn == "reestimated" and PretrainConfig().monitor.bn == "stored"
     with pytest.raises(ConfigError, match="monitor.bn 'recalibrated': expected one of stored, reestimated"):
         parse_args(["--monitor.bn=recalibrated"], stage_class(PretrainConfig), {}, "")
+
+
+def test_the_other_batch_norm_protocol_is_measured_in_the_final_record_only(demo_root: Path) -> None:
+    from accelerate import Accelerator
+
+    args = [*SMALL, *SMALL_CLEAN, f"--data.path={demo_root}", "--monitor.clean=false", "--train.steps=4"]
+    args += ["--monitor.knn_train_images=20", "--monitor.knn_test_images=10", "--monitor.bn=reestimated"]
+    config, _ = parse_args(args, stage_class(PretrainConfig), {}, "")
+    method = pretrain.validate(config)(config, torch.device("cpu"))
+    net = pretrain.build_model(config)
+    monitors = build_monitors(config, method, net, open_source(demo_root), Accelerator(cpu=True))
+    early, final = monitors(2, True), monitors(4, True)
+    assert {k for k in early if k.endswith("_stored")} == set() and "linear_grid_acc_reestimated" in early
+    assert early["knn_acc"] == early["knn_acc_reestimated"] == final["knn_acc_reestimated"]
+    assert {"knn_acc_stored", "linear_grid_acc_stored_se"} <= final.keys()

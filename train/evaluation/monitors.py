@@ -3,10 +3,11 @@
 - the pretext task on clean held-out images (`train/evaluation/clean_metric.py`): `clean_loss`, `clean_<metric>`, each
   with its standard error (`_se`), and the method's own figures (Selfie: the context ablation);
 - the standard probe of the features fine-tuning would start from (`train/evaluation/probes.py`): kNN and a
-  linear probe of the frozen backbone, with its batch norm as stored and re-estimated, on whole images and
-  (a patch network) on its patch grid, each with its error; `knn_acc` +- `knn_acc_se` is the whole-image kNN
-  under `monitor.bn`. What they are judged against is measured once at the start: random initialisations
-  (`knn_acc_random` +- `knn_acc_random_sd` under `monitor.bn`, every other probe's too) and the raw pixels.
+  linear probe of the frozen backbone, its batch norm under `monitor.bn` (and, in the run's final record, the
+  other protocol beside it), on whole images and (a patch network) on its patch grid, each with its error;
+  `knn_acc` +- `knn_acc_se` is the whole-image kNN under `monitor.bn`. What they are judged against is
+  measured once at the start, under both protocols: random initialisations (`knn_acc_random` +-
+  `knn_acc_random_sd` under `monitor.bn`, every other probe's too) and the raw pixels.
 
 Both run on a bounded number of images (monitor.*), so their cost does not grow with the data set, and
 their values do not depend on the number of processes. Neither changes what is trained: they draw from
@@ -27,7 +28,7 @@ from pipeline.loaders import LOADERS
 from train.config import to_dict
 from train.evaluation.clean_metric import CleanPretext
 from train.evaluation.knn import stratified_indices
-from train.evaluation.probes import GRID, ProbeMonitor, acc_key, pixels_key, random_key
+from train.evaluation.probes import BN_PROTOCOLS, GRID, ProbeMonitor, acc_key, pixels_key, random_key
 from train.methods.supervised import model_input
 
 
@@ -55,18 +56,19 @@ def percent(value: float | None) -> str:
 
 class Monitors:
     """The loop's `log_fields` hook: the clean metric at every log record, the probes when due (every
-    `monitor.every` steps, or at every checkpoint), on rank 0. `protocol` is monitor.bn."""
+    `monitor.every` steps, or at every checkpoint), on rank 0. `protocol` is monitor.bn; the other batch-norm
+    protocol is measured in the run's final record only, beside it (the probes' cost, halved elsewhere)."""
 
-    def __init__(self, clean: CleanPretext | None, probes: ProbeMonitor | None, net: nn.Module, settings) -> None:
+    def __init__(self, clean: CleanPretext | None, probes: ProbeMonitor | None, net: nn.Module, config) -> None:
         self.clean, self.knn, self.net = clean, probes, net
-        self.every, self.protocol = settings.every, settings.bn
+        self.every, self.protocol, self.last_step = config.monitor.every, config.monitor.bn, config.train.steps
         self.baselines: dict[str, float] | None = None  # set by `measure_baselines` at a run's start
 
     def __call__(self, done: int, checkpoint_due: bool) -> dict[str, float | None]:
         fields = self.clean() if self.clean is not None else {}
         due = done % self.every == 0 if self.every else checkpoint_due
         if self.knn is not None and due:
-            figures = self.knn.figures(self.net)
+            figures = self.knn.figures(self.net, BN_PROTOCOLS if done == self.last_step else (self.protocol,))
             headline = acc_key("knn", "", self.protocol)
             fields |= {"knn_acc": figures[headline], "knn_acc_se": figures[f"{headline}_se"], **figures}
         return fields
@@ -143,4 +145,4 @@ def build_monitors(config, method, net: nn.Module, train_source: Source, acceler
         test = images_at(held_out, size, stratified_indices(held_out.labels, settings.knn_test_images), device)
         side = method.backbone_input(to_dict(config))[1] if method.patch_network else None
         probes = ProbeMonitor(backbone_of, prepare, (train, test), settings, accelerator, side)
-    return Monitors(clean, probes, net, settings)
+    return Monitors(clean, probes, net, config)

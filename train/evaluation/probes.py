@@ -120,10 +120,10 @@ class ProbeMonitor:
         linear = linear_probe(train, self.train_labels, test, self.test_labels)
         return {"knn": (accuracy, binomial_se(accuracy, len(self.test_labels))), "linear": linear}
 
-    def figures(self, net: nn.Module) -> dict[str, float]:
-        """Every probe of `net`'s backbone, in every view and under both protocols, with its error."""
+    def figures(self, net: nn.Module, protocols: tuple[str, ...] = BN_PROTOCOLS) -> dict[str, float]:
+        """Every probe of `net`'s backbone, in every view and under `protocols`, with its error."""
         backbone, found = self.backbone_of(net), {}
-        for protocol in BN_PROTOCOLS:
+        for protocol in protocols:
             for view in self.views:
                 frozen = self.frozen(backbone, view, protocol)
                 fit, scored = (self.features(frozen, images, view) for images in (self.train_images, self.test_images))
