@@ -16,7 +16,7 @@ from model.view_classifier import build_view_classifier
 from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
 from tests.conftest import SMALL_MONITORS, TINY, demo_data_for
-from train.config import PretrainConfig, load_config
+from train.config import PretrainConfig, load_config, to_dict
 from train.methods import METHODS, PretextMethod, register, stage_class
 from train.stages import finetuning as finetune
 from train.stages import pretraining as pretrain
@@ -99,6 +99,17 @@ def test_the_core_alone_gets_the_presentation_defaults() -> None:
     assert RollMethod.table_label(config) == "toy_roll" and method.describe() == "chance 33.3%"
     assert method.accuracy_name == "pretext" and method.op_stage == "input op"
     assert method.pictures(None, torch.device("cpu")) is None
+
+
+def test_whether_a_method_is_a_patch_network_is_one_typed_line_its_backbone_input_agrees_with() -> None:
+    """`patch_network` (default False) decides the probes' patch-grid view; a method that sets it says in
+    `backbone_input` that its backbone was trained on patches, and one that does not, on whole images."""
+    assert RollMethod.patch_network is False
+    for name, method in METHODS.items():
+        config = to_dict(load_config(stage_class(PretrainConfig), "demo", {"method": name}))
+        assert isinstance(method.patch_network, bool)
+        assert method.patch_network == (method.backbone_input(config)[0] == "patches"), name
+    assert any(method.patch_network for method in METHODS.values())
 
 
 def test_the_registry_gives_a_method_its_choice_section_and_flag(tmp_path: Path, demo_root: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.data import open_source
-from train.config import PretrainConfig
+from train.config import ConfigError, PretrainConfig
 from train.config.command_line import parse_args
 from train.evaluation.monitors import build_monitors
 from train.methods import stage_class
@@ -56,23 +56,35 @@ def test_a_run_logs_clean_and_knn_figures_with_errors_and_the_baselines(
     args += ["--log.every=2", "--checkpoint.every=4", "--monitor.knn_train_images=64"]
     pretrain.main([*args, "--monitor.knn_test_images=32", "--data", str(demo_root), "--out", str(run)])
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    assert set(records[0]) == {"step", "knn_acc_random", "knn_acc_random_sd", "knn_random_inits"} | {
-        "knn_acc_pixels",
-        "knn_acc_pixels_se",
-    }
+    probes = [f"{p}{v}" for p in ("knn", "linear") for v in ("", "_grid")]  # Selfie's P: a patch network
+    random = {f"{p}_acc_random_{b}{sd}" for p in probes for b in ("stored", "reestimated") for sd in ("", "_sd")}
+    pixels = {f"{p}_acc_pixels{se}" for p in ("knn", "linear") for se in ("", "_se")}
+    aliases = {"knn_acc_random", "knn_acc_random_sd"}  # the whole-image kNN under monitor.bn (stored)
+    assert set(records[0]) == {"step", "knn_random_inits"} | random | pixels | aliases
     assert records[0]["knn_random_inits"] == 2 and records[0]["knn_acc_random_sd"] >= 0
+    assert records[0]["knn_acc_random"] == records[0]["knn_acc_random_stored"]
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4]
     for record in steps:
         for key in ("clean_loss", "clean_patch_acc", *(f"clean_{a}patch_acc" for a in ABLATION)):
             assert 0 <= record[key + "_se"] and math.isfinite(record[key])
-    assert "knn_acc" not in steps[0] and 0 <= steps[1]["knn_acc"] <= 1  # kNN at the checkpoint only
+    assert "knn_acc" not in steps[0] and 0 <= steps[1]["knn_acc"] <= 1  # the probes at the checkpoint only
     assert steps[1]["knn_acc_se"] == pytest.approx(
         math.sqrt(steps[1]["knn_acc"] * (1 - steps[1]["knn_acc"]) / 30), abs=1e-5
     )
-    last = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("done: "))
-    for words in ("clean patch_acc", "another image's context", "random networks", "sd over 2", "raw pixels"):
+    assert (steps[1]["knn_acc"], steps[1]["knn_acc_se"]) == (steps[1]["knn_acc_stored"], steps[1]["knn_acc_stored_se"])
+    assert all(0 <= steps[1][f"{p}_acc_{b}"] <= 1 for p in probes for b in ("stored", "reestimated"))
+    printed = capsys.readouterr().out.splitlines()
+    first = next(line for line in printed if line.startswith("selfie: "))  # after the config notes, if any
+    last = next(line for line in printed if line.startswith("done: "))
+    assert "selfie.query=paper, selfie.logit_scale=plain" in first, first
+    for words in ("clean patch_acc", "another image's context", "whole images: knn", "patch grid: knn", "), linear"):
         assert words in last, last
+    for words in ("random networks", "sd over 2", "raw pixels", "BN stored"):
+        assert words in last, last
+    judged = printed[printed.index(next(line for line in printed if line.startswith("pretext: "))) :]
+    assert len(judged) == 6 and [line.split(",")[0] for line in judged[1:5]] == ["features"] * 4
+    assert judged[-1].startswith("verdict: on the whole images the features are ") and "on the patch grid" in judged[-1]
     quiet = tmp_path / "quiet"
     pretrain.main(
         [*args, "--monitor.clean=false", "--monitor.knn=false", "--data", str(demo_root), "--out", str(quiet)]
@@ -93,3 +105,25 @@ def test_the_clean_metric_is_sane_from_the_first_step(tmp_path: Path, demo_root:
     for record in records:
         highest = max(highest, record["loss"])
         assert math.isfinite(record["clean_loss"]) and record["clean_loss"] < 2 * highest, records
+
+
+def test_the_batch_norm_protocol_is_a_checked_key() -> None:
+    config, _ = parse_args(["--monitor.bn=reestimated"], stage_class(PretrainConfig), {}, "")
+    assert config.monitor.bn == "reestimated" and PretrainConfig().monitor.bn == "stored"
+    with pytest.raises(ConfigError, match="monitor.bn 'recalibrated': expected one of stored, reestimated"):
+        parse_args(["--monitor.bn=recalibrated"], stage_class(PretrainConfig), {}, "")
+
+
+def test_the_other_batch_norm_protocol_is_measured_in_the_final_record_only(demo_root: Path) -> None:
+    from accelerate import Accelerator
+
+    args = [*SMALL, *SMALL_CLEAN, f"--data.path={demo_root}", "--monitor.clean=false", "--train.steps=4"]
+    args += ["--monitor.knn_train_images=20", "--monitor.knn_test_images=10", "--monitor.bn=reestimated"]
+    config, _ = parse_args(args, stage_class(PretrainConfig), {}, "")
+    method = pretrain.validate(config)(config, torch.device("cpu"))
+    net = pretrain.build_model(config)
+    monitors = build_monitors(config, method, net, open_source(demo_root), Accelerator(cpu=True))
+    early, final = monitors(2, True), monitors(4, True)
+    assert {k for k in early if k.endswith("_stored")} == set() and "linear_grid_acc_reestimated" in early
+    assert early["knn_acc"] == early["knn_acc_reestimated"] == final["knn_acc_reestimated"]
+    assert {"knn_acc_stored", "linear_grid_acc_stored_se"} <= final.keys()

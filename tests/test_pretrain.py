@@ -42,10 +42,16 @@ def test_a_short_run_writes_config_log_and_checkpoints(tmp_path: Path, demo_root
     )
     assert result.returncode == 0, result.stderr
     assert "patch-selection accuracy" in result.stdout and "chance 25.0%" in result.stdout
-    pretext, features, verdict = result.stdout.strip().splitlines()[-3:]  # the run's verdict ends its output
+    # the run's verdict ends its output: Selfie's P is a patch network, so kNN and linear on both views
+    pretext, *features, verdict = result.stdout.strip().splitlines()[-6:]
     assert pretext.startswith("pretext: clean patch_acc ") and "vs chance 25.0 %" in pretext
-    assert features.startswith("features: kNN ") and "vs random networks " in features and "raw pixels" in features
-    assert verdict.startswith("verdict: ")
+    assert [line.split(":")[0].split(" (")[0] for line in features] == [
+        f"features, {probe} on the {view}"
+        for view in ("whole images", "patch grid")
+        for probe in ("kNN", "linear probe")
+    ]
+    assert all("random networks (BN as stored) " in line and "raw pixels" in line for line in features)
+    assert verdict.startswith("verdict: on the whole images the features are ")
     records = [r for r in read_log(run) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for record in records:

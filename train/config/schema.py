@@ -36,6 +36,9 @@ GRAPHING_COMPILE_MODES = ("reduce-overhead", "max-autotune")
 OPTIMIZERS = ("sgd", "lars", "adamw")
 TRACKERS = ("none", "tensorboard", "wandb", "mlflow")  # log.tracker (train/engine/tracking.py)
 SELECTIONS = ("labelled_subset", "extra_labels")  # finetune.selection: where the lr's validation images come from
+# monitor.bn: the probed network's batch norm, frozen as stored (the standard) or re-estimated on the fit
+# images (train/evaluation/probes.py)
+BN_PROTOCOLS = ("stored", "reestimated")
 # the optimizer's implementation: auto = fused on CUDA, torch's own choice elsewhere
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
@@ -233,14 +236,18 @@ class MonitorSection:
     # images per forward, normalised with their own batch statistics; the groups of different images give
     # the standard error
     clean_chunk: int = checked(32, positive, "a positive number of images")
-    knn: bool = True  # a kNN classifier on the backbone's features of whole images (knn_acc, knn_acc_random)
+    # kNN and a linear probe on the frozen backbone's features (train/evaluation/probes.py: knn_acc, linear_acc_*)
+    knn: bool = True
+    # the batch norm the verdict and knn_acc judge the features with: stored (eval mode, the standard) |
+    # reestimated (on the fit images); both are measured and logged
+    bn: str = choice(BN_PROTOCOLS, "stored")
     # steps between kNN evaluations; 0 = at every checkpoint
     every: int = checked(0, non_negative, "a number of steps >= 0 (0 = at every checkpoint)")
-    # labelled images it is fitted on (and recalibrates batch norm on), as many of each class
+    # labelled images the probes are fitted on (and batch norm re-estimated on), as many of each class
     knn_train_images: int = checked(1000, positive, "a positive number of images")
     # held-out images it is scored on, as many of each class (1,000: a standard error of about 1.5 points)
     knn_test_images: int = checked(1000, positive, "a positive number of images")
-    # randomly initialised networks whose kNN accuracy (mean ± sd) is the floor, measured at a run's start
+    # randomly initialised networks whose probes (mean ± sd) are baselines, measured at a run's start
     knn_random_inits: int = checked(3, positive, "a positive number of networks")
     knn_k: int = checked(20, positive, "a positive number of neighbours")  # neighbours that vote
     knn_temperature: float = checked(0.07, positive, "a positive temperature")  # votes weigh exp(cosine / T)

@@ -53,6 +53,7 @@ RESUMABLE_KEYS = frozenset(
         "monitor.clean_chunk",
         "monitor.knn_random_inits",
         "monitor.knn",
+        "monitor.bn",
         "monitor.every",
         "monitor.knn_train_images",
         "monitor.knn_test_images",

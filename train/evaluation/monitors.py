@@ -2,9 +2,12 @@
 
 - the pretext task on clean held-out images (`train/evaluation/clean_metric.py`): `clean_loss`, `clean_<metric>`, each
   with its standard error (`_se`), and the method's own figures (Selfie: the context ablation);
-- a kNN classifier on the features fine-tuning would start from (`train/evaluation/knn.py`): `knn_acc` and
-  `knn_acc_se`, against the floor of random initialisations and the raw pixels measured once at the start
-  (`knn_acc_random` +- `knn_acc_random_sd`, `knn_acc_pixels`).
+- the standard probe of the features fine-tuning would start from (`train/evaluation/probes.py`): kNN and a
+  linear probe of the frozen backbone, its batch norm under `monitor.bn` (and, in the run's final record, the
+  other protocol beside it), on whole images and (a patch network) on its patch grid, each with its error;
+  `knn_acc` +- `knn_acc_se` is the whole-image kNN under `monitor.bn`. What they are judged against is
+  measured once at the start, under both protocols: random initialisations (`knn_acc_random` +-
+  `knn_acc_random_sd` under `monitor.bn`, every other probe's too) and the raw pixels.
 
 Both run on a bounded number of images (monitor.*), so their cost does not grow with the data set, and
 their values do not depend on the number of processes. Neither changes what is trained: they draw from
@@ -22,8 +25,10 @@ from torch import nn
 
 from pipeline.data import BatchAssembler, BatchSpec, DataError, Source
 from pipeline.loaders import LOADERS
+from train.config import to_dict
 from train.evaluation.clean_metric import CleanPretext
-from train.evaluation.knn import KnnBaselines, KnnMonitor, stratified_indices
+from train.evaluation.knn import stratified_indices
+from train.evaluation.probes import BN_PROTOCOLS, GRID, ProbeMonitor, acc_key, pixels_key, random_key
 from train.methods.supervised import model_input
 
 
@@ -50,28 +55,33 @@ def percent(value: float | None) -> str:
 
 
 class Monitors:
-    """The loop's `log_fields` hook: the clean metric at every log record, the kNN accuracy when due (every
-    `monitor.every` steps, or at every checkpoint), on rank 0."""
+    """The loop's `log_fields` hook: the clean metric at every log record, the probes when due (every
+    `monitor.every` steps, or at every checkpoint), on rank 0. `protocol` is monitor.bn; the other batch-norm
+    protocol is measured in the run's final record only, beside it (the probes' cost, halved elsewhere)."""
 
-    def __init__(self, clean: CleanPretext | None, knn: KnnMonitor | None, net: nn.Module, every: int) -> None:
-        self.clean, self.knn, self.net, self.every = clean, knn, net, every
-        self.baselines: KnnBaselines | None = None  # set by `measure_baselines` at a run's start
+    def __init__(self, clean: CleanPretext | None, probes: ProbeMonitor | None, net: nn.Module, config) -> None:
+        self.clean, self.knn, self.net = clean, probes, net
+        self.every, self.protocol, self.last_step = config.monitor.every, config.monitor.bn, config.train.steps
+        self.baselines: dict[str, float] | None = None  # set by `measure_baselines` at a run's start
 
     def __call__(self, done: int, checkpoint_due: bool) -> dict[str, float | None]:
         fields = self.clean() if self.clean is not None else {}
         due = done % self.every == 0 if self.every else checkpoint_due
         if self.knn is not None and due:
-            accuracy, se = self.knn.accuracy(self.net)
-            fields |= {"knn_acc": round(accuracy, 5), "knn_acc_se": round(se, 5)}
+            figures = self.knn.figures(self.net, BN_PROTOCOLS if done == self.last_step else (self.protocol,))
+            headline = acc_key("knn", "", self.protocol)
+            fields |= {"knn_acc": figures[headline], "knn_acc_se": figures[f"{headline}_se"], **figures}
         return fields
 
     def measure_baselines(self, build, seed: int, device: torch.device) -> dict[str, float]:
-        """The kNN floor (random initialisations) and the raw-pixel kNN, for the log's step-0 record."""
+        """The raw pixels and random initialisations under every probe, for the log's step-0 record."""
         self.baselines = self.knn.baselines(build, seed, device)
-        return self.baselines.record()
+        headline = random_key("knn", "", self.protocol)
+        aliases = {"knn_acc_random": self.baselines[headline], "knn_acc_random_sd": self.baselines[f"{headline}_sd"]}
+        return aliases | self.baselines
 
     def summary(self, last: dict, metric: str) -> str:
-        """The run's last clean and kNN figures in words, with their errors, for its final line."""
+        """The run's last clean and probe figures in words, with their errors, for its final line."""
         parts = []
         if f"clean_{metric}" in last:
             ablation = ""
@@ -83,16 +93,25 @@ class Monitors:
                 )
             clean = f"clean {metric} {percent(last[f'clean_{metric}'])} ± {percent(last.get(f'clean_{metric}_se'))} %"
             parts.append(clean + ablation)
-        if "knn_acc" in last:
-            knn = f"kNN {percent(last['knn_acc'])} ± {percent(last['knn_acc_se'])} %"
+        for view, name in (("", "whole images"), (GRID, "patch grid")):
+            if acc_key("knn", view, self.protocol) in last:
+                parts.append(f"{name}: {self.probe_words(last, view)}")
+        return "; ".join(parts)
+
+    def probe_words(self, last: dict, view: str) -> str:
+        """kNN and linear probe of one view, with the baselines measured at the start beside them."""
+        words = []
+        for probe in ("knn", "linear"):
+            key, random = acc_key(probe, view, self.protocol), random_key(probe, view, self.protocol)
+            figure = f"{probe} {percent(last.get(key))} ± {percent(last.get(f'{key}_se'))} %"
             if self.baselines is not None:
                 b = self.baselines
-                knn += (
-                    f" (random networks {percent(b.random_mean)} ± {percent(b.random_sd)} % sd over {b.inits}; "
-                    f"raw pixels {percent(b.pixels)} ± {percent(b.pixels_se)} %)"
+                figure += (
+                    f" (random networks {percent(b.get(random))} ± {percent(b.get(f'{random}_sd'))} % sd over "
+                    f"{b['knn_random_inits']}, raw pixels {percent(b.get(pixels_key(probe)))} %)"
                 )
-            parts.append(knn)
-        return "; ".join(parts)
+            words.append(figure)
+        return f"{', '.join(words)}, BN {self.protocol}"
 
 
 def held_out_source(config, train_source: Source) -> Source:
@@ -116,7 +135,7 @@ def build_monitors(config, method, net: nn.Module, train_source: Source, acceler
     if settings.clean:
         images, _ = whole_images(held_out, size, settings.clean_images, device)
         clean = CleanPretext(method, net, images, settings, config.train.seed, accelerator)
-    knn = None
+    probes = None
     if settings.knn and len(train_source.classes) > 1:  # unlabelled data: nothing to classify
         prepare = partial(model_input, config=config)
         backbone_of = attrgetter("backbone")  # every pretext model's reused network (train/methods/base.py)
@@ -124,5 +143,6 @@ def build_monitors(config, method, net: nn.Module, train_source: Source, acceler
             train_source, size, stratified_indices(train_source.labels, settings.knn_train_images), device
         )
         test = images_at(held_out, size, stratified_indices(held_out.labels, settings.knn_test_images), device)
-        knn = KnnMonitor(backbone_of, prepare, train, test, settings, accelerator)
-    return Monitors(clean, knn, net, settings.every)
+        side = method.backbone_input(to_dict(config))[1] if method.patch_network else None
+        probes = ProbeMonitor(backbone_of, prepare, (train, test), settings, accelerator, side)
+    return Monitors(clean, probes, net, config)

@@ -1,62 +1,38 @@
-"""Scoring a backbone offline (train/evaluate.py): kNN and a linear probe on its features against random
-networks of the same architecture and the raw pixels, each with its standard error."""
+"""Scoring a backbone offline (train/evaluate.py): the standard probe (train/evaluation/probes.py) of its
+features, on whole images and (a patch network's) on its patch grid, against the strongest of raw pixels
+and random networks of the same architecture, each with its standard error."""
 
 from __future__ import annotations
 
 import argparse
-import copy
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from sklearn.linear_model import LogisticRegression
-from sklearn.preprocessing import StandardScaler
-from torch import nn
 
 from model.backbones import build_backbone
-from pipeline.data import RANDOM_INIT_STREAM, DataError, derive_seed
+from pipeline.data import DataError
 from pipeline.loaders import LOADERS
 from pipeline.patches import normalize
 from train.config import ConfigError, MonitorSection
 from train.engine.checkpoint import load_checkpoint
 from train.evaluation.backbone_file import backbone_of, find_checkpoint
-from train.evaluation.batch_norm import recalibrate_batch_norm
-from train.evaluation.estimates import binomial_se, mean_sd
-from train.evaluation.knn import KnnMonitor, stratified_indices
+from train.evaluation.knn import stratified_indices
 from train.evaluation.monitors import images_at
-
-
-@dataclass(frozen=True)
-class Scores:
-    knn: float
-    knn_se: float
-    linear: float
-    linear_se: float
-
-
-def linear_probe(train: torch.Tensor, train_labels: torch.Tensor, test: torch.Tensor, test_labels: torch.Tensor):
-    """(accuracy, standard error) of a logistic regression fitted on standardised `train` features."""
-    scaler = StandardScaler().fit(train.cpu().numpy())
-    probe = LogisticRegression(max_iter=2000, C=1.0).fit(scaler.transform(train.cpu().numpy()), train_labels.cpu())
-    accuracy = float((probe.predict(scaler.transform(test.cpu().numpy())) == test_labels.cpu().numpy()).mean())
-    return accuracy, binomial_se(accuracy, len(test_labels))
-
-
-def scores(monitor: KnnMonitor, train: torch.Tensor, test: torch.Tensor) -> Scores:
-    knn = monitor.score(train, test)
-    linear = linear_probe(train, monitor.train_labels, test, monitor.test_labels)
-    return Scores(*knn, *linear)
-
-
-def network_scores(monitor: KnnMonitor, backbone: nn.Module) -> Scores:
-    """kNN and linear probe of `backbone`'s features, batch norm recalibrated on the fit images (a copy)."""
-    backbone = copy.deepcopy(backbone)
-    recalibrate_batch_norm(backbone, monitor.train_images, monitor.settings.batch, monitor.prepare)
-    return scores(
-        monitor, monitor.features(backbone, monitor.train_images), monitor.features(backbone, monitor.test_images)
-    )
+from train.evaluation.probes import (
+    BN_PROTOCOLS,
+    GRID,
+    LINEAR_C,
+    LINEAR_MAX_ITER,
+    PROBES,
+    PROTOCOL_NAMES,
+    ProbeMonitor,
+    acc_key,
+    pixels_key,
+    random_key,
+)
+from train.evaluation.verdict import judged_lines
 
 
 def labelled_sets(config: dict, data: str | None, settings: MonitorSection, device: torch.device) -> tuple:
@@ -74,67 +50,85 @@ def labelled_sets(config: dict, data: str | None, settings: MonitorSection, devi
     return fit, scored
 
 
+def grid_words(preprocessing: dict) -> str | None:
+    """How the patch-grid view is made, for the output; None: the backbone saw whole images."""
+    if preprocessing["input"] != "patches":
+        return None
+    side, size = preprocessing["patch_size"], preprocessing["image_size"]
+    return (
+        f"each {side} px patch of the {size} px image embedded by the backbone (pooled), the {(size // side) ** 2} "
+        "vectors concatenated in grid order, row by row"
+    )
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     checkpoint = find_checkpoint(Path(args.source), None)
     tensors, info = backbone_of(checkpoint)
     config = load_checkpoint(checkpoint)["config"]
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device = accelerator.device
-    settings = MonitorSection(knn_train_images=args.fit_images, knn_test_images=args.test_images)
+    settings = MonitorSection(
+        knn_train_images=args.fit_images, knn_test_images=args.test_images, knn_random_inits=args.random_inits
+    )
     fit, scored = labelled_sets(config, args.data, settings, device)
-    mean, std = info["preprocessing"]["mean"], info["preprocessing"]["std"]
-    monitor = KnnMonitor(lambda net: net, partial(normalize, mean=mean, std=std), fit, scored, settings, accelerator)
+    preprocessing = info["preprocessing"]
+    prepare = partial(normalize, mean=preprocessing["mean"], std=preprocessing["std"])
+    side = preprocessing.get("patch_size") if preprocessing["input"] == "patches" else None
+    probes = ProbeMonitor(lambda net: net, prepare, (fit, scored), settings, accelerator, side)
     build = partial(build_backbone, info["backbone"], info["width"], info["stem"])
     backbone = build().to(device)
     backbone.load_state_dict(tensors)
-    trained = network_scores(monitor, backbone)
-    floors = []
-    for init in range(args.random_inits):
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(derive_seed(args.seed, RANDOM_INIT_STREAM, init))
-            floors.append(network_scores(monitor, build().to(device)))
-    pixels = scores(monitor, fit[0].flatten(1).float(), scored[0].flatten(1).float())
-    return report(info, checkpoint, trained, floors, pixels, len(fit[1]), len(scored[1]))
-
-
-def report(info: dict, checkpoint: Path, trained: Scores, floors: list[Scores], pixels: Scores, fit: int, scored: int):
-    knn_floor, linear_floor = mean_sd([f.knn for f in floors]), mean_sd([f.linear for f in floors])
+    figures, baselines = probes.figures(backbone), probes.baselines(build, args.seed, device)
+    lines, verdict = judged_lines(figures, baselines, args.bn)
     return {
         "checkpoint": str(checkpoint),
         "backbone": info["backbone"],
         "method": info["method"],
         "step": info["step"],
-        "fit_images": fit,
-        "scored_images": scored,
-        "pretrained": trained.__dict__,
-        "random": {
-            "knn": knn_floor[0],
-            "knn_sd": knn_floor[1],
-            "linear": linear_floor[0],
-            "linear_sd": linear_floor[1],
-            "inits": len(floors),
-        },  # fmt: skip
-        "pixels": pixels.__dict__,
+        "fit_images": len(fit[1]),
+        "scored_images": len(scored[1]),
+        "bn": args.bn,
+        "knn": f"k {settings.knn_k}, cosine, votes exp(similarity / {settings.knn_temperature:g})",
+        "linear": f"LogisticRegression(C={LINEAR_C:g}, max_iter={LINEAR_MAX_ITER}) on standardised features",
+        "patch_grid": grid_words(preprocessing),
+        "pretrained": figures,
+        "baselines": baselines,
+        "judged": [*lines, f"verdict: {verdict}"],
     }
 
 
+def pct(value: float | None) -> str:
+    return "?" if value is None else f"{100 * value:.1f}"
+
+
+def view_rows(result: dict, view: str) -> list[str]:
+    """The table's rows of one view: the backbone and the random networks under both protocols, the pixels."""
+    p, b, name = result["pretrained"], result["baselines"], f"{result['backbone']} ({result['method']}"
+    rows = []
+    for protocol in BN_PROTOCOLS:
+        cells = [f"{pct(p[k])} ± {pct(p[f'{k}_se'])}" for k in (acc_key(pr, view, protocol) for pr in PROBES)]
+        rows.append(f"| {name}, step {result['step']}), {PROTOCOL_NAMES[protocol]} | {' | '.join(cells)} |")
+    for protocol in BN_PROTOCOLS:
+        cells = [f"{pct(b[k])} ± {pct(b[f'{k}_sd'])}" for k in (random_key(pr, view, protocol) for pr in PROBES)]
+        rows.append(
+            f"| random {result['backbone']} (mean ± sd of {b['knn_random_inits']}), {PROTOCOL_NAMES[protocol]} | "
+            f"{' | '.join(cells)} |"
+        )
+    cells = [f"{pct(b[pixels_key(probe)])} ± {pct(b[f'{pixels_key(probe)}_se'])}" for probe in PROBES]
+    return [*rows, f"| raw pixels | {' | '.join(cells)} |"]
+
+
 def table(result: dict) -> str:
-    p, r, x = result["pretrained"], result["random"], result["pixels"]
-
-    def pct(value: float) -> str:
-        return f"{100 * value:.1f}"
-
-    rows = [
-        "| features | kNN % | linear probe % |",
-        "| --- | ---: | ---: |",
-        f"| {result['backbone']} ({result['method']}, step {result['step']}) | {pct(p['knn'])} ± {pct(p['knn_se'])} "
-        f"| {pct(p['linear'])} ± {pct(p['linear_se'])} |",
-        f"| random {result['backbone']} (mean ± sd of {r['inits']}) | {pct(r['knn'])} ± {pct(r['knn_sd'])} "
-        f"| {pct(r['linear'])} ± {pct(r['linear_sd'])} |",
-        f"| raw pixels | {pct(x['knn'])} ± {pct(x['knn_se'])} | {pct(x['linear'])} ± {pct(x['linear_se'])} |",
+    """One table per view, the judgement lines under them."""
+    parts = ["whole images: the backbone's pooled feature map of each image"]
+    parts += ["| features | kNN % | linear probe % |", "| --- | ---: | ---: |", *view_rows(result, "")]
+    if result["patch_grid"] is not None:
+        parts += ["", f"patch grid: {result['patch_grid']}"]
+        parts += ["| features | kNN % | linear probe % |", "| --- | ---: | ---: |", *view_rows(result, GRID)]
+    parts += [
         "",
-        f"gain over random: kNN {100 * (p['knn'] - r['knn']):+.1f} points, linear "
-        f"{100 * (p['linear'] - r['linear']):+.1f} points; fitted on {result['fit_images']} labelled images, scored "
-        f"on {result['scored_images']} held-out",
+        f"kNN: {result['knn']}; linear probe: {result['linear']}; fitted on {result['fit_images']} labelled images, "
+        f"scored on {result['scored_images']} held-out; judged with BN {result['bn']}",
+        *result["judged"],
     ]
-    return "\n".join(rows)
+    return "\n".join(parts)

@@ -58,6 +58,10 @@ class PretextMethod(Presentation):
         out = model(*inputs)
         return out.loss, out.accuracy
 
+    # its backbone embeds the image's patches, one per cell of a grid (`backbone_input` gives their side): the
+    # probes also score the image's patch grid as it sees it (train/evaluation/probes.py)
+    patch_network: ClassVar[bool] = False
+
     # -- optional: its own config section and command line
     section: ClassVar[str | None] = None  # its config section, --<section>.key=value (shareable in a family)
     Settings: ClassVar[type | None] = None  # that section's dataclass

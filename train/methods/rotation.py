@@ -45,6 +45,9 @@ class RotationMethod(PretextMethod):
     num_classes: ClassVar[int]  # ways of the pretext classification
     relation: ClassVar[bool] = False  # classify concatenated (turned image, patched image) pairs
     metric = "rotation_acc"
+    # not a patch network: every view, Patch RotNet's and Patch RelNet's pasted-patch ones too, is a whole
+    # image, which its backbone embeds whole
+    patch_network = False
     accuracy_name = "view"
     op_stage = "view op"
     section = "rotation"

@@ -129,6 +129,7 @@ class SelfieMethod(PretextMethod):
     metric = "patch_acc"
     accuracy_name = "patch-selection"
     op_stage = "patch op"
+    patch_network = True  # P embeds the image's patches
     section = "selfie"
     Settings = SelfieSection
     flags = {
@@ -181,10 +182,12 @@ class SelfieMethod(PretextMethod):
 
     def describe(self) -> str:
         op = self.patch_op_name + (" (in the FFCV pipeline)" if self.in_loader else "")
-        masked = self.num_patches - self.num_context
+        masked, settings = self.num_patches - self.num_context, self.config.selfie
+        warmup = f" over {settings.logit_warmup_steps} steps" if settings.logit_scale == "warmup" else ""
         return (
-            f"{self.config.selfie.patch_size}px patches ({self.num_patches} per image: {self.num_context} context, "
-            f"{masked} masked, chance {self.chance:.1%}; {op} patch op)"
+            f"{settings.patch_size}px patches ({self.num_patches} per image: {self.num_context} context, "
+            f"{masked} masked, chance {self.chance:.1%}; {op} patch op), selfie.query={settings.query}, "
+            f"selfie.logit_scale={settings.logit_scale}{warmup}"
         )
 
     def inputs(self, batch: Batch, generator: torch.Generator) -> tuple[torch.Tensor, ...]:

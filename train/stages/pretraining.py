@@ -83,7 +83,7 @@ def start_tracking(config: PretrainConfig, training: Training) -> None:
 
 
 def make_hooks(config: PretrainConfig, method: PretextMethod, training: Training, source: Source) -> Hooks:
-    """The pictures and monitors of rank 0; at a run's start, the kNN floor of a random network."""
+    """The pictures and monitors of rank 0; at a run's start, the probes' baselines (random networks, pixels)."""
     accelerator = training.accelerator
     hooks = Hooks(method.pictures(source, accelerator.device) if accelerator.is_main_process else None)
     hooks.log_fields = build_monitors(config, method, training.net, source, accelerator)
@@ -153,5 +153,5 @@ def run(config: PretrainConfig, config_name: str) -> dict:
     )
     if accelerator.is_main_process:  # the monitors and the log are rank 0's
         floor = floor_of(read_log(training.logger.path))
-        print("\n".join(verdict_lines(last, floor, method.metric, method.chance)))
+        print("\n".join(verdict_lines(last, floor, method.metric, method.chance, config.monitor.bn)))
     return {"run_dir": str(training.folder), **last}
