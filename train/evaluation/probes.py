@@ -26,6 +26,7 @@ probed, `<probe>[_grid]_acc_random_<protocol>` (+ `_sd` over `knn_random_inits` 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 
@@ -115,6 +116,10 @@ class ProbeMonitor:
     def score(self, train: torch.Tensor, test: torch.Tensor) -> dict[str, tuple[float, float]]:
         """probe -> (accuracy, its standard error) of probes fitted on `train` features, scored on `test`'s."""
         s = self.settings
+        if not (torch.isfinite(train).all() and torch.isfinite(test).all()):
+            # A diverged network: no probe can be fitted (scikit-learn refuses NaN); the run's non-finite
+            # loss check stops it with its own message.
+            return {"knn": (math.nan, math.nan), "linear": (math.nan, math.nan)}
         predicted = knn_predict(train, self.train_labels, test, s.knn_k, s.knn_temperature)
         accuracy = float((predicted == self.test_labels).float().mean())
         linear = linear_probe(train, self.train_labels, test, self.test_labels)
