@@ -27,6 +27,17 @@ def class_quotas(class_counts: np.ndarray, fraction: float) -> np.ndarray:
     return quotas
 
 
+def pick_per_class(labels: np.ndarray, quotas: np.ndarray, *stream: int) -> np.ndarray:
+    """Sorted int64 indices into `labels`: the first `quotas[c]` of class c's images in a permutation
+    seeded by (`*stream`, c), so the pick depends on the stream and the labels alone."""
+    picked = []
+    for label in range(len(quotas)):
+        members = np.flatnonzero(labels == label)
+        order = np.random.default_rng(derive_seed(*stream, label)).permutation(len(members))
+        picked.append(members[order[: quotas[label]]])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
 def select_labeled_subset(
     labels: np.ndarray, seed: int, fraction: float = 1.0, per_class: int = 0, class_names: list[str] | None = None
 ) -> np.ndarray:
@@ -41,15 +52,10 @@ def select_labeled_subset(
     if per_class < 0:
         raise ValueError(f"per-class count must be >= 0, got {per_class}")
     quotas = np.full(num_classes, per_class, dtype=np.int64) if per_class > 0 else class_quotas(counts, fraction)
-    chosen = []
-    for label in range(num_classes):
-        members = np.flatnonzero(labels == label)
-        if quotas[label] > len(members):
-            name = class_names[label] if class_names else str(label)
-            raise DataError(f"class {name!r} has {len(members)} training images, fewer than --per-class {per_class}")
-        order = np.random.default_rng(derive_seed(seed, SUBSET_STREAM, label)).permutation(len(members))
-        chosen.append(members[order[: quotas[label]]])
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    for label in np.flatnonzero(quotas > counts):
+        name = class_names[label] if class_names else str(label)
+        raise DataError(f"class {name!r} has {counts[label]} training images, fewer than --per-class {per_class}")
+    return pick_per_class(labels, quotas, seed, SUBSET_STREAM)
 
 
 def holdout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -58,13 +64,7 @@ def holdout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.n
     rate compared on it sees the same split."""
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels)
-    quotas = class_quotas(counts, fraction)
-    held = []
-    for label in range(len(counts)):
-        members = np.flatnonzero(labels == label)
-        order = np.random.default_rng(derive_seed(HOLDOUT_STREAM, label)).permutation(len(members))
-        held.append(members[order[: quotas[label]]])
-    held_out = np.sort(np.concatenate(held))
+    held_out = pick_per_class(labels, class_quotas(counts, fraction), HOLDOUT_STREAM)
     return np.setdiff1d(np.arange(len(labels)), held_out), held_out
 
 
@@ -84,13 +84,7 @@ def carve_validation(labels: np.ndarray, seed: int, fraction: float) -> tuple[np
     for one seed is scored on the same images, and they lie inside the subset the test run trains on."""
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels)
-    quotas = validation_quotas(counts, fraction)
-    held = []
-    for label in range(len(counts)):
-        members = np.flatnonzero(labels == label)
-        order = np.random.default_rng(derive_seed(seed, HOLDOUT_STREAM, label)).permutation(len(members))
-        held.append(members[order[: quotas[label]]])
-    validation = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+    validation = pick_per_class(labels, validation_quotas(counts, fraction), seed, HOLDOUT_STREAM)
     return np.setdiff1d(np.arange(len(labels)), validation), validation
 
 
