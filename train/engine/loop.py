@@ -174,15 +174,13 @@ class Loop:
             self.folder_watch.check(done)
         if signum is not None:
             self.stop(done, progress, signum)
-        if logging or checkpoint_due:
+        if logging:
             fields = self.timed_out(hooks.log_fields, done, checkpoint_due) if hooks.log_fields and main else {}
             self.log(done, progress, fields)
         if hooks.after_step is not None:
             self.timed_out(hooks.after_step, done)
         if checkpoint_due:
             self.checkpoint(done, hooks.pictures, title)
-        if signum is not None:
-            raise stopped(signum, done, self.t.folder, self.t.accelerator.is_main_process)
 
     def stop(self, done: int, progress: tqdm, signum: int) -> None:
         """End the run on a stop signal: the step's log record (without the monitors) and its checkpoint
